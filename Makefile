@@ -1,0 +1,53 @@
+# Everyday targets. `make demo` and `make test` work on a fresh machine: they create .venv when missing.
+PY      ?= python3
+VENV    := .venv
+VPY     := $(VENV)/bin/python
+STAMP   := $(VENV)/.installed
+# Triton kernels run on CPU tensors through the interpreter: that is how every kernel is tested here.
+export TRITON_INTERPRET ?= 1
+export OMP_NUM_THREADS ?= 2
+export TOKENIZERS_PARALLELISM ?= false
+export HF_HUB_OFFLINE := 1
+export TRANSFORMERS_OFFLINE := 1
+
+.PHONY: venv install test test-fast lint format bench demo clean
+
+venv: $(STAMP)
+
+$(STAMP): requirements.txt requirements-build.txt setup.py pyproject.toml
+	test -x $(VPY) || $(PY) -m venv $(VENV)
+	$(VPY) -m pip install -q --upgrade pip
+	# torch first and pinned: the CPU build on disk; anything unpinned would pull a multi-GB CUDA build.
+	$(VPY) -m pip install -q torch==2.13.0
+	$(VPY) -m pip install -q -r requirements.txt
+	$(VPY) -m pip install -q --no-build-isolation -r requirements-build.txt
+	$(MAKE) install
+	touch $(STAMP)
+
+# Rebuilds the C++ extension in place; an editable install keeps kernels/ and rlaif_fast/ live.
+install:
+	RLAIF_FAST_REQUIRE_EXT=$${RLAIF_FAST_REQUIRE_EXT:-1} $(VPY) -m pip install -q --no-build-isolation --no-deps -e .
+
+test: venv
+	$(VPY) -m pytest -n 2 --dist loadgroup -q tests
+
+test-fast: venv
+	$(VPY) -m pytest -q -x -m "not slow" tests
+
+lint: venv
+	$(VPY) -m ruff check .
+	$(VPY) -m ruff format --check .
+
+format: venv
+	$(VPY) -m ruff format .
+	$(VPY) -m ruff check --fix .
+
+bench: venv
+	$(VPY) -m pytest benchmarks --benchmark-enable --benchmark-only -q
+	$(VPY) benchmarks/report.py
+
+demo: venv
+	$(VPY) -m rlaif_fast.cli demo
+
+clean:
+	rm -rf build *.egg-info rlaif_fast/_C*.so .pytest_cache .ruff_cache .benchmarks
