@@ -1,0 +1,244 @@
+"""``RLAIFConfig``: every knob of one RL job, validated before any compute.
+
+One config object per job: the Python API takes it, ``rlaif-fast train`` generates its flags from it,
+YAML files load into it. Unknown keys are an error (a typo must not silently fall back to a default).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+ALGORITHMS = ("reinforce_baseline", "ppo", "rloo", "grpo")
+CRITIC_ALGORITHMS = ("reinforce_baseline", "ppo")
+GROUP_ALGORITHMS = ("rloo", "grpo")
+KL_PLACES = ("reward", "loss")
+KL_ESTIMATORS = ("k1", "k2", "k3", "abs")
+OPS = ("fast", "reference")
+LOSS_AGGS = ("token-mean", "seq-mean-token-mean")
+
+
+@dataclass
+class RLAIFConfig:
+    """Configuration of one RL run (REINFORCE-with-baseline as in Lee et al. 2023, PPO, RLOO or GRPO).
+
+    Sizes: each RL step samples ``batch_size`` rollouts (``batch_size // group_size`` prompts, each
+    sampled ``group_size`` times), split evenly over the data-parallel ranks, and takes
+    ``ppo_epochs`` optimizer passes over them in ``batch_size // mini_batch_size`` optimizer steps of
+    ``mini_batch_size`` rollouts each, accumulated from micro-batches of ``micro_batch_size`` per rank.
+    """
+
+    # --- algorithm -------------------------------------------------------------------------------
+    algorithm: str = "reinforce_baseline"
+    """One of reinforce_baseline (the paper's), ppo, rloo, grpo. The first two need a value model."""
+    seed: int = 0
+    """Seed of sampling, data order and initialization of the value head; rank r adds r for sampling."""
+
+    # --- sizes -----------------------------------------------------------------------------------
+    batch_size: int = 8
+    """Rollouts per RL step, all ranks together. Must be divisible by group_size and by mini_batch_size."""
+    group_size: int = 1
+    """Samples per prompt. rloo and grpo compare samples of one prompt, so they need group_size >= 2."""
+    mini_batch_size: int | None = None
+    """Rollouts per optimizer step, all ranks together (default: batch_size, one step per epoch)."""
+    micro_batch_size: int = 4
+    """Rollouts per forward/backward on one rank; gradients accumulate up to mini_batch_size."""
+    ppo_epochs: int = 1
+    """Passes over each batch of rollouts. 1 keeps the update on-policy (ratio = 1 at the first pass)."""
+    total_steps: int | None = None
+    """RL steps to run (default: one pass over the prompts)."""
+
+    # --- sampling --------------------------------------------------------------------------------
+    max_new_tokens: int = 32
+    """Longest completion sampled; sampling stops earlier at EOS."""
+    max_prompt_len: int = 256
+    """Prompts longer than this many tokens keep their last max_prompt_len tokens."""
+    temperature: float = 0.9
+    """Sampling temperature (the paper samples at 0.9). 0 means greedy decoding."""
+    top_p: float = 1.0
+    """Nucleus sampling mass in (0, 1]; 1 disables it."""
+
+    # --- objective -------------------------------------------------------------------------------
+    learning_rate: float = 1e-5
+    """AdamW learning rate of the policy."""
+    value_learning_rate: float | None = None
+    """AdamW learning rate of the value model (default: learning_rate)."""
+    weight_decay: float = 0.0
+    """AdamW weight decay."""
+    max_grad_norm: float = 1.0
+    """Global gradient-norm clip; 0 disables clipping."""
+    kl_coef: float = 0.05
+    """beta of the KL penalty to the reference (SFT) policy; the paper uses 0.05. 0 turns KL off."""
+    kl_in: str = "reward"
+    """Where the KL goes: 'reward' (per-token reward shaping, unbiased with k1) or 'loss' (GRPO style, k3)."""
+    kl_estimator: str = "k1"
+    """KL estimator: k1 (log-ratio), k2, k3 (Schulman's low-variance positive estimator) or abs."""
+    adaptive_kl: bool = False
+    """Adapt kl_coef towards kl_target (Ziegler et al. 2019) instead of keeping it fixed."""
+    kl_target: float = 6.0
+    """Target summed KL per sequence of the adaptive controller."""
+    kl_horizon: int = 10000
+    """Horizon (in rollouts) of the adaptive controller's proportional update."""
+    gamma: float = 1.0
+    """Discount of per-token rewards (the paper uses 1)."""
+    lam: float = 0.95
+    """GAE lambda (ppo only)."""
+    clip_eps: float = 0.2
+    """PPO ratio clip epsilon."""
+    value_clip_eps: float | None = 0.2
+    """Clip of the value update around the old values (ppo); None disables it."""
+    vf_coef: float = 0.5
+    """Weight of the value loss added to the policy loss."""
+    entropy_coef: float = 0.0
+    """Weight of the entropy bonus (subtracted from the loss)."""
+    whiten_advantages: bool = True
+    """Whiten advantages over the whole batch (all ranks) before the update."""
+    loss_agg: str = "token-mean"
+    """Loss aggregation: token-mean (over all response tokens of the batch) or seq-mean-token-mean."""
+
+    # --- systems ---------------------------------------------------------------------------------
+    zero_stage: int = 0
+    """DeepSpeed ZeRO stage 0-3 (ignored when deepspeed_config sets zero_optimization)."""
+    deepspeed_config: str | None = None
+    """Path to a DeepSpeed JSON; its keys win over the ones derived from this config."""
+    bf16: str = "auto"
+    """'auto' (bf16 when the accelerator supports it), 'true' or 'false'."""
+    ops: str = "fast"
+    """'fast': rlaif_fast ops and batching; 'reference': full [B, T, V] logits and padding to the batch max."""
+
+    # --- output ----------------------------------------------------------------------------------
+    output_dir: str = "rlaif_out"
+    """Folder of checkpoints, metrics.jsonl, TensorBoard events and the final policy."""
+    save_every: int = 0
+    """Checkpoint every this many steps (0: only at the end and on Ctrl-C)."""
+    log_every: int = 1
+    """Log metrics every this many steps."""
+    tensorboard: bool = True
+    """Also write TensorBoard events (needs the tensorboard package)."""
+    progress: bool = True
+    """Show a tqdm progress bar on rank 0."""
+    resume: bool = False
+    """Resume from the latest checkpoint in output_dir when there is one."""
+
+    extra: dict[str, Any] = field(default_factory=dict)
+    """Free-form user metadata, saved with checkpoints and not read by the trainer."""
+
+    def __post_init__(self) -> None:
+        self._validate_choices()
+        self._validate_sizes()
+        self._validate_numbers()
+
+    # ---- validation: each message states the rule and the fix -----------------------------------
+    def _validate_choices(self) -> None:
+        for name, choices in (("algorithm", ALGORITHMS), ("kl_in", KL_PLACES), ("kl_estimator", KL_ESTIMATORS),
+                              ("ops", OPS), ("loss_agg", LOSS_AGGS)):
+            value = getattr(self, name)
+            if value not in choices:
+                raise ValueError(f"{name}={value!r} is not supported; use one of {choices}")
+        self.bf16 = str(self.bf16).lower()
+        if self.bf16 not in ("auto", "true", "false"):
+            raise ValueError(f"bf16={self.bf16!r}; use 'auto', 'true' or 'false'")
+        if self.zero_stage not in (0, 1, 2, 3):
+            raise ValueError(f"zero_stage={self.zero_stage!r}; DeepSpeed ZeRO stages are 0, 1, 2 and 3")
+        if self.deepspeed_config is not None and not Path(self.deepspeed_config).is_file():
+            raise ValueError(f"deepspeed_config={self.deepspeed_config!r} is not a file; give a DeepSpeed JSON path")
+
+    def _validate_sizes(self) -> None:
+        for name in ("batch_size", "group_size", "micro_batch_size", "ppo_epochs", "max_new_tokens",
+                     "max_prompt_len", "log_every"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise ValueError(f"{name}={value!r} must be an integer >= 1")
+        if self.mini_batch_size is None:
+            self.mini_batch_size = self.batch_size
+        if self.batch_size % self.group_size:
+            raise ValueError(
+                f"group_size={self.group_size} does not divide batch_size={self.batch_size}; each prompt is "
+                f"sampled group_size times, so make batch_size a multiple of group_size"
+            )
+        if self.algorithm in GROUP_ALGORITHMS and self.group_size < 2:
+            raise ValueError(
+                f"algorithm={self.algorithm!r} needs group_size >= 2 (its baseline is the other samples of the "
+                f"same prompt), got group_size={self.group_size}"
+            )
+        if self.mini_batch_size < 1 or self.batch_size % self.mini_batch_size:
+            raise ValueError(
+                f"mini_batch_size={self.mini_batch_size} must divide batch_size={self.batch_size}"
+            )
+        if self.total_steps is not None and self.total_steps < 1:
+            raise ValueError(f"total_steps={self.total_steps!r} must be >= 1 or None (one pass over the prompts)")
+        if self.save_every < 0:
+            raise ValueError(f"save_every={self.save_every!r} must be >= 0 (0 saves only at the end)")
+
+    def _validate_numbers(self) -> None:
+        positive = ("learning_rate", "kl_target", "kl_horizon")
+        non_negative = ("weight_decay", "max_grad_norm", "kl_coef", "clip_eps", "vf_coef", "entropy_coef",
+                        "temperature")
+        for name in positive + non_negative:
+            value = getattr(self, name)
+            if not isinstance(value, (int, float)) or not math.isfinite(value):
+                raise ValueError(f"{name}={value!r} must be a finite number")
+            if value < 0 or (name in positive and value == 0):
+                raise ValueError(f"{name}={value!r} must be {'> 0' if name in positive else '>= 0'}")
+        if self.value_learning_rate is not None and not self.value_learning_rate > 0:
+            raise ValueError(f"value_learning_rate={self.value_learning_rate!r} must be > 0 or None")
+        if not 0 < self.top_p <= 1:
+            raise ValueError(f"top_p={self.top_p!r} must be in (0, 1]; 1 disables nucleus sampling")
+        for name in ("gamma", "lam"):
+            if not 0 <= getattr(self, name) <= 1:
+                raise ValueError(f"{name}={getattr(self, name)!r} must be in [0, 1]")
+        if self.value_clip_eps is not None and self.value_clip_eps <= 0:
+            raise ValueError(f"value_clip_eps={self.value_clip_eps!r} must be > 0, or None to disable it")
+        if self.kl_in == "loss" and self.kl_estimator == "k1":
+            # k1 in the loss has zero expected gradient (TRL #4637): it would silently do nothing.
+            raise ValueError("kl_in='loss' with kl_estimator='k1' has zero expected gradient; use 'k3' (or 'k2')")
+
+    # ---- construction ---------------------------------------------------------------------------
+    @property
+    def prompts_per_step(self) -> int:
+        return self.batch_size // self.group_size
+
+    @property
+    def uses_critic(self) -> bool:
+        return self.algorithm in CRITIC_ALGORITHMS
+
+    @classmethod
+    def field_names(cls) -> tuple[str, ...]:
+        return tuple(f.name for f in dataclasses.fields(cls))
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any]) -> RLAIFConfig:
+        """Build from a mapping; unknown keys raise, naming the closest known key."""
+        if not isinstance(values, dict):
+            raise TypeError(f"RLAIFConfig.from_dict expects a dict, got {type(values).__name__}")
+        known = set(cls.field_names())
+        unknown = sorted(set(values) - known)
+        if unknown:
+            import difflib
+
+            hints = [f"{k!r} (did you mean {m[0]!r}?)" if (m := difflib.get_close_matches(k, known, 1)) else repr(k)
+                     for k in unknown]
+            raise ValueError(f"unknown RLAIFConfig keys: {', '.join(hints)}; known keys: {sorted(known)}")
+        return cls(**values)
+
+    @classmethod
+    def from_yaml(cls, path: str | Path, section: str | None = None) -> RLAIFConfig:
+        """Load from a YAML file (optionally one top-level ``section`` of it, e.g. ``rl``)."""
+        import yaml
+
+        data = yaml.safe_load(Path(path).read_text()) or {}
+        if section is not None:
+            if section not in data:
+                raise ValueError(f"{path} has no section {section!r}; its top-level keys are {sorted(data)}")
+            data = data[section] or {}
+        return cls.from_dict(data)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2, sort_keys=True)
