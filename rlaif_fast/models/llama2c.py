@@ -35,7 +35,9 @@ def _read_header(raw: bytes, path: Path) -> dict:
         )
     dim, hidden, n_layers, n_heads, n_kv_heads, vocab, seq_len = _HEADER.unpack_from(raw)
     if min(dim, hidden, n_layers, n_heads, n_kv_heads, seq_len) <= 0 or vocab == 0:
-        raise ValueError(f"{path} does not start with a valid llama2.c v0 header: got {_HEADER.unpack_from(raw)}")
+        raise ValueError(
+            f"{path} does not start with a valid llama2.c v0 header: got {_HEADER.unpack_from(raw)}"
+        )
     return dict(
         dim=dim, hidden=hidden, n_layers=n_layers, n_heads=n_heads, n_kv_heads=n_kv_heads,
         vocab=abs(vocab), shared=vocab > 0, seq_len=seq_len,
@@ -77,7 +79,9 @@ def load_llama2c(path, dtype: torch.dtype = torch.float32):
         shapes.append(("wcls", (h["vocab"], dim)))
     need = sum(int(np.prod(s)) for _, s in shapes)
     if floats.size < need:
-        raise ValueError(f"{path} holds {floats.size} floats after the header, the header implies {need}: truncated?")
+        raise ValueError(
+            f"{path} holds {floats.size} floats after the header, the header implies {need}: truncated?"
+        )
     w, at = {}, 0
     for name, shape in shapes:
         n = int(np.prod(shape))
@@ -151,7 +155,9 @@ def _make_tokenizer_class():
             self.vocab_file = str(vocab_file)
             path = Path(vocab_file)
             if not path.is_file():
-                raise ValueError(f"llama2.c tokenizer file {str(path)!r} does not exist; pass tok512.bin's path")
+                raise ValueError(
+                    f"llama2.c tokenizer file {str(path)!r} does not exist; pass tok512.bin's path"
+                )
             pieces, scores = _read_tok512(path)
             # the stored special pieces are "<unk>", "\n<s>\n", "\n</s>\n": expose the usual names
             pieces[0], pieces[1], pieces[2] = "<unk>", "<s>", "</s>"
@@ -249,7 +255,9 @@ def _make_tokenizer_class():
             return mask if token_ids_1 is None else mask + [1] + [0] * len(token_ids_1)
 
         def save_vocabulary(self, save_directory, filename_prefix=None):
-            target = Path(save_directory) / ((filename_prefix + "-" if filename_prefix else "") + "tok512.bin")
+            target = Path(save_directory) / (
+                (filename_prefix + "-" if filename_prefix else "") + "tok512.bin"
+            )
             if Path(self.vocab_file).resolve() != target.resolve():
                 target.write_bytes(Path(self.vocab_file).read_bytes())
             return (str(target),)

@@ -19,7 +19,8 @@ GROUP_ALGORITHMS = ("rloo", "grpo")
 KL_PLACES = ("reward", "loss")
 KL_ESTIMATORS = ("k1", "k2", "k3", "abs")
 OPS = ("fast", "reference")
-LOSS_AGGS = ("token-mean", "seq-mean-token-mean")
+LOSS_AGGS = ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum")
+OPTIMIZERS = ("adamw", "sgd")
 
 
 @dataclass
@@ -67,6 +68,9 @@ class RLAIFConfig:
     """AdamW learning rate of the policy."""
     value_learning_rate: float | None = None
     """AdamW learning rate of the value model (default: learning_rate)."""
+    optimizer: str = "adamw"
+    """'adamw', or 'sgd' (plain SGD: the update is -lr * gradient, which the invariance tests need because
+    Adam's normalization would hide a gradient of the wrong scale)."""
     weight_decay: float = 0.0
     """AdamW weight decay."""
     max_grad_norm: float = 1.0
@@ -135,7 +139,8 @@ class RLAIFConfig:
     # ---- validation: each message states the rule and the fix -----------------------------------
     def _validate_choices(self) -> None:
         for name, choices in (("algorithm", ALGORITHMS), ("kl_in", KL_PLACES), ("kl_estimator", KL_ESTIMATORS),
-                              ("ops", OPS), ("loss_agg", LOSS_AGGS)):
+                              ("ops", OPS), ("loss_agg", LOSS_AGGS),
+                               ("optimizer", OPTIMIZERS)):
             value = getattr(self, name)
             if value not in choices:
                 raise ValueError(f"{name}={value!r} is not supported; use one of {choices}")

@@ -1,0 +1,48 @@
+"""Type stub of the C++ extension ``rlaif_fast._C`` (csrc/). Use ``rlaif_fast.batching``, its Python face.
+
+Every function checks its inputs and raises ValueError / TypeError naming the index and value. Arrays
+come back as NumPy arrays that own their C++ buffers (``torch.from_numpy`` wraps them without a copy).
+"""
+
+from collections.abc import Sequence
+
+import numpy as np
+import numpy.typing as npt
+
+# a sequence of token sequences: lists / tuples of ints, or 1-D integer NumPy arrays
+Sequences = Sequence[Sequence[int] | npt.NDArray[np.integer]]
+
+def pad_rollouts(
+    prompts: Sequences,
+    responses: Sequences,
+    pad_id: int,
+    padding_side: str,
+    max_len: int,
+    truncation: str,
+) -> tuple[
+    npt.NDArray[np.int64],  # input_ids (B, L)
+    npt.NDArray[np.int64],  # attention_mask (B, L)
+    npt.NDArray[np.int64],  # position_ids (B, L)
+    npt.NDArray[np.bool_],  # response_mask (B, L)
+    npt.NDArray[np.int64],  # prompt_lengths (B,)
+    npt.NDArray[np.int64],  # response_lengths (B,)
+]:
+    """Pad prompt + response rows to the longest; ``max_len=-1`` means no limit.
+    ``padding_side``: "left" | "right"; ``truncation``: "error" | "left" | "right"."""
+
+def pack_rollouts(
+    prompts: Sequences, responses: Sequences
+) -> tuple[
+    npt.NDArray[np.int64],  # input_ids (total,)
+    npt.NDArray[np.int64],  # position_ids (total,), restarting at 0 per sequence
+    npt.NDArray[np.bool_],  # response_mask (total,)
+    npt.NDArray[np.int32],  # cu_seqlens (B + 1,)
+    int,  # max_seqlen
+]:
+    """Lay rollouts end to end without padding (flash-attention varlen layout)."""
+
+def balanced_microbatches(
+    lengths: npt.NDArray[np.int64], max_tokens: int, num_ranks: int
+) -> tuple[list[list[list[int]]], list[int], int, int]:
+    """(microbatches[rank][step] -> indices, rank_tokens, padding, padded_tokens); see
+    ``rlaif_fast.batching.balanced_microbatches``."""

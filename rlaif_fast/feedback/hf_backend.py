@@ -1,0 +1,210 @@
+"""A local transformers causal LM as the AI labeler, scoring only what the paper's method needs.
+
+What the labeler needs from the model is the log-probability of a few candidate continuations ("1"/"2",
+or "1".."10") after each prompt. So instead of ``model(...).logits`` ([B, T, V]: 256 prompts x 300 tokens
+x 50257 fp32 = 15 GB), this backend runs the backbone, keeps the last position's hidden state and
+multiplies it by the K candidate rows of the output embedding: [B, K]. The softmax over candidates is
+the same whichever normalizer the logits carry, so the vocabulary log-sum-exp is never needed for the
+first candidate token. Candidates of several tokens ("10" in a SentencePiece vocabulary is "1" "0") are
+scored by teacher forcing: the prompt is run once with the longest shared candidate prefix appended, and
+the later tokens get a full log-softmax only at those few extra positions ([B, m, V], m = 1 for "10").
+
+Prompts are left-padded (the last column is every row's last real token), with position ids counted
+from each row's first real token, so a padded row computes what it would alone. Prompts longer than
+``max_length`` lose the left of their context; the preamble, the responses and the ending stay intact.
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch
+
+from rlaif_fast.feedback.templates import PromptParts
+
+
+class HFBackend:
+    """A transformers causal LM (a local path or a loaded model) that scores candidate continuations.
+
+    Args:
+        model_or_path: a ``PreTrainedModel`` with an output embedding, or a local directory.
+        tokenizer: the labeler's own tokenizer (independent of the policy's); loaded from the path if None.
+        batch_size: prompts per forward pass. Both orders of a pair are adjacent, so they share a batch.
+        max_length: token limit per prompt; defaults to the model's position limit.
+        device: where to run; defaults to the model's device.
+    """
+
+    def __init__(self, model_or_path, tokenizer=None, *, batch_size: int = 16, max_length: int | None = None,
+                 device=None):
+        if isinstance(model_or_path, (str, Path)):
+            from transformers import AutoModelForCausalLM, AutoTokenizer
+
+            path = Path(model_or_path)
+            if not path.exists():
+                raise ValueError(f"labeler model path {str(path)!r} does not exist; give a local directory")
+            model = AutoModelForCausalLM.from_pretrained(str(path))
+            tokenizer = tokenizer if tokenizer is not None else AutoTokenizer.from_pretrained(str(path))
+        else:
+            model = model_or_path
+        if not isinstance(model, torch.nn.Module) or model.get_output_embeddings() is None:
+            raise TypeError(f"HFBackend needs a causal LM with an output embedding, got {type(model).__name__}")
+        if tokenizer is None:
+            raise ValueError("HFBackend got a model object but tokenizer=None; pass the labeler's tokenizer")
+        if int(batch_size) < 1:
+            raise ValueError(f"batch_size must be >= 1, got {batch_size!r}")
+        self.model = model.eval()
+        if device is not None:
+            self.model.to(device)
+        self.device = next(model.parameters()).device
+        self.tokenizer = tokenizer
+        self.batch_size = int(batch_size)
+        cfg = model.config
+        limit = getattr(cfg, "max_position_embeddings", None) or getattr(cfg, "n_positions", None) or 2048
+        self.max_length = int(max_length or limit)
+        pad = tokenizer.pad_token_id
+        self.pad_id = pad if pad is not None else (tokenizer.eos_token_id if tokenizer.eos_token_id is not None else 0)
+        self._cand_cache: dict = {}
+        self._warned_truncation = False
+
+    # ---- tokenization ----
+    def _enc(self, text: str, special: bool) -> list[int]:
+        return list(self.tokenizer(text, add_special_tokens=special)["input_ids"])
+
+    def candidate_ids(self, candidates: Sequence[str], probe: str = "=") -> list[list[int]]:
+        """Token ids of each candidate as it follows ``probe`` text (tokenizers merge across boundaries).
+
+        Raises ValueError when a candidate has no token of its own (absent, unknown or merged away).
+        """
+        key = (tuple(candidates), probe)
+        if key in self._cand_cache:
+            return self._cand_cache[key]
+        base = self._enc(probe, False)
+        unk = getattr(self.tokenizer, "unk_token_id", None)
+        out = []
+        for c in candidates:
+            full = self._enc(probe + c, False)
+            ids = full[len(base):] if full[: len(base)] == base else self._enc(c, False)
+            text = self.tokenizer.decode(ids).strip() if ids else ""
+            if not ids or (unk is not None and unk in ids and c != self.tokenizer.unk_token) or text != c:
+                raise ValueError(
+                    f"the labeler's tokenizer ({type(self.tokenizer).__name__}) has no token sequence for the "
+                    f"candidate {c!r} (got ids {ids} decoding to {text!r}); use a labeler whose vocabulary "
+                    "contains the digits"
+                )
+            out.append(ids)
+        self._cand_cache[key] = out
+        return out
+
+    def check_candidates(self, candidates: Sequence[str], *, single_token: bool = False, probe: str = "=") -> None:
+        ids = self.candidate_ids(candidates, probe)
+        if single_token:
+            multi = {c: i for c, i in zip(candidates, ids) if len(i) != 1}
+            if multi:
+                raise ValueError(
+                    f"pairwise labeling needs one token per candidate, but the labeler's tokenizer splits {multi}; "
+                    "use a labeler whose vocabulary has the single tokens '1' and '2'"
+                )
+        if len({tuple(i) for i in ids}) != len(ids):
+            raise ValueError(f"candidates {list(candidates)} map to the same token ids {ids}")
+
+    def encode_prompt(self, prompt, limit: int) -> list[int]:
+        """Token ids of one prompt, the context cut from its left when the prompt exceeds ``limit``."""
+        if isinstance(prompt, str):
+            prompt = PromptParts("", prompt, "")
+        ids = self._enc(prompt.text, True)
+        if len(ids) <= limit:
+            return ids
+        head, tail = self._enc(prompt.head, True), self._enc(prompt.tail, False)
+        keep = limit - len(head) - len(tail)
+        if keep >= 0:
+            ctx = self._enc(prompt.context, False)
+            return head + (ctx[len(ctx) - keep:] if keep else []) + tail
+        if not self._warned_truncation:
+            warnings.warn(
+                f"a prompt's preamble, responses and ending alone take {len(head) + len(tail)} tokens > "
+                f"max_length={limit}; its start is cut too. Raise max_length or shorten the template.",
+                stacklevel=3,
+            )
+            self._warned_truncation = True
+        return (head + tail)[-limit:]
+
+    def _pad_left(self, seqs: list[list[int]]):
+        width = max(len(s) for s in seqs)
+        ids = torch.full((len(seqs), width), self.pad_id, dtype=torch.long)
+        mask = torch.zeros((len(seqs), width), dtype=torch.long)
+        for i, s in enumerate(seqs):
+            ids[i, width - len(s):] = torch.tensor(s, dtype=torch.long)
+            mask[i, width - len(s):] = 1
+        return ids.to(self.device), mask.to(self.device)
+
+    # ---- scoring ----
+    def _last_hidden(self, seqs: list[list[int]], n_last: int) -> torch.Tensor:
+        """Backbone hidden states of the last ``n_last`` positions: (B, n_last, H). Never the [B, T, V] logits."""
+        ids, mask = self._pad_left(seqs)  # (B, T)
+        position_ids = (mask.cumsum(-1) - 1).clamp(min=0)
+        out = self.model.base_model(input_ids=ids, attention_mask=mask, position_ids=position_ids, use_cache=False)
+        return out.last_hidden_state[:, -n_last:]  # (B, n_last, H)
+
+    def _head(self, h: torch.Tensor, rows=None) -> torch.Tensor:
+        """h @ W[rows].T (+ bias) in fp32: (..., H) -> (..., K), or all V rows when ``rows`` is None."""
+        emb = self.model.get_output_embeddings()
+        w = emb.weight if rows is None else emb.weight[rows]
+        out = h.float() @ w.float().T
+        bias = getattr(emb, "bias", None)
+        if bias is not None:
+            out = out + (bias if rows is None else bias[rows]).float()
+        return out
+
+    @torch.no_grad()
+    def _score_batch(self, seqs: list[list[int]], cand: list[list[int]]) -> torch.Tensor:
+        """(B, K) log P(candidate | prompt) up to one constant per row (the first token's normalizer)."""
+        # Longest shared prefixes of multi-token candidates: one extra forward per maximal prefix.
+        prefixes = sorted({tuple(c[:-1]) for c in cand if len(c) > 1}, key=len, reverse=True)
+        maximal = [p for p in prefixes if not any(q[: len(p)] == p and q != p for q in prefixes)]
+        first = torch.tensor([c[0] for c in cand], device=self.device)
+        q0 = list(maximal[0]) if maximal else []
+        h = self._last_hidden([s + q0 for s in seqs], len(q0) + 1)  # (B, m+1, H)
+        scores = self._head(h[:, 0], first).double()  # (B, K)
+        for j, q in enumerate(maximal):
+            if j > 0:
+                h = self._last_hidden([s + list(q) for s in seqs], len(q) + 1)
+            logp = torch.log_softmax(self._head(h[:, 1:]), dim=-1).double()  # (B, m, V), m = len(q)
+            for k, c in enumerate(cand):
+                if len(c) > 1 and tuple(c[:-1]) == q[: len(c) - 1]:
+                    steps = torch.arange(len(c) - 1, device=self.device)
+                    scores[:, k] += logp[:, steps, torch.tensor(c[1:], device=self.device)].sum(-1)
+        return scores.cpu()
+
+    def candidate_logprobs(self, prompts: Sequence, candidates: Sequence[str]) -> torch.Tensor:
+        """(N, K) float64: log-prob of each candidate after each prompt, up to a per-row constant.
+
+        Rows are processed longest first so each batch pads little; the result is in input order.
+        """
+        if not prompts:
+            return torch.zeros((0, len(candidates)), dtype=torch.float64)
+        tail = prompts[0].tail if isinstance(prompts[0], PromptParts) else prompts[0]
+        cand = self.candidate_ids(candidates, tail[-16:] or "=")
+        extra = max(len(c) for c in cand) - 1
+        seqs = [self.encode_prompt(p, self.max_length - extra) for p in prompts]
+        order = sorted(range(len(seqs)), key=lambda i: -len(seqs[i]))
+        out = torch.empty((len(seqs), len(cand)), dtype=torch.float64)
+        for start in range(0, len(order), self.batch_size):
+            idx = order[start : start + self.batch_size]
+            out[idx] = self._score_batch([seqs[i] for i in idx], cand)
+        return out
+
+    @torch.no_grad()
+    def generate(self, prompts: Sequence, *, max_new_tokens: int = 64) -> list[str]:
+        """Greedy continuations (the chain-of-thought rationale), decoded without special tokens."""
+        seqs = [self.encode_prompt(p, self.max_length - max_new_tokens) for p in prompts]
+        texts = []
+        for start in range(0, len(seqs), self.batch_size):
+            ids, mask = self._pad_left(seqs[start : start + self.batch_size])
+            out = self.model.generate(
+                input_ids=ids, attention_mask=mask, max_new_tokens=max_new_tokens, do_sample=False,
+                pad_token_id=self.pad_id,
+            )
+            texts += self.tokenizer.batch_decode(out[:, ids.shape[1]:], skip_special_tokens=True)
+        return texts

@@ -1,0 +1,191 @@
+"""``rlaif-fast label``: label preference pairs with an AI labeler, resumably.
+
+The output is append-only JSONL keyed by pair id. Each batch is written with one ``write`` of whole
+lines, then flushed and fsynced; on start, ids already in the output are skipped and a torn last line
+(a kill during the write) is cut off. So a job killed at any point and run again loses no pair and
+labels none twice. A pair whose labeling fails (HTTP errors after retries, a model error in its batch)
+is counted, not written, and a later run retries it. Summary at the end (over the whole output file):
+position-consistency rate, mean label entropy, AI-human alignment where the data has the human choice.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from rlaif_fast.feedback.config_cli import parse_config
+from rlaif_fast.feedback.pairs import Pair, read_pairs
+
+
+@dataclass
+class LabelJobConfig:
+    """Label preference pairs with an AI labeler (RLAIF paper: both orders, soft labels)."""
+
+    input: str = field(metadata={"help": "pairs JSONL (.gz ok): {prompt,chosen,rejected}, {context,response_a,"
+                                         "response_b} or HH-RLHF {chosen,rejected}", "flags": ("--in", "--input")})
+    out: str = field(metadata={"help": "output preferences JSONL (appended to; resumable)"})
+    labeler: str = field(metadata={"help": "hf:LOCAL_MODEL_DIR or http:BASE_URL (OpenAI-compatible /v1)"})
+    template: str = field(default="summarization", metadata={"help": "built-in name, template file or string"})
+    chain_of_thought: bool = field(default=False, metadata={"help": "generate a rationale before scoring"})
+    batch_size: int = field(default=16, metadata={"help": "pairs per labeling call (2x prompts: both orders)"})
+    max_length: int | None = field(default=None, metadata={"help": "token limit per prompt (hf); context cut from the left"})
+    model: str = field(default="default", metadata={"help": "served model name (http)"})
+    api_key_env: str = field(default="OPENAI_API_KEY", metadata={"help": "environment variable with the API key (http)"})
+    timeout: float = field(default=30.0, metadata={"help": "seconds per HTTP request"})
+    max_retries: int = field(default=3, metadata={"help": "HTTP retries with exponential backoff"})
+    concurrency: int = field(default=8, metadata={"help": "HTTP requests in flight"})
+    limit: int | None = field(default=None, metadata={"help": "label at most this many new pairs"})
+    strict: bool = field(default=False, metadata={"help": "fail on the first malformed input line"})
+    progress: bool = field(default=True, metadata={"help": "show a tqdm progress bar"})
+
+    def __post_init__(self):
+        if not self.labeler.startswith(("hf:", "http:", "https:")):
+            raise ValueError(f"labeler={self.labeler!r}: use hf:LOCAL_MODEL_DIR or http://HOST:PORT/v1")
+        if self.batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {self.batch_size}")
+        if self.limit is not None and self.limit < 0:
+            raise ValueError(f"limit must be >= 0, got {self.limit}")
+        if Path(self.input).resolve() == Path(self.out).resolve():
+            raise ValueError(f"--out {self.out!r} is the input file; write the preferences elsewhere")
+
+
+def make_backend(spec: str, cfg: LabelJobConfig | None = None):
+    """``hf:PATH`` -> HFBackend; ``http://...`` or ``http:URL`` -> OpenAICompatibleBackend (failures -> NaN rows)."""
+    cfg = cfg or LabelJobConfig(input="-", out="-.out", labeler=spec)
+    if spec.startswith("hf:"):
+        from rlaif_fast.feedback.hf_backend import HFBackend
+
+        return HFBackend(spec[3:], batch_size=2 * cfg.batch_size, max_length=cfg.max_length)
+    from rlaif_fast.feedback.http_backend import OpenAICompatibleBackend
+
+    url = spec[5:] if spec.startswith("http:") and not spec.startswith("http://") else spec
+    return OpenAICompatibleBackend(url, cfg.model, os.environ.get(cfg.api_key_env), timeout=cfg.timeout,
+                                   max_retries=cfg.max_retries, concurrency=cfg.concurrency, on_error="nan")
+
+
+def _done_ids(out: Path) -> set[str]:
+    """Ids already labeled in ``out``; a torn last line (killed mid-write) is truncated away first."""
+    if not out.exists():
+        return set()
+    data = out.read_bytes()
+    end = data.rfind(b"\n") + 1
+    if end != len(data):
+        with open(out, "r+b") as f:
+            f.truncate(end)
+    return {json.loads(line)["id"] for line in data[:end].splitlines() if line.strip()}
+
+
+def summarize(out) -> dict:
+    """Consistency rate, mean entropy and (where known) alignment with humans over an output file."""
+    n = consistent = agree = n_human = 0
+    entropy = 0.0
+    with open(out, encoding="utf-8") as f:
+        for line in f:
+            if not line.strip():
+                continue
+            r = json.loads(line)
+            n += 1
+            consistent += bool(r["consistent"])
+            entropy += r["entropy"]
+            if r.get("human_a") is not None:
+                n_human += 1
+                # the paper's alignment: binarized soft label vs the human choice (a tie counts half)
+                agree += 0.5 if r["p_a"] == 0.5 else float((r["p_a"] > 0.5) == r["human_a"])
+    return {
+        "labeled": n,
+        "consistency_rate": consistent / n if n else math.nan,
+        "position_bias_rate": 1 - consistent / n if n else math.nan,
+        "mean_entropy": entropy / n if n else math.nan,
+        "ai_human_alignment": agree / n_human if n_human else None,
+    }
+
+
+def _records(batch: list[Pair], labels) -> tuple[list[str], int]:
+    lines, failed = [], 0
+    for pair, lab in zip(batch, labels):
+        if not math.isfinite(lab.p_a):
+            failed += 1
+            continue
+        rec = {"id": pair.id, "context": pair.context, "response_a": pair.response_a,
+               "response_b": pair.response_b, **lab.to_dict()}
+        if rec["rationales"] is None:
+            del rec["rationales"]
+        if pair.human_a is not None:
+            rec["human_a"] = pair.human_a
+        lines.append(json.dumps(rec, ensure_ascii=False) + "\n")
+    return lines, failed
+
+
+def run_label_job(cfg: LabelJobConfig, backend=None) -> dict:
+    """Label every pair of ``cfg.input`` not yet in ``cfg.out``; return the summary dict."""
+    from tqdm import tqdm
+
+    from rlaif_fast.feedback.labelers import PairwiseLabeler
+
+    out = Path(cfg.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    done = _done_ids(out)
+    labeler = PairwiseLabeler(backend if backend is not None else make_backend(cfg.labeler, cfg), cfg.template,
+                              chain_of_thought=cfg.chain_of_thought)
+    errors: list = []
+    stats = {"skipped_done": 0, "duplicates": 0, "failed": 0, "new": 0}
+    seen, batch = set(done), []
+    t0 = time.perf_counter()
+    bar = tqdm(unit="pair", desc="label", disable=not cfg.progress, file=sys.stderr)
+
+    def flush(f):
+        try:
+            labels = labeler.label([p.context for p in batch], [p.response_a for p in batch],
+                                   [p.response_b for p in batch])
+            lines, failed = _records(batch, labels)
+        except (RuntimeError, ValueError, OSError) as exc:  # one bad batch never ends the job
+            print(f"label: a batch of {len(batch)} pairs failed: {type(exc).__name__}: {exc}", file=sys.stderr)
+            lines, failed = [], len(batch)
+        f.write("".join(lines))  # whole lines in one write, then fsync: a kill leaves at most a torn tail
+        f.flush()
+        os.fsync(f.fileno())
+        stats["failed"] += failed
+        stats["new"] += len(lines)
+        bar.update(len(batch))
+        batch.clear()
+
+    with open(out, "a", encoding="utf-8") as f:
+        for pair in read_pairs(cfg.input, strict=cfg.strict, errors=errors):
+            if pair.id in seen:
+                stats["skipped_done" if pair.id in done else "duplicates"] += 1
+                continue
+            if cfg.limit is not None and stats["new"] + stats["failed"] + len(batch) >= cfg.limit:
+                break
+            seen.add(pair.id)
+            batch.append(pair)
+            if len(batch) == cfg.batch_size:
+                flush(f)
+        if batch:
+            flush(f)
+    bar.close()
+    for err in errors:
+        print(f"label: skipped malformed line {err}", file=sys.stderr)
+    elapsed = time.perf_counter() - t0
+    return {**stats, "malformed_lines": [e.line_no for e in errors], "seconds": round(elapsed, 3),
+            "pairs_per_s": round(stats["new"] / elapsed, 3) if elapsed > 0 else None, **summarize(out)}
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``rlaif-fast label``: exit 0 when every pair is labeled, 1 when some failed (rerun to retry), 2 on bad input."""
+    try:
+        cfg = parse_config(LabelJobConfig, argv, prog="rlaif-fast label")
+        summary = run_label_job(cfg)
+    except ValueError as exc:
+        print(f"rlaif-fast label: error: {exc}", file=sys.stderr)
+        return 2
+    print(json.dumps(summary))
+    return 1 if summary["failed"] else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,234 @@
+"""Advantages: masked GAE as a scan (never a Python loop over time), group baselines, masked whitening.
+
+Masking convention (the same on every backend; ``rlaif_fast.reference.rl.gae`` is the oracle):
+- a mask is "nonzero = valid token"; left padding, right padding and holes are all allowed;
+- masked tokens are skipped as if cut out of the row: a valid token bootstraps from the next *valid*
+  token (its value and its advantage), whatever lies between; their rewards and values are ignored;
+- the value after the last valid token of a row is 0: the response ends there (gamma applies to it);
+- advantages and returns are 0 at masked positions, and a row with an empty mask is all zeros.
+For contiguous masks this is exactly the loop of TRL / OpenRLHF on the valid tokens; on masks with holes
+(multi-turn: tool output masked out) it is verl's skip-the-hole rule.
+
+CPU path, measured in benchmarks/bench_gae.py: A_t = delta_t + c * A_{t+1} with a constant c = gamma*lam
+over contiguous valid tokens is a Toeplitz matrix product, so the row is cut into chunks of K tokens,
+each chunk solved by one (K, K) matmul, and the chunk carries by one (nC, nC) matmul. Rows with holes
+are first compacted (valid tokens moved to the front, in order) so that the coefficient stays constant.
+No division by powers of c, so nothing overflows for small gamma*lam; tiny powers underflow to 0, which
+is the true value to fp precision.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from rlaif_fast import _checks
+from rlaif_fast._backend import select_backend
+from rlaif_fast.reference import rl as ref
+
+GROUP_METHODS = ref.GROUP_METHODS
+_CHUNK = 64  # K: 1.1 ms at B=256, T=1024 on 2 cores; 32 and 128 within 15% (benchmarks/results/rl.md)
+
+
+def _check_mask(name: str, mask) -> None:
+    _checks.check_tensor(name, mask, ndim=2)
+    if mask.is_complex():
+        raise TypeError(f"{name} has dtype {mask.dtype}; use a bool, integer or float 0/1 tensor")
+
+
+def _check_unit(name: str, value) -> float:
+    try:
+        v = float(value)
+    except (TypeError, ValueError):
+        raise TypeError(f"{name} must be a number in [0, 1], got {value!r}") from None
+    if not 0.0 <= v <= 1.0:
+        raise ValueError(f"{name}={value!r} is outside [0, 1]; a discount must lie in [0, 1]")
+    return v
+
+
+def _toeplitz(c: float, n: int, like: torch.Tensor) -> torch.Tensor:
+    """(n, n) matrix M[s, t] = c^(s - t) for s >= t, else 0: (x @ M)[t] = sum_{s >= t} c^(s-t) x[s]."""
+    ar = torch.arange(n, device=like.device)
+    e = ar[:, None] - ar[None, :]
+    base = torch.tensor(c, dtype=like.dtype, device=like.device)
+    return torch.where(e >= 0, torch.pow(base, e.clamp(min=0).to(like.dtype)), 0.0)
+
+
+def discounted_reverse_cumsum(x: torch.Tensor, c: float, chunk: int = _CHUNK) -> torch.Tensor:
+    """y_t = x_t + c * y_{t+1} (y_T = 0) along the last dim of x (B, T), without a loop over time."""
+    B, T = x.shape
+    K = min(chunk, T)
+    nC = -(-T // K)
+    if nC * K != T:
+        x = torch.cat([x, x.new_zeros(B, nC * K - T)], dim=1)  # zeros after the end change nothing
+    local = (x.view(B * nC, K) @ _toeplitz(c, K, x)).view(B, nC, K)  # each chunk as if nothing followed
+    if nC > 1:
+        heads = local[:, :, 0] @ _toeplitz(c**K, nC, x)  # (B, nC): y at each chunk's first token
+        after = torch.cat([heads[:, 1:], heads.new_zeros(B, 1)], dim=1)  # y just after each chunk
+        reach = torch.pow(torch.tensor(c, dtype=x.dtype, device=x.device),
+                          torch.arange(K, 0, -1, device=x.device, dtype=x.dtype))  # c^(K - t)
+        local = torch.addcmul(local, after[:, :, None], reach)
+    return local.view(B, nC * K)[:, :T]
+
+
+def _has_holes(valid: torch.Tensor) -> bool:
+    # a row is contiguous iff it switches from masked to valid at most once (counting a start at t = 0)
+    starts = (valid[:, 1:] & ~valid[:, :-1]).sum(1) + valid[:, 0]
+    return bool((starts > 1).any())
+
+
+def _gae_torch(rewards, values, valid, gamma, lam, out_dtype, chunk=_CHUNK):
+    B, T = rewards.shape
+    r, v = rewards.to(out_dtype), values.to(out_dtype)
+    dest = None
+    if _has_holes(valid):
+        # compact: valid tokens to the front of the row in order, the rest to a scratch column T
+        dest = torch.where(valid, valid.cumsum(1) - 1, T)  # (B, T)
+        r = r.new_zeros(B, T + 1).scatter_(1, dest, r)[:, :T]
+        v_c = v.new_zeros(B, T + 1).scatter_(1, dest, v)
+        v_c[:, T] = 0.0
+        delta = r + gamma * v_c[:, 1:] - v_c[:, :T]  # 0 past each row's valid count
+    else:
+        v_valid = torch.where(valid, v, 0.0)
+        v_next = torch.cat([v_valid[:, 1:], v.new_zeros(B, 1)], dim=1)  # 0 after the last valid token
+        delta = torch.where(valid, r + gamma * v_next - v, 0.0)
+    adv = discounted_reverse_cumsum(delta, gamma * lam, chunk)
+    if dest is not None:
+        adv = torch.cat([adv, adv.new_zeros(B, 1)], dim=1).gather(1, dest)
+    adv = torch.where(valid, adv, 0.0)
+    return adv, torch.where(valid, adv + v, 0.0)
+
+
+def gae(
+    rewards: torch.Tensor, values: torch.Tensor, mask: torch.Tensor, gamma: float = 1.0, lam: float = 0.95
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Generalized advantage estimation (Schulman et al. 2015, arXiv 1506.02438) over masked rows.
+
+        delta_t = r_t + gamma * V_next(t) - V_t
+        A_t     = delta_t + gamma * lam * A_next(t)
+        R_t     = A_t + V_t                          (the lambda-return, the value target)
+
+    where next(t) is the next valid token of the row (masking convention in the module docstring).
+
+    Args:
+        rewards: (B, T) per-token rewards, e.g. from ``kl_shaped_rewards``.
+        values: (B, T) value estimates V_t of the same tokens.
+        mask: (B, T) nonzero = valid response token; any padding, holes allowed.
+        gamma, lam: discount and GAE lambda in [0, 1].
+
+    Returns:
+        (advantages, returns), both (B, T), 0 at masked positions, in the promoted input dtype but at
+        least fp32. No gradient: they are targets of the update. CUDA: one Triton launch (a scan);
+        CPU: chunked matmuls, no loop over time.
+    """
+    _checks.check_tensor("rewards", rewards, dtypes=_checks.FLOAT_DTYPES, ndim=2)
+    _checks.check_tensor("values", values, dtypes=_checks.FLOAT_DTYPES, ndim=2)
+    _check_mask("mask", mask)
+    _checks.check_same_shape(rewards=rewards, values=values, mask=mask)
+    _checks.check_same_device(rewards=rewards, values=values, mask=mask)
+    gamma, lam = _check_unit("gamma", gamma), _check_unit("lam", lam)
+    out_dtype = torch.promote_types(torch.promote_types(rewards.dtype, values.dtype), torch.float32)
+    backend = select_backend(rewards)
+    if rewards.numel() == 0:
+        return rewards.new_zeros(rewards.shape, dtype=out_dtype), rewards.new_zeros(rewards.shape, dtype=out_dtype)
+    with torch.no_grad():
+        rewards, values = rewards.detach(), values.detach()
+        if backend == "triton":
+            from rlaif_fast.kernels import advantages as kernels
+
+            return kernels.gae(rewards, values, mask, gamma, lam, out_dtype)
+        if backend == "reference":
+            return ref.gae(rewards.to(out_dtype), values.to(out_dtype), mask, gamma, lam)
+        return _gae_torch(rewards, values, mask != 0, gamma, lam, out_dtype)
+
+
+def group_advantages(
+    scores: torch.Tensor,
+    group_size: int,
+    method: str = "grpo",
+    scale_by_std: bool = True,
+    eps: float = 1e-6,
+) -> torch.Tensor:
+    """Critic-free advantages, one per sequence, from groups of samples of the same prompt.
+
+    scores (B,) with B = n_groups * group_size and each group contiguous (rows g*G .. g*G + G - 1).
+    With mean_g the group mean and std an unbiased (Bessel-corrected) standard deviation:
+
+        grpo:               A_i = (s_i - mean_g) / (std_g + eps)        (Shao et al. 2024, 2402.03300)
+        rloo:               A_i = s_i - mean(other G-1 scores) = G/(G-1) (s_i - mean_g)
+                                                                       (Ahmadian et al. 2024, 2402.14740)
+        reinforce_baseline: A_i = s_i - mean_g                         (REINFORCE++-baseline, 2501.03262)
+
+    ``scale_by_std``: for grpo, divide by the group's std (as above; False gives Dr. GRPO's s_i - mean_g);
+    for rloo and reinforce_baseline, divide by the std of all B centered values + eps (batch scale, as
+    REINFORCE++ does: a group of equal scores stays at 0 instead of being blown up). eps = 1e-6 as verl
+    (TRL uses 1e-4, OpenRLHF 1e-9). A group of equal scores gets A = 0.
+
+    Returns (B,) in the dtype of scores (at least fp32). group_size must be >= 2 and divide B.
+    """
+    _checks.check_tensor("scores", scores, dtypes=_checks.FLOAT_DTYPES, ndim=1)
+    _checks.check_choice("method", method, GROUP_METHODS)
+    if isinstance(group_size, bool) or not isinstance(group_size, int):
+        raise TypeError(f"group_size must be an int, got {group_size!r}")
+    if group_size < 2:
+        raise ValueError(f"group_size={group_size} leaves no baseline (every advantage is 0); use >= 2")
+    B = scores.shape[0]
+    if B % group_size != 0:
+        raise ValueError(
+            f"group_size={group_size} does not divide the batch of {B} scores; "
+            f"B must be n_groups * group_size with each group contiguous"
+        )
+    eps = _checks.check_positive("eps", eps)
+    dt = torch.promote_types(scores.dtype, torch.float32)
+    if select_backend(scores) == "reference":
+        return ref.group_advantages(scores.to(dt), group_size, method, scale_by_std, eps)
+    s = scores.to(dt).view(-1, group_size)  # (n_groups, G)
+    centered = s - s.mean(dim=1, keepdim=True)
+    if method == "grpo":
+        adv = centered / (s.std(dim=1, keepdim=True) + eps) if scale_by_std else centered
+        return adv.view(B)
+    if method == "rloo":
+        centered = centered * (group_size / (group_size - 1))
+    adv = centered.view(B)
+    return adv / (adv.std() + eps) if scale_by_std else adv
+
+
+def masked_mean(x: torch.Tensor, mask: torch.Tensor, dim: int | None = None) -> torch.Tensor:
+    """Mean of x over the entries where mask is nonzero: sum(x * m) / sum(m), along ``dim`` or overall.
+
+    x and mask have the same shape. Where nothing is valid the mean is 0 (not NaN), so a fully masked
+    row logs 0. Differentiable in x.
+    """
+    _checks.check_float("x", x)
+    _checks.check_tensor("mask", mask)
+    _checks.check_same_shape(x=x, mask=mask)
+    _checks.check_same_device(x=x, mask=mask)
+    valid = (mask != 0).to(x.dtype)
+    if dim is None:
+        return (x * valid).sum() / valid.sum().clamp(min=1)
+    return (x * valid).sum(dim) / valid.sum(dim).clamp(min=1)
+
+
+def masked_whiten(x: torch.Tensor, mask: torch.Tensor, shift_mean: bool = True, *, eps: float = 1e-8):
+    """Whiten x over its valid entries: (x - mean) / sqrt(var + eps), 0 at masked positions.
+
+    mean and var are taken over all valid entries (the whole batch, as TRL / verl whiten advantages);
+    var is the *unbiased* variance, sum((x - mean)^2) / (n - 1), as TRL and verl (OpenRLHF divides by n).
+    With a single valid entry the variance is taken as 0 (no NaN): the entry whitens to 0. With
+    ``shift_mean=False`` the mean is added back (scale only), as TRL does for rewards. Differentiable in x.
+    Returns x's shape in x's dtype promoted to at least fp32.
+    """
+    _checks.check_float("x", x)
+    _checks.check_tensor("mask", mask)
+    _checks.check_same_shape(x=x, mask=mask)
+    _checks.check_same_device(x=x, mask=mask)
+    eps = _checks.check_positive("eps", eps)
+    valid = mask != 0
+    x = x.to(torch.promote_types(x.dtype, torch.float32))  # bf16 sums of squares lose the variance
+    w = valid.to(x.dtype)
+    n = w.sum()
+    mean = (x * w).sum() / n.clamp(min=1)
+    var = ((x - mean) ** 2 * w).sum() / (n - 1).clamp(min=1)
+    out = (x - mean) * torch.rsqrt(var + eps)
+    if not shift_mean:
+        out = out + mean
+    return torch.where(valid, out, 0.0)

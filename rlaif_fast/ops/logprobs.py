@@ -1,0 +1,180 @@
+"""Per-token log-probs (and entropy) of the sampled labels from logits, in one pass over [N, V].
+
+Backends (``rlaif_fast._backend.select_backend``):
+- triton: ``kernels/logprobs.py`` — forward reads the logits once, backward reads once and writes once;
+- torch (CPU default): chunked over rows so no [N, V] fp32 temporary exists, forward or backward
+  (the backward recomputes the softmax per chunk from the saved logsumexp);
+- reference: ``rlaif_fast.reference.logprobs`` (full [N, V] temporaries, autograd through torch).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from rlaif_fast._backend import select_backend
+from rlaif_fast._checks import check_float, check_int, check_positive, check_same_device
+
+# Bound on one chunk's fp32 temporary in the torch path. 4 MiB keeps a chunk (and the two temporaries
+# made from it) inside a CPU's L2/L3, which measured faster than 32 MiB chunks at V = 32000.
+CHUNK_BYTES = 4 * 2**20
+
+
+def check_labels_in_range(labels: torch.Tensor, vocab: int, ignore_index: int) -> None:
+    """One reduction and one host sync: every label is ignore_index or in [0, vocab)."""
+    bad = ((labels < 0) | (labels >= vocab)) & (labels != ignore_index)
+    if bool(bad.any()):
+        pos = tuple(int(i) for i in bad.nonzero()[0])
+        raise ValueError(
+            f"labels[{pos}] = {int(labels[pos])} is outside the vocabulary [0, {vocab}) and is not "
+            f"ignore_index={ignore_index}; fix the labels or pass the right ignore_index"
+        )
+
+
+def check_logprob_inputs(logits, labels, temperature, ignore_index) -> float:
+    check_float("logits", logits)
+    check_int("labels", labels)
+    if logits.dim() < 1 or tuple(labels.shape) != tuple(logits.shape[:-1]):
+        raise ValueError(
+            f"labels has shape {tuple(labels.shape)} but logits has shape {tuple(logits.shape)}; "
+            "labels must be logits.shape[:-1] (did you forget to shift logits[:, :-1] / labels[:, 1:]?)"
+        )
+    check_same_device(logits=logits, labels=labels)
+    if isinstance(ignore_index, bool) or not isinstance(ignore_index, int):
+        raise TypeError(f"ignore_index must be an int, got {ignore_index!r}")
+    temperature = check_positive("temperature", temperature)
+    check_labels_in_range(labels, logits.shape[-1], ignore_index)
+    return temperature
+
+
+def _rows_view(logits: torch.Tensor):
+    """Yield (first_row, (c, V) view) chunks covering logits (..., V) in row order, without copies."""
+    V = logits.shape[-1]
+    rows = max(1, CHUNK_BYTES // (4 * max(V, 1)))
+    x = logits if logits.dim() >= 2 else logits.view(1, V)
+    try:
+        flat = x.view(-1, V)  # (N, V): works for contiguous logits
+        parts = [(0, flat)]
+    except RuntimeError:  # e.g. logits[:, :-1]: walk the leading index, each slice is a 2-D view
+        lead = x.reshape(-1, x.shape[-2], V) if x.dim() > 3 else x
+        parts = [(b * lead.shape[1], lead[b]) for b in range(lead.shape[0])]
+    for first, part in parts:
+        for start in range(0, part.shape[0], rows):
+            yield first + start, part[start : start + rows]
+
+
+def _torch_forward(logits, labels, temperature, ignore_index, want_entropy):
+    out_dtype = torch.float64 if logits.dtype == torch.float64 else torch.float32
+    N = labels.numel()
+    lab = labels.reshape(-1)
+    logp = torch.empty(N, dtype=out_dtype, device=logits.device)
+    ent = torch.empty(N, dtype=out_dtype, device=logits.device)
+    lse = torch.empty(N, dtype=out_dtype, device=logits.device)
+    for r0, chunk in _rows_view(logits):
+        r1 = r0 + chunk.shape[0]
+        z = chunk.to(out_dtype) / temperature  # (c, V): the only chunk-sized temporary besides p
+        l_c = torch.logsumexp(z, dim=-1)  # (c,)
+        y = lab[r0:r1]
+        use = y != ignore_index
+        z_y = z.gather(1, torch.where(use, y, 0).long().unsqueeze(1)).squeeze(1)
+        logp[r0:r1] = torch.where(use, (z_y - l_c).clamp(max=0.0), 0.0)
+        lse[r0:r1] = l_c
+        if want_entropy:
+            # H = -Σ p log p: a sum of non-negative terms, no cancellation of logit-sized numbers
+            log_p = z.sub_(l_c.unsqueeze(1))  # (c, V), in z's buffer (z_y was gathered above)
+            h = log_p.exp().mul_(log_p).sum(-1).neg_()
+            ent[r0:r1] = torch.where(use, h, 0.0)
+        else:
+            ent[r0:r1] = 0.0
+    return logp, ent, lse
+
+
+def _torch_backward(logits, labels, grad_logp, grad_ent, lse, ent, temperature, ignore_index):
+    grad = torch.empty(logits.shape, dtype=logits.dtype, device=logits.device)
+    grad_rows = grad.view(-1, logits.shape[-1])  # (N, V), fresh and contiguous
+    out_dtype = lse.dtype
+    lab = labels.reshape(-1)
+    g_lp_all = grad_logp.reshape(-1).to(out_dtype)
+    g_h_all = None if grad_ent is None else grad_ent.reshape(-1).to(out_dtype)
+    for r0, chunk in _rows_view(logits):
+        r1 = r0 + chunk.shape[0]
+        y = lab[r0:r1]
+        use = y != ignore_index
+        g_lp = torch.where(use, g_lp_all[r0:r1], 0.0).unsqueeze(1) / temperature  # (c, 1)
+        z = chunk.to(out_dtype) / temperature  # (c, V)
+        p = torch.exp(z - lse[r0:r1].unsqueeze(1))  # (c, V)
+        if g_h_all is None:
+            d = p.mul_(-g_lp)
+        else:
+            g_h = torch.where(use, g_h_all[r0:r1], 0.0).unsqueeze(1) / temperature
+            mean_z = (lse[r0:r1] - ent[r0:r1]).unsqueeze(1)
+            # p · (g_H (E[z'] - z') - g_lp), computed in place in z's buffer
+            d = z.neg_().add_(mean_z).mul_(g_h).sub_(g_lp).mul_(p)
+        d.scatter_add_(1, torch.where(use, y, 0).long().unsqueeze(1), g_lp)
+        grad_rows[r0:r1] = d
+    return grad
+
+
+class _TokenLogprobs(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, logits, labels, temperature, ignore_index, backend, want_entropy):
+        if backend == "triton":
+            from rlaif_fast.kernels.logprobs import logprobs_forward
+
+            logp, ent, lse = logprobs_forward(logits, labels, temperature, ignore_index)
+        else:
+            logp, ent, lse = _torch_forward(logits, labels, temperature, ignore_index, want_entropy)
+        ctx.save_for_backward(logits, labels, lse, ent)
+        ctx.args = (temperature, ignore_index, backend)
+        ctx.set_materialize_grads(False)
+        shape = labels.shape
+        return logp.view(shape), ent.view(shape)
+
+    @staticmethod
+    def backward(ctx, grad_logp, grad_ent):
+        logits, labels, lse, ent = ctx.saved_tensors
+        temperature, ignore_index, backend = ctx.args
+        if grad_logp is None and grad_ent is None:
+            return (None,) * 6
+        if grad_logp is None:
+            grad_logp = torch.zeros_like(lse)
+        if backend == "triton":
+            from rlaif_fast.kernels.logprobs import logprobs_backward
+
+            grad = logprobs_backward(logits, labels, grad_logp, grad_ent, lse, ent, temperature, ignore_index)
+        else:
+            grad = _torch_backward(logits, labels, grad_logp, grad_ent, lse, ent, temperature, ignore_index)
+        return grad, None, None, None, None, None
+
+
+def token_logprobs(
+    logits: torch.Tensor,
+    labels: torch.Tensor,
+    *,
+    temperature: float = 1.0,
+    ignore_index: int = -100,
+    return_entropy: bool = False,
+):
+    """Log-prob of each label under softmax(logits / T), and optionally the entropy of that softmax.
+
+    logits (..., V) fp32/bf16/fp16 (fp64 for gradchecks), labels (...) integer, with
+    labels.shape == logits.shape[:-1]; non-contiguous logits such as ``logits[:, :-1]`` are read in
+    place. Returns logp (...) in fp32 (fp64 for fp64 logits), and entropy (...) when ``return_entropy``:
+
+        logp_i = z'_i[y_i] - logsumexp(z'_i),  z' = logits / T (in fp32),  clamped to <= 0
+        H_i    = logsumexp(z'_i) - Σ_j softmax(z'_i)_j z'_ij
+
+    Positions with labels == ignore_index give 0 (log-prob and entropy) and no gradient. Both outputs
+    are differentiable w.r.t. the logits; the gradient is written once, into a new tensor.
+    The sampling temperature of RLAIF's policy (0.9 in Lee et al. 2023, arXiv 2309.00267) must be the
+    one passed here, or the log-probs are those of a different policy.
+    """
+    temperature = check_logprob_inputs(logits, labels, temperature, ignore_index)
+    backend = select_backend(logits)
+    if backend == "reference":
+        from rlaif_fast.reference.logprobs import token_logprobs as reference
+
+        return reference(
+            logits, labels, temperature=temperature, ignore_index=ignore_index, return_entropy=return_entropy
+        )
+    logp, ent = _TokenLogprobs.apply(logits, labels, temperature, ignore_index, backend, return_entropy)
+    return (logp, ent) if return_entropy else logp

@@ -1,0 +1,120 @@
+"""Response log-probs of any transformers causal LM without its [B, T, V] logits.
+
+``model(...).logits`` materializes B·T·V values (2.5 GB at 8192 tokens and V = 152064 in bf16) only for
+log_softmax to keep one of them per token. Here the backbone runs alone, its last hidden states of the
+response positions go straight to ``linear_token_logprobs`` with the output embedding, and the logits
+only ever exist tile by tile.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from rlaif_fast import _checks
+from rlaif_fast.ops.linear import linear_token_logprobs
+
+
+def _backbone(model):
+    """The module that returns hidden states: get_decoder() (transformers 5), else base_model."""
+    if hasattr(model, "get_decoder"):
+        decoder = model.get_decoder()
+        if decoder is not None and decoder is not model:
+            return decoder
+    base = getattr(model, "base_model", None)
+    if base is None or base is model:
+        raise TypeError(
+            f"{type(model).__name__} has no separate backbone (get_decoder() / base_model); pass a "
+            "transformers *ForCausalLM model such as GPT2LMHeadModel or LlamaForCausalLM"
+        )
+    return base
+
+
+def _head_transform(config) -> dict:
+    """Logit transforms some architectures apply after lm_head, as linear_token_logprobs knobs."""
+    knobs = {}
+    cap = getattr(config, "final_logit_softcapping", None)  # Gemma 2/3
+    if cap:
+        knobs["softcap"] = float(cap)
+    scale = getattr(config, "logit_scale", None)  # Cohere
+    divide = getattr(config, "logits_scaling", None)  # Granite divides
+    if scale is not None and scale != 1.0:
+        knobs["logit_scale"] = float(scale)
+    elif divide is not None and divide != 1.0:
+        knobs["logit_scale"] = 1.0 / float(divide)
+    return knobs
+
+
+def _check(input_ids, attention_mask, response_mask, position_ids):
+    _checks.check_int("input_ids", input_ids)
+    _checks.check_tensor("input_ids", input_ids, ndim=2)
+    for name, x in (("attention_mask", attention_mask), ("response_mask", response_mask),
+                    ("position_ids", position_ids)):  # fmt: skip
+        if x is None:
+            continue
+        _checks.check_tensor(name, x)
+        if x.shape != input_ids.shape:
+            raise ValueError(
+                f"{name} has shape {tuple(x.shape)} but input_ids has shape {tuple(input_ids.shape)}; "
+                "they must match (B, T)"
+            )
+    _checks.check_same_device(input_ids=input_ids, attention_mask=attention_mask,
+                              response_mask=response_mask, position_ids=position_ids)  # fmt: skip
+
+
+def model_logprobs(
+    model,
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    response_mask: torch.Tensor,
+    *,
+    temperature: float = 1.0,
+    return_entropy: bool = False,
+    position_ids: torch.Tensor | None = None,
+):
+    """log π(x_t | x_<t) of the response tokens of a transformers causal LM, and optionally the entropy
+    of π(· | x_<t), computed from hidden states without materializing the [B, T, V] logits.
+
+    input_ids, attention_mask, response_mask (and position_ids): (B, T). Returns logp (B, T) fp32
+    aligned with the tokens (logp[:, t] scores input_ids[:, t]; logp[:, 0] = 0), zero where
+    ``response_mask`` is 0; with ``return_entropy``, (logp, entropy), entropy (B, T) likewise.
+
+    Padding: left or right; position ids come from the attention mask (cumsum − 1), as generate does.
+    Packed inputs (several sequences per row, no padding): pass ``position_ids`` restarting at 0 for
+    each sequence; the attention mask is then ignored and transformers builds the block-diagonal causal
+    mask from the position ids. The response mask must be 0 on the first token of every packed
+    sequence (it has no context there). Works for tied and untied output embeddings, with a bias if
+    the head has one, and applies Gemma's final soft-cap and Cohere / Granite logit scaling.
+    Selecting the response rows costs one host sync (a boolean index).
+    """
+    _check(input_ids, attention_mask, response_mask, position_ids)
+    head = model.get_output_embeddings()
+    if head is None or not hasattr(head, "weight"):
+        raise TypeError(f"{type(model).__name__}.get_output_embeddings() has no weight; pass a causal LM")
+    if position_ids is None:
+        if attention_mask is None:
+            attention_mask = torch.ones_like(input_ids)
+        # left padding: real tokens start at 0 after the pads, as in generate
+        position_ids = (attention_mask.long().cumsum(-1) - 1).clamp_(min=0)
+        mask_arg = attention_mask
+    else:
+        mask_arg = None  # packed: transformers derives the per-sequence causal mask from position ids
+    out = _backbone(model)(input_ids=input_ids, attention_mask=mask_arg, position_ids=position_ids, use_cache=False)
+    hidden = out.last_hidden_state if hasattr(out, "last_hidden_state") else out[0]  # (B, T, H)
+
+    B, T = input_ids.shape
+    sel = response_mask[:, 1:] != 0  # (B, T-1): position t-1 predicts token t
+    h_sel = hidden[:, :-1][sel]  # (M, H)
+    labels = input_ids[:, 1:][sel]  # (M,)
+    weight = head.weight
+    bias = getattr(head, "bias", None)
+    if h_sel.dtype != weight.dtype:  # e.g. an fp32 head over a bf16 backbone
+        h_sel = h_sel.to(weight.dtype)
+    res = linear_token_logprobs(
+        h_sel, weight, labels, bias=bias, temperature=temperature, return_entropy=return_entropy,
+        **_head_transform(model.config),
+    )  # fmt: skip
+    vals = res if return_entropy else (res,)
+    first = hidden.new_zeros(B, 1, dtype=vals[0].dtype)  # token 0 has no context
+    # masked_scatter is differentiable: gradients flow back to the selected rows only
+    outs = [torch.cat([first, first.new_zeros(B, T - 1).masked_scatter(sel, v)], dim=1) for v in vals]
+    return tuple(outs) if return_entropy else outs[0]

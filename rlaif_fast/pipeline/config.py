@@ -1,0 +1,177 @@
+"""``RunConfig``: one YAML file describes one iterative RLAIF run (``rlaif-fast run CONFIG.yaml``).
+
+Every field has a docstring, every rule is checked in ``__post_init__`` before any model is built, and
+unknown keys are rejected with the closest valid name, so a typo never silently falls back to a default.
+The ``rl`` mapping is handed to the trainer's own ``RLAIFConfig.from_dict``, which validates it.
+"""
+
+from __future__ import annotations
+
+import difflib
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+FEEDBACK_MODES = ("distilled", "direct")
+EMBEDDED_TASKS = ("happy_sentences",)
+
+
+@dataclass
+class RunConfig:
+    output_dir: str = "demo_out"
+    """Where every stage's artefact, metrics.jsonl, plots and the report go. A rerun resumes from here."""
+
+    seed: int = 0
+    """Seeds Python, NumPy and torch for every stage, so a run (and the demo's result) is reproducible."""
+
+    task: str | None = "happy_sentences"
+    """The embedded task with a checkable ground truth (``happy_sentences``), or null for a user task."""
+
+    prompts_file: str | None = None
+    """JSONL with a ``prompt`` field per line, for a user task (``task: null``). Last 10% are eval prompts."""
+
+    policy: str | None = None
+    """HF path of the policy to start from. Null: a tiny GPT-2 built from the config below (embedded task)."""
+
+    policy_layers: int = 2
+    """Layers of the config-built policy (ignored when ``policy`` is a path)."""
+
+    policy_dim: int = 64
+    """Hidden size of the config-built policy and of the demo labeler (ignored for loaded models)."""
+
+    sft_steps: int = 300
+    """SFT steps on the task's demonstrations before RL; 0 skips SFT (the policy is then the reference)."""
+
+    sft_lr: float = 3e-3
+    """AdamW learning rate of SFT."""
+
+    labeler: str = "demo"
+    """``demo`` (train the tiny task labeler, then query it like any LM), ``hf:PATH`` or ``http:URL``."""
+
+    labeler_model: str | None = None
+    """Model name sent to an OpenAI-compatible ``http:`` labeler (required for ``http:``)."""
+
+    labeler_steps: int = 600
+    """Training steps of the ``demo`` labeler (ignored for a real labeler)."""
+
+    template: str = "base"
+    """Labeler prompt template: a packaged name (``base``, ``detailed``, ...) or a path to a template file."""
+
+    feedback: str = "distilled"
+    """``distilled``: pairwise labels -> reward model -> RL. ``direct`` (d-RLAIF): the labeler's 1-10 score."""
+
+    iterations: int = 1
+    """Rounds of sample -> label -> reward model -> RL -> evaluate."""
+
+    pairs_per_iteration: int = 256
+    """Response pairs sampled from the current policy and labeled in both orders, per iteration."""
+
+    rm_epochs: int = 3
+    """Epochs of soft-label Bradley-Terry training of the reward model per iteration (distilled only)."""
+
+    rm_lr: float = 2e-3
+    """Learning rate of the reward model (distilled only)."""
+
+    max_new_tokens: int = 14
+    """Longest sampled response, in tokens."""
+
+    temperature: float = 0.9
+    """Sampling temperature of pair sampling and RL rollouts (the paper uses 0.9)."""
+
+    eval_prompts: int = 96
+    """Responses per policy at evaluation (prompts are cycled); each pair is judged in both orders."""
+
+    rl: dict[str, Any] = field(default_factory=dict)
+    """Settings passed to ``rlaif_fast.trainer.RLAIFConfig.from_dict`` (algorithm, kl_coef, lr, steps, ...)."""
+
+    def __post_init__(self):
+        self._check_numbers()
+        self._check_task()
+        self._check_labeler()
+        if self.feedback not in FEEDBACK_MODES:
+            raise ValueError(f"feedback={self.feedback!r} is not supported; use one of {FEEDBACK_MODES}")
+        if not isinstance(self.rl, dict):
+            raise TypeError(f"rl must be a mapping of trainer settings, got {type(self.rl).__name__}")
+
+    def _check_numbers(self):
+        positive_ints = ("policy_layers", "policy_dim", "iterations", "max_new_tokens", "eval_prompts")
+        non_negative = ("sft_steps", "labeler_steps", "rm_epochs", "seed")
+        for name in positive_ints + non_negative:
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int):
+                raise TypeError(f"{name} must be an integer, got {value!r}")
+            if value < (1 if name in positive_ints else 0):
+                raise ValueError(f"{name} must be >= {1 if name in positive_ints else 0}, got {value}")
+        if self.pairs_per_iteration < 2:
+            raise ValueError(f"pairs_per_iteration must be >= 2 to train or check anything, got "
+                             f"{self.pairs_per_iteration}")
+        for name in ("sft_lr", "rm_lr", "temperature"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
+                raise ValueError(f"{name} must be a number > 0, got {value!r}")
+
+    def _check_task(self):
+        if self.task is not None and self.task not in EMBEDDED_TASKS:
+            raise ValueError(f"task={self.task!r} is not an embedded task; use one of {EMBEDDED_TASKS} or "
+                             "task: null with prompts_file")
+        if self.task is not None and self.prompts_file is not None:
+            raise ValueError(f"task={self.task!r} and prompts_file={self.prompts_file!r} both set; the "
+                             "embedded task brings its own prompts: set task: null to use a prompts file")
+        if self.task is None and self.prompts_file is None:
+            raise ValueError("task is null but no prompts_file is given; set one of them")
+        if self.task is None and self.policy is None:
+            raise ValueError("a user task (task: null) needs a policy path: the config-built policy only "
+                             "speaks the embedded task's language")
+
+    def _check_labeler(self):
+        kind = self.labeler.split(":", 1)[0]
+        if self.labeler != "demo" and kind not in ("hf", "http"):
+            raise ValueError(f"labeler={self.labeler!r}; use 'demo', 'hf:PATH' or 'http:URL'")
+        if kind in ("hf", "http") and not self.labeler.split(":", 1)[1]:
+            raise ValueError(f"labeler={self.labeler!r} names no {'path' if kind == 'hf' else 'URL'} after ':'")
+        if self.labeler == "demo" and self.task is None:
+            raise ValueError("labeler: demo is trained on the embedded task's ground truth, which a user task "
+                             "(task: null) does not have; point labeler at hf:PATH or http:URL")
+        if kind == "http" and not self.labeler_model:
+            raise ValueError(f"labeler={self.labeler!r} is an HTTP endpoint: set labeler_model to the model "
+                             "name the server expects")
+        if self.feedback == "direct" and self.labeler == "demo":
+            raise ValueError("feedback: direct (d-RLAIF) needs a labeler that rates 1-10, but the demo labeler "
+                             "is trained only for pairwise '1'/'2' answers; use feedback: distilled")
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> RunConfig:
+        """Build from a mapping; unknown keys raise ValueError naming the key and the closest valid one."""
+        if not isinstance(data, dict):
+            raise TypeError(f"a run config must be a mapping of settings, got {type(data).__name__}")
+        known = [f.name for f in fields(cls)]
+        for key in data:
+            if key not in known:
+                close = difflib.get_close_matches(str(key), known, n=1)
+                hint = f"; did you mean {close[0]!r}?" if close else f"; valid keys: {', '.join(known)}"
+                raise ValueError(f"unknown run config key {key!r}{hint}")
+        return cls(**data)
+
+    @classmethod
+    def from_yaml(cls, path: str | Path, overrides: dict[str, Any] | None = None) -> RunConfig:
+        """Read a YAML file (``overrides`` win over the file's values, e.g. from the command line)."""
+        import yaml
+
+        path = Path(path)
+        if not path.is_file():
+            raise ValueError(f"config file {str(path)!r} does not exist")
+        data = yaml.safe_load(path.read_text()) or {}
+        if not isinstance(data, dict):
+            raise ValueError(f"{path} must hold a YAML mapping of settings, got {type(data).__name__}")
+        return cls.from_dict({**data, **(overrides or {})})
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def packaged_config(name: str) -> Path:
+    """Path of a config shipped with the package (``rlaif_fast/pipeline/configs/<name>.yaml``)."""
+    path = Path(__file__).parent / "configs" / f"{name}.yaml"
+    if not path.is_file():
+        raise ValueError(f"no packaged config named {name!r} (looked for {path})")
+    return path

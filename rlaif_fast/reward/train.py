@@ -1,0 +1,155 @@
+"""Distill AI soft labels into a reward model (``rlaif-fast train-rm`` / :func:`train_reward_model`).
+
+Each step scores both sides of B pairs in one forward of 2B rows and minimizes the soft-label
+Bradley-Terry loss (:func:`rlaif_fast.reward.loss.soft_bt_loss`). Reports pairwise accuracy against the
+AI labels and, where the records carry ``human_a``, against the human choice (the paper's RM accuracy).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import random
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from rlaif_fast.feedback.config_cli import parse_config
+from rlaif_fast.reward.loss import soft_bt_loss
+from rlaif_fast.reward.metrics import pairwise_accuracy
+from rlaif_fast.reward.model import RewardModel, RewardModelScorer, encode_pairs_side
+
+
+def _as_record(p, i: int) -> dict:
+    rec = p if isinstance(p, dict) else vars(p)
+    missing = [k for k in ("response_a", "response_b", "p_a") if k not in rec]
+    if missing:
+        raise ValueError(f"pair {i} lacks {missing}; records need context, response_a, response_b and p_a "
+                         "(the output of `rlaif-fast label`)")
+    p_a = float(rec["p_a"])
+    if not 0.0 <= p_a <= 1.0:
+        raise ValueError(f"pair {i} has p_a={p_a!r}; soft labels must lie in [0, 1]")
+    return {"context": rec.get("context", ""), "response_a": rec["response_a"], "response_b": rec["response_b"],
+            "p_a": p_a, "human_a": rec.get("human_a")}
+
+
+def evaluate_reward_model(model: RewardModel, tokenizer, pairs, *, batch_size: int = 16,
+                          max_length: int = 512) -> dict:
+    """Pairwise accuracy against the AI label (p_a > 0.5) and, where known, against humans."""
+    recs = [_as_record(p, i) for i, p in enumerate(pairs)]
+    if not recs:
+        return {}
+    scorer = RewardModelScorer(model, tokenizer, batch_size=batch_size, max_length=max_length)
+    ctx = [r["context"] for r in recs]
+    r_a = scorer(ctx, [r["response_a"] for r in recs])
+    r_b = scorer(ctx, [r["response_b"] for r in recs])
+    out = {"acc_ai": pairwise_accuracy(r_a, r_b, [r["p_a"] for r in recs])}
+    human = [(x, y, r["human_a"]) for x, y, r in zip(r_a, r_b, recs) if r["human_a"] is not None]
+    if human:
+        out["acc_human"] = pairwise_accuracy(*zip(*human))
+    return out
+
+
+def train_reward_model(model: RewardModel, tokenizer, pairs, *, epochs: int = 1, lr: float = 1e-4,
+                       batch_size: int = 8, max_length: int = 512, eval_pairs=None, seed: int = 0,
+                       weight_decay: float = 0.0) -> dict:
+    """Train ``model`` in place on records with context / response_a / response_b / p_a; return metrics.
+
+    Returns ``{"loss": last-epoch mean loss, "losses": per-step, "train": {...}, "eval": {...}}``.
+    """
+    recs = [_as_record(p, i) for i, p in enumerate(pairs)]
+    if not recs:
+        raise ValueError("pairs is empty; give at least one labeled pair")
+    if epochs < 1 or batch_size < 1 or not lr > 0:
+        raise ValueError(f"need epochs >= 1, batch_size >= 1, lr > 0; got {epochs!r}, {batch_size!r}, {lr!r}")
+    device = next(model.parameters()).device
+    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=weight_decay)
+    rng = random.Random(seed)
+    losses: list[float] = []
+    model.train()
+    for _ in range(epochs):
+        order = list(range(len(recs)))
+        rng.shuffle(order)
+        for s in range(0, len(order), batch_size):
+            b = [recs[i] for i in order[s : s + batch_size]]
+            ctx = [r["context"] for r in b]
+            # both sides in one forward: (2B, T)
+            ids, mask = encode_pairs_side(tokenizer, ctx + ctx, [r["response_a"] for r in b] +
+                                          [r["response_b"] for r in b], max_length, device)
+            r = model(ids, mask)  # (2B,)
+            p = torch.tensor([x["p_a"] for x in b], dtype=r.dtype, device=device)
+            loss = soft_bt_loss(r[: len(b)], r[len(b):], p)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            losses.append(loss.item())
+    model.eval()
+    steps = math.ceil(len(recs) / batch_size)
+    result = {"loss": sum(losses[-steps:]) / steps, "losses": losses,
+              "train": evaluate_reward_model(model, tokenizer, recs, max_length=max_length)}
+    if eval_pairs:
+        result["eval"] = evaluate_reward_model(model, tokenizer, eval_pairs, max_length=max_length)
+    return result
+
+
+@dataclass
+class RMTrainConfig:
+    """Distill AI soft labels (the output of `rlaif-fast label`) into a reward model."""
+
+    prefs: str = field(metadata={"help": "preferences JSONL with context, response_a, response_b, p_a"})
+    base_model: str = field(metadata={"help": "local transformers model directory for the backbone"})
+    out: str = field(metadata={"help": "directory to save the reward model and its tokenizer"})
+    epochs: int = field(default=1, metadata={"help": "passes over the pairs"})
+    lr: float = field(default=1e-5, metadata={"help": "AdamW learning rate"})
+    batch_size: int = field(default=8, metadata={"help": "pairs per step (2x sequences per forward)"})
+    max_length: int = field(default=512, metadata={"help": "tokens per sequence; the context is cut from its left"})
+    eval_fraction: float = field(default=0.1, metadata={"help": "fraction of pairs held out for evaluation"})
+    seed: int = field(default=0, metadata={"help": "shuffle and split seed"})
+
+    def __post_init__(self):
+        if not 0.0 <= self.eval_fraction < 1.0:
+            raise ValueError(f"eval_fraction must be in [0, 1), got {self.eval_fraction}")
+        if not Path(self.prefs).is_file():
+            raise ValueError(f"--prefs {self.prefs!r} does not exist; run `rlaif-fast label` first")
+
+
+def _read_jsonl(path) -> list[dict]:
+    rows = []
+    with open(path, encoding="utf-8") as f:
+        for n, line in enumerate(f, start=1):
+            if line.strip():
+                try:
+                    rows.append(json.loads(line))
+                except json.JSONDecodeError as exc:
+                    raise ValueError(f"{path}:{n}: malformed JSON ({exc.msg})") from None
+    return rows
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``rlaif-fast train-rm``: prints the metrics as one JSON line; exit 2 on bad input."""
+    from transformers import AutoModel, AutoTokenizer
+
+    try:
+        cfg = parse_config(RMTrainConfig, argv, prog="rlaif-fast train-rm")
+        rows = _read_jsonl(cfg.prefs)
+        random.Random(cfg.seed).shuffle(rows)
+        n_eval = int(len(rows) * cfg.eval_fraction)
+        tokenizer = AutoTokenizer.from_pretrained(cfg.base_model)
+        model = RewardModel(AutoModel.from_pretrained(cfg.base_model))
+        metrics = train_reward_model(model, tokenizer, rows[n_eval:], epochs=cfg.epochs, lr=cfg.lr,
+                                     batch_size=cfg.batch_size, max_length=cfg.max_length,
+                                     eval_pairs=rows[:n_eval], seed=cfg.seed)
+    except ValueError as exc:
+        print(f"rlaif-fast train-rm: error: {exc}", file=sys.stderr)
+        return 2
+    model.save_pretrained(cfg.out)
+    tokenizer.save_pretrained(cfg.out)
+    metrics.pop("losses")
+    print(json.dumps(metrics))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,74 @@
+"""Metrics: JSONL (one line per step), TensorBoard events, a tqdm bar, and the end-of-run summary.
+
+Only rank 0 writes; every other rank gets a logger whose methods do nothing.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from pathlib import Path
+
+
+class MetricsLogger:
+    def __init__(self, output_dir: str | Path, *, enabled: bool, tensorboard: bool, progress: bool,
+                 total: int, initial: int = 0):
+        self.enabled = enabled
+        self.history: list[dict] = []
+        self.start = time.time()
+        self._tb = self._bar = self._file = None
+        if not enabled:
+            return
+        out = Path(output_dir)
+        out.mkdir(parents=True, exist_ok=True)
+        self._file = open(out / "metrics.jsonl", "a")  # append: a resumed run continues the same file
+        if tensorboard:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+
+                self._tb = SummaryWriter(str(out / "tensorboard"))
+            except ImportError:  # tensorboard not installed: JSONL still has everything
+                self._tb = None
+        if progress:
+            from tqdm.auto import tqdm
+
+            self._bar = tqdm(total=total, initial=initial, desc="rl steps", dynamic_ncols=True)
+
+    def log(self, step: int, metrics: dict) -> None:
+        self.history.append({"step": step, **metrics})
+        if not self.enabled:
+            return
+        self._file.write(json.dumps({"step": step, **metrics}) + "\n")
+        self._file.flush()
+        if self._tb is not None:
+            for k, v in metrics.items():
+                if isinstance(v, (int, float)):
+                    self._tb.add_scalar(k, v, step)
+        if self._bar is not None:
+            self._bar.update(1)
+            self._bar.set_postfix(reward=f"{metrics.get('reward', math.nan):.3f}",
+                                  kl=f"{metrics.get('kl', math.nan):.3f}")
+
+    def summary(self, final_step: int, stopped: str) -> dict:
+        """First vs last step of the run and the totals; printed on rank 0."""
+        out: dict = {"steps": final_step, "stopped": stopped, "seconds": round(time.time() - self.start, 2)}
+        if self.history:
+            first, last = self.history[0], self.history[-1]
+            for key in ("reward", "kl", "entropy", "response_len"):
+                if key in last:
+                    out[f"{key}_first"], out[f"{key}_last"] = first.get(key), last[key]
+            out["tokens_per_s"] = round(sum(h.get("tokens", 0) for h in self.history) / max(
+                sum(h.get("step_seconds", 0.0) for h in self.history), 1e-9), 1)
+        if self.enabled:
+            lines = [f"  {k:<16} {v:.4g}" if isinstance(v, float) else f"  {k:<16} {v}" for k, v in out.items()]
+            print("rlaif-fast train summary\n" + "\n".join(lines), flush=True)
+        return out
+
+    def close(self) -> None:
+        if self._bar is not None:
+            self._bar.close()
+        if self._tb is not None:
+            self._tb.close()
+        if self._file is not None:
+            self._file.close()

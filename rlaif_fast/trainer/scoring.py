@@ -1,0 +1,152 @@
+"""Scoring: log-probs of policy and reference, values, KL and advantages of a batch of rollouts.
+
+Everything per token lives in the *response layout*: (B, L) with L the longest response of the batch,
+column j = response token j, so tensors of micro-batches padded to different widths stack cheaply and
+no (B, T, V) tensor outlives one micro-batch. ``ops='fast'`` runs ``rlaif_fast.ops`` (log-probs
+straight from hidden states, fused KL / GAE); ``ops='reference'`` materializes full logits and runs
+``rlaif_fast.reference`` — the naive baseline of the benchmark and the oracle of the tests.
+"""
+
+from __future__ import annotations
+
+import copy
+import importlib
+
+import torch
+from torch import nn
+
+from rlaif_fast.trainer.generation import TrainBatch
+
+
+def rl_op(name: str, fast: bool):
+    """``rlaif_fast.ops.<name>`` when ``fast`` and the op has landed, else the plain reference."""
+    if fast:
+        try:
+            return getattr(importlib.import_module("rlaif_fast.ops"), name)
+        except (ImportError, AttributeError):
+            pass
+    return getattr(importlib.import_module("rlaif_fast.reference.rl"), name)
+
+
+class ValueModel(nn.Module):
+    """A scalar value per position: the policy's transformer trunk + a linear head (B, T) -> values.
+
+    ``from_policy`` copies the trunk (``policy.base_model``) so policy and critic train separately, as
+    the paper's REINFORCE baseline and PPO do; the head starts at zero so the first baseline is 0.
+    """
+
+    def __init__(self, backbone: nn.Module, hidden_size: int):
+        super().__init__()
+        self.backbone = backbone
+        self.head = nn.Linear(hidden_size, 1)
+        nn.init.zeros_(self.head.weight)
+        nn.init.zeros_(self.head.bias)
+
+    @classmethod
+    def from_policy(cls, policy: nn.Module) -> ValueModel:
+        base = getattr(policy, "base_model", None)
+        if base is None or base is policy:
+            raise TypeError(f"{type(policy).__name__} has no separate base_model trunk; build ValueModel("
+                            "backbone, hidden_size) from the policy's transformer yourself")
+        hidden = policy.config.hidden_size
+        return cls(copy.deepcopy(base), hidden)
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        hidden = self.backbone(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state  # (B, T, H)
+        return self.head(hidden.to(self.head.weight.dtype)).squeeze(-1).float()  # (B, T)
+
+
+def _reference_logprobs(model, batch: TrainBatch, temperature: float, return_entropy: bool):
+    """Full (B, T, V) logits, log-softmax, gather: what most trainers do today."""
+    logits = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits  # (B, T, V)
+    logits = logits[:, :-1].float() / temperature
+    logp_all = torch.log_softmax(logits, dim=-1)  # (B, T-1, V)
+    logp = logp_all.gather(-1, batch.input_ids[:, 1:, None]).squeeze(-1)
+    logp = torch.nn.functional.pad(logp, (1, 0))  # (B, T): column t = log p(token t | tokens < t)
+    ent = None
+    if return_entropy:
+        ent = -(logp_all.exp() * logp_all).sum(-1)
+        ent = torch.nn.functional.pad(ent, (1, 0))
+    return logp, ent
+
+
+def response_logprobs(model, batch: TrainBatch, *, temperature: float, fast: bool, return_entropy: bool = False):
+    """(logp, entropy or None), both (b, L) in the response layout, 0 on padding."""
+    temperature = temperature if temperature > 0 else 1.0
+    model_logprobs = None
+    if fast:
+        try:
+            from rlaif_fast.ops import model_logprobs
+        except (ImportError, AttributeError):  # engineer C's op not there yet: the full-logits path
+            model_logprobs = None
+    if model_logprobs is not None:
+        out = model_logprobs(model, batch.input_ids, batch.attention_mask, batch.response_mask,
+                             temperature=temperature, return_entropy=return_entropy)
+        logp, ent = out if return_entropy else (out, None)
+    else:
+        logp, ent = _reference_logprobs(model, batch, temperature, return_entropy)
+    logp = logp.gather(1, batch.resp_index) * batch.resp_mask  # (b, L)
+    if ent is not None:
+        ent = ent.gather(1, batch.resp_index) * batch.resp_mask
+    return logp, ent
+
+
+def response_values(value_model, batch: TrainBatch) -> torch.Tensor:
+    """(b, L) values of the state *before* each response token (the position that predicts it)."""
+    values = value_model(batch.input_ids, batch.attention_mask)  # (b, T)
+    return values.gather(1, (batch.resp_index - 1).clamp(min=0)) * batch.resp_mask
+
+
+def stack_rows(parts: list[tuple[list[int], torch.Tensor]], n_rows: int, width: int) -> torch.Tensor:
+    """Scatter micro-batch results (rows, (b, L_mb)) back into one (n_rows, width) tensor."""
+    out = torch.zeros(n_rows, width)
+    for rows, t in parts:
+        out[rows, : t.shape[1]] = t.float()
+    return out
+
+
+def global_whiten(x: torch.Tensor, mask: torch.Tensor, all_reduce, eps: float = 1e-8) -> torch.Tensor:
+    """Whiten over the valid entries of *all ranks* (unbiased variance), so 2 ranks equal 1 rank.
+
+    Three scalars cross the wire (sum, sum of squares, count) instead of the whole batch.
+    """
+    m = mask.float()
+    stats = torch.stack([(x * m).sum(), (x * x * m).sum(), m.sum()]).double()
+    stats = all_reduce(stats)
+    s, ss, n = stats.tolist()
+    if n <= 1:
+        return x * m
+    mean = s / n
+    var = (ss - n * mean * mean) / (n - 1)
+    return (x - mean) / (max(var, 0.0) + eps) ** 0.5 * m
+
+
+def advantages_and_returns(cfg, scores, logp, ref_logp, values, mask, kl_coef: float, all_reduce):
+    """Per-token advantages and returns (B, L) for ``cfg.algorithm``; returns (adv, returns, kl (B, L)).
+
+    reinforce_baseline: reward (1 - beta) * r at the last token, -beta * KL per token, gamma = 1,
+    A_t = G_t - V_t (GAE with lambda = 1); ppo: the same rewards, GAE(gamma, lam); rloo / grpo: one
+    sequence reward r - beta * sum_t KL_t, group baseline, broadcast to every token.
+    """
+    fast = cfg.ops == "fast"
+    kl_op = rl_op("kl_penalty", fast)
+    kl = kl_op(logp, ref_logp, cfg.kl_estimator) * mask if ref_logp is not None else torch.zeros_like(logp)
+    beta_reward = kl_coef if cfg.kl_in == "reward" else 0.0
+    if cfg.algorithm in ("reinforce_baseline", "ppo"):
+        # the paper's objective (1 - beta) r - beta KL; PPO keeps the usual r - beta KL
+        r = scores * (1.0 - kl_coef) if cfg.algorithm == "reinforce_baseline" else scores
+        shaped = rl_op("kl_shaped_rewards", fast)
+        rewards, _ = shaped(r, logp, ref_logp if ref_logp is not None else logp, mask, beta_reward,
+                            cfg.kl_estimator)
+        lam = 1.0 if cfg.algorithm == "reinforce_baseline" else cfg.lam
+        adv, returns = rl_op("gae", fast)(rewards.float(), values, mask, cfg.gamma, lam)
+    else:
+        seq_reward = scores - beta_reward * kl.sum(-1)  # (B,)
+        method = cfg.algorithm
+        group = rl_op("group_advantages", fast)
+        seq_adv = group(seq_reward, cfg.group_size, method, scale_by_std=(method == "grpo"))
+        adv = seq_adv[:, None] * mask
+        returns = torch.zeros_like(adv)
+    if cfg.whiten_advantages:
+        adv = global_whiten(adv, mask, all_reduce)
+    return adv * mask, returns * mask, kl

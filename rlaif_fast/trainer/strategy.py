@@ -1,0 +1,163 @@
+"""``Strategy``: the one seam to DeepSpeed (the only module of rlaif_fast that imports it).
+
+prepare -> backward -> step -> save / load, plus the few collectives the trainer needs. ZeRO 0-3 from
+the config, or the user's DeepSpeed JSON (its keys win). Launch with ``torchrun`` or ``deepspeed``;
+a plain ``python`` process gets a one-rank world set up here, because without RANK / WORLD_SIZE /
+MASTER_ADDR DeepSpeed goes looking for MPI.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+
+import torch
+from torch import nn
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def check_shardable(module: nn.Module, stage: int, name: str = "policy") -> None:
+    """ZeRO-3 partitions every parameter across ranks: refuse what it cannot partition, before compute."""
+    if stage != 3:
+        return
+    for pname, p in module.named_parameters():
+        if not p.is_floating_point():
+            raise ValueError(
+                f"zero_stage=3 cannot shard {name} parameter {pname!r} of dtype {p.dtype} (ZeRO-3 partitions "
+                "floating-point parameters only, e.g. not int8-quantized weights); use zero_stage<=2"
+            )
+        if p.is_meta:
+            raise ValueError(f"zero_stage=3 got {name} parameter {pname!r} on the meta device; materialize "
+                             "the model (or build it under deepspeed.zero.Init) before the trainer")
+    if hasattr(module, "ds_id") or any(hasattr(p, "ds_id") for p in module.parameters()):
+        raise ValueError(f"{name} is already partitioned by DeepSpeed; pass the plain nn.Module")
+
+
+class Strategy:
+    """Distributed setup and the DeepSpeed engine of one trainable module."""
+
+    def __init__(self, config):
+        self.config = config
+        self._setup_env()
+        import deepspeed
+
+        self._ds = deepspeed
+        if not torch.distributed.is_initialized():
+            backend = "nccl" if torch.cuda.is_available() else "gloo"
+            deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False)
+        self.rank = torch.distributed.get_rank()
+        self.world_size = torch.distributed.get_world_size()
+        self.local_rank = int(os.environ.get("LOCAL_RANK", 0))
+        if torch.cuda.is_available():
+            torch.cuda.set_device(self.local_rank)
+            self.device = torch.device("cuda", self.local_rank)
+        else:
+            self.device = torch.device("cpu")
+        self.engine = None
+
+    @staticmethod
+    def _setup_env() -> None:
+        if "RANK" in os.environ and "WORLD_SIZE" in os.environ:
+            return  # launched by torchrun / deepspeed
+        os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", LOCAL_WORLD_SIZE="1")
+        os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+        os.environ.setdefault("MASTER_PORT", str(_free_port()))
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    def bf16_enabled(self) -> bool:
+        if self.config.bf16 == "auto":
+            return torch.cuda.is_available() and torch.cuda.is_bf16_supported()
+        return self.config.bf16 == "true"
+
+    def ds_config(self, micro_batch_size: int, grad_accum: int) -> dict:
+        cfg = self.config
+        out = {
+            "train_micro_batch_size_per_gpu": micro_batch_size,
+            "gradient_accumulation_steps": grad_accum,
+            "train_batch_size": micro_batch_size * grad_accum * self.world_size,
+            "gradient_clipping": cfg.max_grad_norm,
+            "zero_optimization": {"stage": cfg.zero_stage},
+            "bf16": {"enabled": self.bf16_enabled()},
+            # our AdamW with two param groups (policy / value learning rates) is a client optimizer
+            "zero_allow_untested_optimizer": True,
+            "steps_per_print": 10**9,
+            "wall_clock_breakdown": False,
+        }
+        if cfg.deepspeed_config is not None:
+            with open(cfg.deepspeed_config) as f:
+                user = json.load(f)
+            for key in ("train_micro_batch_size_per_gpu", "gradient_accumulation_steps", "train_batch_size"):
+                if key in user and user[key] != out[key]:
+                    raise ValueError(f"{cfg.deepspeed_config} sets {key}={user[key]} but the RLAIFConfig sizes "
+                                     f"give {out[key]}; drop it from the JSON (the trainer derives it)")
+            out.update(user)
+        return out
+
+    def prepare(self, module: nn.Module, param_groups: list[dict], micro_batch_size: int, grad_accum: int):
+        stage = self.ds_config(micro_batch_size, grad_accum)["zero_optimization"].get("stage", 0)
+        check_shardable(module, stage)
+        module.to(self.device)
+        if self.config.optimizer == "sgd":
+            optimizer = torch.optim.SGD(param_groups, weight_decay=self.config.weight_decay)
+        else:
+            optimizer = torch.optim.AdamW(param_groups, weight_decay=self.config.weight_decay)
+        config = self.ds_config(micro_batch_size, grad_accum)
+        self.engine, *_ = self._ds.initialize(model=module, optimizer=optimizer, config=config)
+        return self.engine
+
+    @property
+    def zero_stage(self) -> int:
+        return self.engine.zero_optimization_stage() if self.engine is not None else self.config.zero_stage
+
+    def backward(self, loss: torch.Tensor) -> None:
+        self.engine.backward(loss)
+
+    def step(self) -> None:
+        self.engine.step()
+
+    def gathered(self, module: nn.Module):
+        """Context with full parameters (ZeRO-3 keeps only a shard per rank between forwards)."""
+        if self.zero_stage == 3:
+            return self._ds.zero.GatheredParameters(list(module.parameters()), modifier_rank=None)
+        import contextlib
+
+        return contextlib.nullcontext()
+
+    # ---- collectives ----------------------------------------------------------------------------
+    def all_reduce(self, t: torch.Tensor) -> torch.Tensor:
+        if self.world_size == 1:
+            return t
+        t = t.clone()
+        torch.distributed.all_reduce(t)
+        return t
+
+    def barrier(self) -> None:
+        if self.world_size > 1:
+            torch.distributed.barrier()
+
+    def broadcast_object(self, obj):
+        box = [obj]
+        if self.world_size > 1:
+            torch.distributed.broadcast_object_list(box, src=0)
+        return box[0]
+
+    # ---- checkpoints ----------------------------------------------------------------------------
+    def save(self, folder: str, client_state: dict) -> None:
+        """Engine state (ZeRO-partitioned model + optimizer) into ``folder``; every rank writes its shard."""
+        self.engine.save_checkpoint(folder, tag="state", client_state=client_state, save_latest=False)
+
+    def load(self, folder: str) -> dict:
+        _, client_state = self.engine.load_checkpoint(folder, tag="state", load_optimizer_states=True,
+                                                      load_lr_scheduler_states=True)
+        if client_state is None:
+            raise FileNotFoundError(f"no DeepSpeed state in {folder}/state; is this an rlaif_fast checkpoint?")
+        return client_state

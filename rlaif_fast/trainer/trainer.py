@@ -1,0 +1,296 @@
+"""RLAIFTrainer: the RL loop of RLAIF (Lee et al. 2023, arXiv 2309.00267), top to bottom.
+
+How each algorithm departs from its textbook form (read this before the code):
+- reinforce_baseline: the paper's "REINFORCE with a baseline". The sequence reward sits on the last
+  token, gamma = 1, and the objective is (1 - beta) * r - beta * KL(pi || pi_SFT) with beta = kl_coef
+  (0.05 in the paper), KL as a per-token k1 penalty in the reward. Loss -sum_t log pi(y_t) *
+  stopgrad(G_t - V_t) with no ratio and no clipping; the value model regresses G_t by squared error.
+  Departure: advantages are whitened over the batch (whiten_advantages=False restores the paper's).
+- ppo: GAE(gamma, lam) on the same per-token rewards (without the (1 - beta) factor), clipped surrogate
+  (Schulman et al. 2017), value loss clipped around the rollout-time values; advantages whitened.
+- rloo / grpo: no critic. One reward per sequence, r - beta * sum_t KL_t when the KL is in the reward;
+  the baseline is the other samples of the prompt (rloo: leave-one-out mean; grpo: group mean and std),
+  broadcast to every token and trained with the clipped surrogate.
+- KL: kl_in='reward' (per-token shaping; k1 is the unbiased choice) or kl_in='loss' (added to the loss,
+  k3, GRPO style). kl_coef is fixed, or adapted towards kl_target (Ziegler et al. 2019) when
+  adaptive_kl is set.
+- All losses are sums over tokens divided by the tokens of the whole mini-batch on all ranks, so the
+  update does not depend on the number of ranks or micro-batches (see update.py).
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+import torch
+
+from rlaif_fast.trainer import checkpoint as ckpt
+from rlaif_fast.trainer.config import RLAIFConfig
+from rlaif_fast.trainer.generation import micro_batches, sample, special_ids, tokenizer_vocab_size
+from rlaif_fast.trainer.logging import MetricsLogger
+from rlaif_fast.trainer.scoring import advantages_and_returns, response_logprobs, response_values, stack_rows
+from rlaif_fast.trainer.update import ActorCritic, run_update
+
+RewardFn = Callable[[list[str], list[str]], Sequence[float]]
+
+
+class NonFiniteError(FloatingPointError):
+    """A reward or loss was NaN/inf; the message names the step and the file holding the batch."""
+
+
+class RLAIFTrainer:
+    """RL fine-tuning of ``policy`` against ``reward`` with a KL leash to ``ref_policy`` (default: a frozen
+    copy of the initial policy, i.e. the SFT model). ``value_model`` is required by reinforce_baseline
+    and ppo (``ValueModel.from_policy(policy)`` builds one). Every input is checked before any compute.
+    """
+
+    def __init__(self, policy, tokenizer, reward: RewardFn, config: RLAIFConfig, ref_policy=None, value_model=None):
+        self.config = cfg = config
+        self._check_inputs(policy, tokenizer, reward, value_model)
+        self.tokenizer, self.reward = tokenizer, reward
+        self.pad_id, _ = special_ids(tokenizer)
+        from rlaif_fast.trainer.strategy import Strategy
+
+        self.strategy = Strategy(cfg)
+        self.per_rank = self._per_rank_sizes()
+        torch.manual_seed(cfg.seed + self.strategy.rank)  # sampling differs across ranks, repeatably
+        if ref_policy is None and cfg.kl_coef > 0:
+            ref_policy = copy.deepcopy(policy)
+        self.ref = ref_policy
+        if self.ref is not None:
+            self.ref.eval().requires_grad_(False).to(self.strategy.device)
+        self.model = ActorCritic(policy, value_model)
+        groups = [{"params": [p for p in policy.parameters() if p.requires_grad], "lr": cfg.learning_rate}]
+        if value_model is not None:
+            groups.append({"params": list(value_model.parameters()),
+                           "lr": cfg.value_learning_rate or cfg.learning_rate})
+        accum = self.per_rank["mini"] // cfg.micro_batch_size
+        self.engine = self.strategy.prepare(self.model, groups, cfg.micro_batch_size, accum)
+        self.global_step = 0
+        self.kl_coef = cfg.kl_coef
+        if cfg.resume and (latest := ckpt.latest_checkpoint(cfg.output_dir)) is not None:
+            self.load(latest)
+
+    # ---- input checks: all before any compute ------------------------------------------------------
+    def _check_inputs(self, policy, tokenizer, reward, value_model) -> None:
+        cfg = self.config
+        if not isinstance(cfg, RLAIFConfig):
+            raise TypeError(f"config must be an RLAIFConfig, got {type(cfg).__name__}; use RLAIFConfig.from_dict")
+        if not callable(reward):
+            raise TypeError(f"reward must be a callable (prompts, completions) -> list[float], got "
+                            f"{type(reward).__name__}")
+        if cfg.uses_critic and value_model is None:
+            raise ValueError(f"algorithm={cfg.algorithm!r} trains a value baseline but value_model is None; pass "
+                             "value_model=ValueModel.from_policy(policy), or use algorithm='rloo'/'grpo'")
+        if not cfg.uses_critic and value_model is not None:
+            raise ValueError(f"algorithm={cfg.algorithm!r} is critic-free but a value_model was given; drop it "
+                             "or use 'reinforce_baseline'/'ppo'")
+        if cfg.zero_stage == 3:
+            from rlaif_fast.trainer.strategy import check_shardable  # light: deepspeed loads in Strategy()
+
+            check_shardable(policy, 3, "policy")
+            if value_model is not None:
+                check_shardable(value_model, 3, "value_model")
+        n_model = policy.get_input_embeddings().num_embeddings
+        n_tok = tokenizer_vocab_size(tokenizer)
+        if n_tok > n_model:
+            raise ValueError(f"the tokenizer has {n_tok} tokens but the policy embeds only {n_model}; token ids "
+                             f">= {n_model} would index out of range: use the policy's own tokenizer or "
+                             "policy.resize_token_embeddings(len(tokenizer))")
+
+    def _per_rank_sizes(self) -> dict:
+        cfg, world = self.config, self.strategy.world_size
+        if cfg.prompts_per_step % world or cfg.mini_batch_size % world:
+            raise ValueError(f"batch_size // group_size = {cfg.prompts_per_step} prompts and mini_batch_size="
+                             f"{cfg.mini_batch_size} must both divide by the {world} ranks")
+        mini = cfg.mini_batch_size // world
+        if mini % cfg.micro_batch_size:
+            raise ValueError(f"micro_batch_size={cfg.micro_batch_size} must divide the per-rank mini-batch "
+                             f"mini_batch_size / ranks = {mini}")
+        return {"batch": cfg.batch_size // world, "prompts": cfg.prompts_per_step // world, "mini": mini}
+
+    # ---- one RL step ------------------------------------------------------------------------------
+    @property
+    def policy(self):
+        return self.engine.module.policy
+
+    def generate(self, prompts: Sequence[str], *, temperature: float | None = None) -> list[str]:
+        """Completions of ``prompts`` (this rank's list) with the sampling settings of the config."""
+        cfg = self.config
+        t = cfg.temperature if temperature is None else temperature
+        return sample(self.policy, self.tokenizer, list(prompts), max_new_tokens=cfg.max_new_tokens,
+                      temperature=t, top_p=cfg.top_p, max_prompt_len=cfg.max_prompt_len,
+                      device=self.strategy.device).completions
+
+    def step(self, prompts: Sequence[str]) -> dict:
+        """One RL step on ``prompts``: the global batch of ``batch_size // group_size`` prompts (the same list
+        on every rank; rank r samples and trains on its slice). Returns the step's metrics."""
+        cfg, rank = self.config, self.strategy.rank
+        if len(prompts) != cfg.prompts_per_step:
+            raise ValueError(f"step() got {len(prompts)} prompts; it takes batch_size // group_size = "
+                             f"{cfg.prompts_per_step}")
+        t0 = time.perf_counter()
+        k = self.per_rank["prompts"]
+        mine = [p for p in prompts[rank * k:(rank + 1) * k] for _ in range(cfg.group_size)]
+        rollouts = sample(self.policy, self.tokenizer, mine, max_new_tokens=cfg.max_new_tokens,
+                          temperature=cfg.temperature, top_p=cfg.top_p, max_prompt_len=cfg.max_prompt_len,
+                          device=self.strategy.device)
+        rollouts.scores = self._rewards(rollouts)
+        data = self._score(rollouts)
+        batches = self._mini_batches(rollouts)
+        try:
+            stats = run_update(cfg, self.strategy, self.engine, batches, data, self.kl_coef)
+        except FloatingPointError as err:
+            self._dump_nonfinite(rollouts, str(err))
+        metrics = self._metrics(rollouts, data, stats, time.perf_counter() - t0)
+        self._adapt_kl(metrics["kl"])
+        self.global_step += 1
+        return metrics
+
+    def _rewards(self, rollouts) -> torch.Tensor:
+        scores = self.reward(rollouts.prompts, rollouts.completions)
+        if len(scores) != len(rollouts):
+            raise ValueError(f"the reward returned {len(scores)} scores for {len(rollouts)} completions; it must "
+                             "return one float per completion")
+        scores = torch.as_tensor([float(s) for s in scores], dtype=torch.float32)
+        bad = self.strategy.all_reduce((~torch.isfinite(scores)).sum().double())
+        if bad > 0:
+            rollouts.scores = scores
+            self._dump_nonfinite(rollouts, f"{int(bad)} non-finite rewards")
+        return scores
+
+    @torch.no_grad()
+    def _score(self, rollouts) -> dict:
+        """Rollout-time log-probs of policy and reference and values, all (B, L); then advantages."""
+        cfg, fast = self.config, self.config.ops == "fast"
+        n = len(rollouts)
+        width = max(len(r) for r in rollouts.response_ids)
+        parts: dict[str, list] = {"old_logp": [], "ref_logp": [], "old_values": [], "mask": []}
+        for b in micro_batches(rollouts, list(range(n)), cfg.micro_batch_size, self.pad_id, fast=fast,
+                               batch_width=max(rollouts.lengths())):
+            b = _to(b, self.strategy.device)
+            logp, _ = response_logprobs(self.policy, b, temperature=cfg.temperature, fast=fast)
+            parts["old_logp"].append((b.rows, logp.cpu()))
+            parts["mask"].append((b.rows, b.resp_mask.cpu()))
+            if self.ref is not None:
+                ref, _ = response_logprobs(self.ref, b, temperature=cfg.temperature, fast=fast)
+                parts["ref_logp"].append((b.rows, ref.cpu()))
+            if self.engine.module.value is not None:
+                parts["old_values"].append((b.rows, response_values(self.engine.module.value, b).cpu()))
+        data = {k: stack_rows(v, n, width) for k, v in parts.items() if v}
+        values = data.get("old_values", torch.zeros(n, width))
+        adv, ret, kl = advantages_and_returns(cfg, rollouts.scores, data["old_logp"], data.get("ref_logp"),
+                                              values, data["mask"], self.kl_coef, self.strategy.all_reduce)
+        data.update(advantages=adv, returns=ret, kl=kl)
+        return data
+
+    def _mini_batches(self, rollouts):
+        cfg, mini = self.config, self.per_rank["mini"]
+        out = []
+        for start in range(0, len(rollouts), mini):
+            rows = list(range(start, start + mini))
+            mbs = micro_batches(rollouts, rows, cfg.micro_batch_size, self.pad_id, fast=cfg.ops == "fast",
+                                batch_width=max(rollouts.lengths()))
+            out.append([_to(b, self.strategy.device) for b in mbs])
+        return out
+
+    def _metrics(self, rollouts, data, stats, seconds) -> dict:
+        mask = data["mask"]
+        local = torch.tensor([float(rollouts.scores.sum()), float(data["kl"].sum()), float(mask.sum()),
+                              float((-data["old_logp"] * mask).sum()), float(len(rollouts)),
+                              float(sum(rollouts.lengths()))], dtype=torch.float64)
+        s_reward, s_kl, tokens, s_nll, n, all_tokens = self.strategy.all_reduce(local).tolist()
+        return {"reward": s_reward / n, "kl": s_kl / n, "entropy": s_nll / max(tokens, 1.0),
+                "response_len": tokens / n, "kl_coef": self.kl_coef, "tokens": all_tokens,
+                "step_seconds": seconds, **stats}
+
+    def _adapt_kl(self, kl: float) -> None:
+        cfg = self.config
+        if cfg.adaptive_kl and math.isfinite(kl):
+            error = max(min(kl / cfg.kl_target - 1.0, 0.2), -0.2)
+            self.kl_coef *= 1.0 + error * cfg.batch_size / cfg.kl_horizon
+
+    def _dump_nonfinite(self, rollouts, reason: str):
+        folder = Path(self.config.output_dir) / "nonfinite"
+        folder.mkdir(parents=True, exist_ok=True)
+        path = folder / f"step_{self.global_step:06d}_rank{self.strategy.rank}.pt"
+        torch.save({"step": self.global_step, "reason": reason, "prompts": rollouts.prompts,
+                    "completions": rollouts.completions, "prompt_ids": rollouts.prompt_ids,
+                    "response_ids": rollouts.response_ids, "scores": rollouts.scores}, path)
+        raise NonFiniteError(f"step {self.global_step}: {reason}; stopped before updating the policy. "
+                             f"The batch is saved in {path}")
+
+    # ---- the loop ---------------------------------------------------------------------------------
+    def _prompts_for_step(self, prompts: Sequence[str], step: int) -> list[str]:
+        """Step k always reads the same prompts (a fixed shuffle per epoch): resuming needs only k."""
+        per, n = self.config.prompts_per_step, len(prompts)
+        steps_per_epoch = n // per
+        epoch, i = divmod(step, steps_per_epoch)
+        order = torch.randperm(n, generator=torch.Generator().manual_seed(self.config.seed + epoch)).tolist()
+        return [prompts[j] for j in order[i * per:(i + 1) * per]]
+
+    def train(self, prompts: Sequence[str], *, callback: Callable[[int, dict], None] | None = None) -> dict:
+        """Run RL steps up to ``total_steps`` (default one pass over ``prompts``); returns the summary.
+
+        Checkpoints every ``save_every`` steps and at the end; Ctrl-C saves one and returns the summary.
+        """
+        cfg = self.config
+        if len(prompts) < cfg.prompts_per_step:
+            raise ValueError(f"{len(prompts)} prompts cannot fill one step of batch_size // group_size = "
+                             f"{cfg.prompts_per_step}; lower batch_size or add prompts")
+        total = cfg.total_steps or len(prompts) // cfg.prompts_per_step
+        logger = MetricsLogger(cfg.output_dir, enabled=self.strategy.is_main, tensorboard=cfg.tensorboard,
+                               progress=cfg.progress, total=total, initial=self.global_step)
+        stopped = "completed"
+        try:
+            while self.global_step < total:
+                metrics = self.step(self._prompts_for_step(prompts, self.global_step))
+                if self.global_step % cfg.log_every == 0:
+                    logger.log(self.global_step, metrics)
+                if callback is not None:
+                    callback(self.global_step, metrics)
+                if cfg.save_every and self.global_step % cfg.save_every == 0:
+                    self.save_checkpoint()
+        except KeyboardInterrupt:
+            stopped = "interrupted"
+            self.save_checkpoint()
+        finally:
+            logger.close()
+        if stopped == "completed":
+            self.save_checkpoint()
+            self.save(Path(cfg.output_dir) / "final")
+        summary = logger.summary(self.global_step, stopped)
+        summary["history"] = logger.history
+        return summary
+
+    # ---- persistence ------------------------------------------------------------------------------
+    def save_checkpoint(self) -> Path:
+        state = {"global_step": self.global_step, "kl_coef": self.kl_coef}
+        return ckpt.save_checkpoint(self.strategy, self.config.output_dir, self.global_step, state,
+                                    self.config.to_json())
+
+    def load(self, folder: str | Path) -> None:
+        """Resume from a checkpoint folder: weights, optimizer, step, KL coefficient and RNG states."""
+        state = ckpt.load_checkpoint(self.strategy, Path(folder))
+        self.global_step, self.kl_coef = state["global_step"], state["kl_coef"]
+
+    def save(self, path: str | Path) -> None:
+        """The policy (and tokenizer) with ``save_pretrained``, full weights even under ZeRO-3."""
+        with self.strategy.gathered(self.policy):
+            if self.strategy.is_main:
+                self.policy.save_pretrained(str(path), safe_serialization=True)
+                if hasattr(self.tokenizer, "save_pretrained"):
+                    self.tokenizer.save_pretrained(str(path))
+        self.strategy.barrier()
+
+
+def _to(batch, device):
+    if device.type == "cpu":
+        return batch
+    for name in ("input_ids", "attention_mask", "response_mask", "resp_index", "resp_mask"):
+        setattr(batch, name, getattr(batch, name).to(device))
+    return batch

@@ -1,0 +1,119 @@
+"""The update: losses per micro-batch, gradient accumulation, one optimizer step per mini-batch.
+
+Data-parallel invariance: DeepSpeed divides each micro-batch loss by the accumulation steps and averages
+gradients over ranks. Each micro-batch loss is therefore rescaled from "mean over my tokens" to
+"sum over my tokens / tokens of the whole mini-batch on all ranks" times (ranks x accumulation steps),
+which makes 2 ranks x 4 rollouts, 1 rank x 8, and 8 micro-batches of 1 give the same gradient.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from rlaif_fast.trainer.generation import TrainBatch
+from rlaif_fast.trainer.scoring import response_logprobs, response_values
+
+
+class ActorCritic(nn.Module):
+    """Policy (+ value model) as one module, so one DeepSpeed engine and one optimizer train both."""
+
+    def __init__(self, policy: nn.Module, value_model: nn.Module | None):
+        super().__init__()
+        self.policy = policy
+        self.value = value_model
+
+    def forward(self, batch: TrainBatch, temperature: float, fast: bool, return_entropy: bool):
+        logp, ent = response_logprobs(self.policy, batch, temperature=temperature, fast=fast,
+                                      return_entropy=return_entropy)
+        values = response_values(self.value, batch) if self.value is not None else None
+        return logp, ent, values
+
+
+def aggregate(per_token: torch.Tensor, mask: torch.Tensor, loss_agg: str) -> torch.Tensor:
+    """Reduce (b, L) per-token losses the way ``rlaif_fast.ops.ppo_loss_from_logprobs`` does."""
+    m = mask.float()
+    if loss_agg == "token-mean":
+        return (per_token * m).sum() / m.sum().clamp(min=1)
+    rows = (m.sum(-1) > 0).float().sum().clamp(min=1)
+    if loss_agg == "seq-mean-token-mean":
+        return ((per_token * m).sum(-1) / m.sum(-1).clamp(min=1)).sum() / rows
+    return (per_token * m).sum() / rows
+
+
+def local_units(mask: torch.Tensor, loss_agg: str) -> float:
+    """How many units (tokens, or non-empty sequences) a local mean of ``loss_agg`` averages over."""
+    if loss_agg == "token-mean":
+        return float(mask.sum())
+    return float((mask.sum(-1) > 0).sum())
+
+
+def micro_loss(cfg, model, batch: TrainBatch, data: dict, kl_coef: float, scale_pg: float, scale_v: float):
+    """Loss of one micro-batch, rescaled for data-parallel invariance; returns (loss, stats).
+
+    reinforce_baseline: the paper's -log pi(y_t) * stopgrad(A_t), no ratio and no clipping;
+    ppo / rloo / grpo: the clipped surrogate of ``rlaif_fast.ops.ppo_loss_from_logprobs``.
+    """
+    from rlaif_fast.ops import ppo_loss_from_logprobs, value_loss
+    from rlaif_fast.reference.rl import kl_penalty
+
+    width = batch.resp_mask.shape[1]
+    take = lambda name: data[name][batch.rows, :width].to(batch.resp_mask.device)  # (b, L)
+    mask = batch.resp_mask
+    logp, ent, values = model(batch, cfg.temperature, cfg.ops == "fast", cfg.entropy_coef > 0)
+    kl_loss_coef = kl_coef if cfg.kl_in == "loss" else 0.0
+    ref_logp = take("ref_logp") if "ref_logp" in data else None
+    if cfg.algorithm == "reinforce_baseline":
+        per_token = -logp * take("advantages")
+        if kl_loss_coef:
+            per_token = per_token + kl_loss_coef * kl_penalty(logp, ref_logp, cfg.kl_estimator)
+        if cfg.entropy_coef:
+            per_token = per_token - cfg.entropy_coef * ent
+        pg, stats = aggregate(per_token, mask, cfg.loss_agg), {}
+    else:
+        pg, stats = ppo_loss_from_logprobs(
+            logp, take("old_logp"), take("advantages"), mask, entropy=ent, ref_logp=ref_logp,
+            clip_eps=cfg.clip_eps, kl_coef=kl_loss_coef, kl_estimator=cfg.kl_estimator,
+            entropy_coef=cfg.entropy_coef, loss_agg=cfg.loss_agg)
+    loss = pg * scale_pg
+    out = {"policy_loss": float(pg.detach()) * scale_pg}
+    out.update({k: float(v) for k, v in stats.items() if k in ("clip_frac", "approx_kl")})
+    if values is not None:
+        clip = cfg.value_clip_eps if cfg.algorithm == "ppo" else None
+        vl, _ = value_loss(values, take("old_values"), take("returns"), mask, clip_eps=clip)
+        loss = loss + cfg.vf_coef * vl * scale_v
+        out["value_loss"] = float(vl.detach()) * scale_v
+    return loss, out
+
+
+def run_update(cfg, strategy, model, batches: list[list[TrainBatch]], data: dict, kl_coef: float) -> dict:
+    """``ppo_epochs`` passes; each inner list of micro-batches is one optimizer step (one mini-batch).
+
+    Returns the metrics summed over micro-batches and averaged over optimizer steps and ranks.
+    """
+    totals: dict[str, float] = {}
+    n_steps = 0
+    ranks = strategy.world_size
+    for _ in range(cfg.ppo_epochs):
+        for mini in batches:
+            accum = len(mini)
+            # global units of the mini-batch: token counts cross ranks as one 2-element all-reduce
+            local = torch.tensor([sum(local_units(b.resp_mask, cfg.loss_agg) for b in mini),
+                                  sum(float(b.resp_mask.sum()) for b in mini)], dtype=torch.float64)
+            units, tokens = strategy.all_reduce(local).tolist()
+            sums: dict[str, float] = {}
+            for b in mini:
+                scale_pg = local_units(b.resp_mask, cfg.loss_agg) / max(units, 1.0) * ranks * accum
+                scale_v = float(b.resp_mask.sum()) / max(tokens, 1.0) * ranks * accum
+                loss, stats = micro_loss(cfg, model, b, data, kl_coef, scale_pg, scale_v)
+                if not torch.isfinite(loss.detach()).all():
+                    raise FloatingPointError(f"non-finite loss {float(loss)} in a micro-batch of rows {b.rows}")
+                strategy.backward(loss)
+                strategy.step()  # DeepSpeed only steps the optimizer at the accumulation boundary
+                for k, v in stats.items():
+                    sums[k] = sums.get(k, 0.0) + v / (ranks * accum)
+            reduced = strategy.all_reduce(torch.tensor(list(sums.values()), dtype=torch.float64)).tolist()
+            for k, v in zip(sums, reduced):
+                totals[k] = totals.get(k, 0.0) + v
+            n_steps += 1
+    return {k: v / max(n_steps, 1) for k, v in totals.items()}

@@ -1,0 +1,24 @@
+"""Run under torchrun with 2 ranks: ZeRO-2 and ZeRO-3 training of the toy task; rank 0 saves the results.
+
+    torchrun --nproc_per_node=2 tests/dist/dp_invariance.py OUT_DIR
+"""
+
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from toy import invariance_run  # noqa: E402
+
+
+def main(out: str) -> None:
+    for stage in (2, 3):
+        params, history = invariance_run(zero_stage=stage)
+        if torch.distributed.get_rank() == 0:
+            torch.save({"params": params, "history": history}, Path(out) / f"zero{stage}.pt")
+        torch.distributed.barrier()
+
+
+if __name__ == "__main__":
+    main(sys.argv[1])

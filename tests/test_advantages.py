@@ -1,0 +1,189 @@
+"""gae, group_advantages, masked_mean and masked_whiten against the float64 reference (tolerance rule)."""
+
+import pytest
+import torch
+from helpers import assert_tolerance
+from test_kl import make_mask
+
+from rlaif_fast.ops import gae, group_advantages, masked_mean, masked_whiten
+from rlaif_fast.ops.advantages import discounted_reverse_cumsum
+from rlaif_fast.reference import rl as ref
+
+GAMMA_LAM = [(1.0, 0.95), (0.9, 0.7), (0.99, 0.0), (1.0, 1.0)]
+
+
+def _gae_inputs(B, T, dtype):
+    return torch.randn(B, T).to(dtype), torch.randn(B, T).to(dtype)
+
+
+@pytest.mark.parametrize("gamma,lam", GAMMA_LAM)
+@pytest.mark.parametrize("kind", ["holes", "left", "right"])
+@pytest.mark.parametrize("T", [37, 1])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_gae_matches_reference(backend, gamma, lam, kind, T, dtype):
+    B = 5
+    rewards, values = _gae_inputs(B, T, dtype)
+    mask = make_mask(B, T, kind)
+    adv, ret = gae(rewards, values, mask, gamma, lam)
+    eager = ref.gae(rewards, values, mask, gamma, lam)
+    truth = ref.gae(rewards.double(), values.double(), mask, gamma, lam)
+    assert adv.dtype == torch.float32 and ret.dtype == torch.float32
+    assert_tolerance(adv, eager[0], truth[0], dtype=dtype, name=f"{backend}/advantages")
+    assert_tolerance(ret, eager[1], truth[1], dtype=dtype, name=f"{backend}/returns")
+    assert (adv[~mask] == 0).all() and (ret[~mask] == 0).all()
+
+
+def test_gae_masking_convention():
+    # one row, hand-computed: valid tokens at t = 1 and t = 3 (hole at 2, padding at 0 and 4)
+    g, l = 0.9, 0.5
+    r = torch.tensor([[5.0, 1.0, 7.0, 2.0, 9.0]])
+    v = torch.tensor([[3.0, 0.5, 8.0, 1.5, 4.0]])
+    m = torch.tensor([[0, 1, 0, 1, 0]])
+    a3 = 2.0 + g * 0.0 - 1.5  # the value after the last valid token is 0
+    a1 = (1.0 + g * 1.5 - 0.5) + g * l * a3  # bootstraps from t = 3, skipping the hole
+    want = torch.tensor([[0.0, a1, 0.0, a3, 0.0]])
+    for impl in ("triton", "torch", "reference"):
+        with pytest.MonkeyPatch.context() as mp:
+            mp.setenv("RLAIF_FAST_BACKEND", impl)
+            adv, ret = gae(r, v, m, g, l)
+        assert torch.allclose(adv, want), impl
+        assert torch.allclose(ret, torch.where(m.bool(), want + v, 0.0)), impl
+
+
+@pytest.mark.parametrize("gamma,lam", [(1.0, 0.95), (0.8, 0.9)])
+def test_gae_kernel_across_chunks(gamma, lam):
+    # 8-wide chunks over T = 37: the scan's carry must cross chunk edges, also through all-masked chunks
+    from rlaif_fast.kernels import advantages as kernels
+
+    B, T = 6, 37
+    rewards, values = _gae_inputs(B, T, torch.float32)
+    mask = make_mask(B, T, "holes")
+    mask[2, 8:24] = False  # two fully masked chunks between valid tokens
+    got = kernels.gae(rewards, values, mask, gamma, lam, torch.float32, block_t=8)
+    eager = ref.gae(rewards, values, mask, gamma, lam)
+    truth = ref.gae(rewards.double(), values.double(), mask, gamma, lam)
+    assert_tolerance(got[0], eager[0], truth[0], name="advantages")
+    assert_tolerance(got[1], eager[1], truth[1], name="returns")
+
+
+@pytest.mark.parametrize("c", [0.95, 0.3, 0.0, 1.0])
+@pytest.mark.parametrize("T,chunk", [(37, 8), (37, 64), (1, 8), (64, 16)])
+def test_discounted_reverse_cumsum(c, T, chunk):
+    x = torch.randn(3, T)
+    got = discounted_reverse_cumsum(x, c, chunk=chunk)
+    truth = torch.zeros(3, T, dtype=torch.float64)
+    eager = torch.zeros(3, T)
+    acc64, acc32 = torch.zeros(3, dtype=torch.float64), torch.zeros(3)
+    for t in reversed(range(T)):
+        acc64 = x[:, t].double() + c * acc64
+        acc32 = x[:, t] + c * acc32
+        truth[:, t], eager[:, t] = acc64, acc32
+    assert_tolerance(got, eager, truth, name="y")
+
+
+def test_gae_small_discount_has_no_overflow():
+    # the chunked path never divides by powers of gamma*lam: gamma*lam = 1e-3 over 200 tokens is fine
+    rewards, values = _gae_inputs(2, 200, torch.float32)
+    mask = torch.ones(2, 200, dtype=torch.bool)
+    adv, _ = gae(rewards, values, mask, 0.01, 0.1)
+    truth, _ = ref.gae(rewards.double(), values.double(), mask, 0.01, 0.1)
+    eager, _ = ref.gae(rewards, values, mask, 0.01, 0.1)
+    assert_tolerance(adv, eager, truth, name="advantages")
+
+
+def test_gae_bad_inputs():
+    r, v, m = torch.zeros(2, 5), torch.zeros(2, 5), torch.ones(2, 5)
+    with pytest.raises(ValueError, match="gamma=1.5 is outside"):
+        gae(r, v, m, gamma=1.5)
+    with pytest.raises(ValueError, match="lam=-0.1 is outside"):
+        gae(r, v, m, lam=-0.1)
+    with pytest.raises(TypeError, match="lam must be a number"):
+        gae(r, v, m, lam="high")
+    with pytest.raises(ValueError, match=r"values has shape \(2, 4\)"):
+        gae(r, v[:, :4], m)
+    with pytest.raises(ValueError, match="rewards must have 2 dimensions"):
+        gae(r[0], v[0], m[0])
+    with pytest.raises(TypeError, match="values has dtype int64"):
+        gae(r, v.long(), m)
+    with pytest.raises(ValueError, match="mask is on meta"):
+        gae(r, v, m.to("meta"))
+
+
+@pytest.mark.parametrize("method", ["grpo", "rloo", "reinforce_baseline"])
+@pytest.mark.parametrize("scale_by_std", [True, False])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_group_advantages(backend, method, scale_by_std, dtype):
+    scores = torch.randn(12).to(dtype)
+    scores[4:8] = 0.5  # a group of equal scores: advantage 0, never NaN
+    got = group_advantages(scores, 4, method, scale_by_std)
+    eager = ref.group_advantages(scores.float(), 4, method, scale_by_std)
+    truth = ref.group_advantages(scores.double(), 4, method, scale_by_std)
+    assert_tolerance(got, eager, truth, dtype=torch.float32, name=method)
+    assert torch.all(got[4:8] == 0)
+    assert torch.allclose(got.view(3, 4).sum(1), torch.zeros(3), atol=1e-5)  # zero-mean per group
+
+
+def test_group_advantages_formulas():
+    s = torch.tensor([1.0, 2.0, 6.0])
+    assert torch.allclose(group_advantages(s, 3, "rloo", scale_by_std=False), torch.tensor([-3.0, -1.5, 4.5]))
+    assert torch.allclose(group_advantages(s, 3, "reinforce_baseline", scale_by_std=False), s - 3.0)
+    grpo = group_advantages(s, 3, "grpo", eps=1e-12)
+    assert torch.allclose(grpo, (s - 3.0) / s.std())  # unbiased std, as torch.std
+
+
+def test_group_advantages_bad_inputs():
+    s = torch.zeros(10)
+    with pytest.raises(ValueError, match="group_size=4 does not divide the batch of 10"):
+        group_advantages(s, 4)
+    with pytest.raises(ValueError, match="group_size=1"):
+        group_advantages(s, 1)
+    with pytest.raises(TypeError, match="group_size must be an int, got 2.0"):
+        group_advantages(s, 2.0)
+    with pytest.raises(ValueError, match="method='ppo'"):
+        group_advantages(s, 5, "ppo")
+    with pytest.raises(ValueError, match="scores must have 1 dimensions"):
+        group_advantages(s.view(2, 5), 5)
+    with pytest.raises(ValueError, match="eps must be > 0"):
+        group_advantages(s, 5, eps=0.0)
+
+
+@pytest.mark.parametrize("dim", [None, 0, 1])
+def test_masked_mean(dim):
+    x = torch.randn(4, 37, dtype=torch.float64, requires_grad=True)
+    mask = make_mask(4, 37, "holes")
+    got = masked_mean(x, mask, dim)
+    want = ref.masked_mean(x, mask, dim)
+    assert torch.allclose(got, want)
+    if dim == 1:
+        assert got[1] == 0  # an empty row means 0, not NaN
+    assert torch.autograd.gradcheck(lambda a: masked_mean(a, mask, dim), (x,))
+    assert masked_mean(x, torch.zeros(4, 37)) == 0
+
+
+@pytest.mark.parametrize("shift_mean", [True, False])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_masked_whiten(shift_mean, dtype):
+    x = (3.0 + 2.0 * torch.randn(4, 37)).to(dtype)
+    mask = make_mask(4, 37, "holes")
+    got = masked_whiten(x, mask, shift_mean)
+    eager = ref.masked_whiten(x, mask, shift_mean)
+    truth = ref.masked_whiten(x.double(), mask, shift_mean)
+    assert got.dtype == torch.float32
+    assert_tolerance(got, eager, truth, dtype=dtype, name="whitened")
+    assert (got[~mask] == 0).all()
+    if shift_mean:
+        v = got[mask].double()
+        assert abs(v.mean().item()) < 1e-2 and abs(v.var(unbiased=True).item() - 1.0) < 2e-2
+
+
+def test_masked_whiten_gradient_and_edge_cases():
+    x = torch.randn(3, 11, dtype=torch.float64, requires_grad=True)
+    mask = make_mask(3, 11, "holes")
+    assert torch.autograd.gradcheck(lambda a: masked_whiten(a, mask), (x,))
+    one = torch.zeros(3, 11, dtype=torch.bool)
+    one[2, 4] = True
+    out = masked_whiten(x.detach(), one)  # a single valid entry: variance 0, whitened to 0, no NaN
+    assert torch.isfinite(out).all() and (out == 0).all()
+    assert (masked_whiten(x.detach(), torch.zeros(3, 11)) == 0).all()
+    with pytest.raises(ValueError, match=r"mask has shape \(3, 10\)"):
+        masked_whiten(x, mask[:, :10])

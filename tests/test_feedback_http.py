@@ -1,0 +1,118 @@
+"""OpenAICompatibleBackend against a real HTTP server on 127.0.0.1 (rlaif_fast.feedback.serve) serving
+a tiny HF model: same labels as HFBackend, injected 500s / timeouts / malformed JSON, retries, counting."""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import urllib.request
+
+import pytest
+import torch
+
+from rlaif_fast.feedback import BackendError, HFBackend, OpenAICompatibleBackend, PairwiseLabeler, ScoreLabeler
+from rlaif_fast.feedback.serve import CompletionServer
+from tests.test_feedback_labelers import CONTEXTS, RESP_A, RESP_B, gpt2_tokenizer, tiny_gpt2
+
+KEY = "sk-test-secret-4242"
+
+
+@pytest.fixture(scope="module")
+def model_and_tok():
+    from pathlib import Path
+
+    from tests.conftest import SHARED_DATA
+
+    if not Path(SHARED_DATA).is_dir():
+        pytest.skip(f"{SHARED_DATA} is absent")
+    return tiny_gpt2(), gpt2_tokenizer(SHARED_DATA)
+
+
+@pytest.fixture
+def server(model_and_tok):
+    model, tok = model_and_tok
+    with CompletionServer(model, tok, api_key=KEY, model_name="tiny", hang_s=2.0) as srv:
+        yield srv
+
+
+def _client(srv, **kw):
+    kw = {"timeout": 30.0, "max_retries": 2, "backoff": 0.01, "concurrency": 4, **kw}
+    return OpenAICompatibleBackend(srv.url, "tiny", api_key=KEY, **kw)
+
+
+def test_echo_logprobs_follow_vllm_semantics(server, model_and_tok):
+    model, tok = model_and_tok
+    body = json.dumps({"model": "tiny", "prompt": ["Hello world", "Hi"], "max_tokens": 0, "echo": True,
+                       "logprobs": 2}).encode()
+    req = urllib.request.Request(server.url + "/completions", data=body, method="POST",
+                                 headers={"Authorization": f"Bearer {KEY}", "Content-Type": "application/json"})
+    with urllib.request.urlopen(req, timeout=10) as resp:
+        out = json.loads(resp.read())
+    c0 = out["choices"][0]
+    lp = c0["logprobs"]
+    assert c0["text"] == "Hello world" and lp["tokens"] == ["Hello", " world"] and lp["text_offset"] == [0, 5]
+    assert lp["token_logprobs"][0] is None and lp["top_logprobs"][0] is None and len(lp["top_logprobs"][1]) == 2
+    ids = tok("Hello world")["input_ids"]
+    with torch.no_grad():
+        ref = torch.log_softmax(model(input_ids=torch.tensor([ids])).logits[0, 0].float(), -1)[ids[1]].item()
+    assert lp["token_logprobs"][1] == pytest.approx(ref, abs=1e-5)
+    assert out["choices"][1]["index"] == 1
+
+
+def test_http_labels_equal_hf_labels(server, model_and_tok):
+    model, tok = model_and_tok
+    http = PairwiseLabeler(_client(server), "summarization").label(CONTEXTS, RESP_A, RESP_B)
+    local = PairwiseLabeler(HFBackend(model, tok), "summarization").label(CONTEXTS, RESP_A, RESP_B)
+    for h, lo in zip(http, local):
+        assert h.p_a == pytest.approx(lo.p_a, abs=2e-5) and h.consistent == lo.consistent
+    scores = ScoreLabeler(_client(server), "summarization")(CONTEXTS[:1], RESP_A[:1])
+    ref = ScoreLabeler(HFBackend(model, tok), "summarization")(CONTEXTS[:1], RESP_A[:1])
+    assert scores[0] == pytest.approx(ref[0], abs=2e-5) and -1 <= scores[0] <= 1
+
+
+@pytest.mark.parametrize("fault", ["500", "timeout", "malformed"])
+def test_injected_faults_are_retried(server, fault):
+    client = _client(server, concurrency=1, timeout=1.0)  # the server hangs 2 s on "timeout"
+    server.inject(fault, fault)  # two failures, then success on the third attempt
+    (lab,) = PairwiseLabeler(client, "summarization").label(["c"], ["a"], ["b"])
+    assert 0.0 <= lab.p_a <= 1.0
+    assert client.stats["retries"] == 2 and client.stats["failures"] == 0
+
+
+def test_exhausted_retries_raise_or_count(server):
+    server.inject(*["500"] * 3)
+    with pytest.raises(BackendError, match="failed after 3 attempts: HTTP 500"):
+        _client(server, concurrency=1).candidate_logprobs(["x"], ["1", "2"])
+    nan_client = _client(server, concurrency=1, on_error="nan")
+    server.inject(*["500"] * 3)
+    rows = nan_client.candidate_logprobs(["x", "y"], ["1", "2"])  # first prompt fails, second succeeds
+    assert torch.isnan(rows[0]).all() and torch.isfinite(rows[1]).all()
+    assert nan_client.stats["failures"] == 1
+    labels = PairwiseLabeler(nan_client, "summarization").label(["c"], ["a"], ["b"])
+    assert 0 <= labels[0].p_a <= 1
+    server.inject(*["500"] * 3)
+    bad = PairwiseLabeler(_client(server, concurrency=1, on_error="nan", max_retries=0), "summarization")
+    assert math.isnan(bad.label(["c"], ["a"], ["b"])[0].p_a)
+
+
+def test_wrong_key_is_not_retried_and_never_logged(server, caplog, capsys):
+    caplog.set_level(logging.DEBUG)
+    wrong = OpenAICompatibleBackend(server.url, "tiny", api_key="sk-wrong-key", max_retries=3, backoff=0.01)
+    with pytest.raises(BackendError, match="HTTP 401") as exc:
+        wrong.candidate_logprobs(["x"], ["1"])
+    assert wrong.stats["requests"] == 1  # a 4xx is not retried
+    assert "sk-wrong-key" not in str(exc.value) and "sk-wrong-key" not in repr(wrong)
+    _client(server).candidate_logprobs(["x"], ["1"])
+    captured = capsys.readouterr()
+    for text in (captured.out, captured.err, caplog.text, repr(_client(server))):
+        assert KEY not in text and "sk-wrong-key" not in text
+
+
+def test_bad_backend_arguments():
+    with pytest.raises(ValueError, match="must start with http"):
+        OpenAICompatibleBackend("localhost:8000", "m")
+    with pytest.raises(ValueError, match="on_error='skip'"):
+        OpenAICompatibleBackend("http://127.0.0.1:1/v1", "m", on_error="skip")
+    with pytest.raises(ValueError, match="unknown injected failures"):
+        CompletionServer(torch.nn.Linear(1, 1), None, failures=["404"])

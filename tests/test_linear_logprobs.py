@@ -1,0 +1,199 @@
+"""linear_token_logprobs and linear_ppo_policy_loss against full-logits float64 truth, on every backend
+(triton = the kernels under TRITON_INTERPRET=1), odd sizes, every dtype, with the tolerance rule."""
+
+import pytest
+import torch
+
+from rlaif_fast.ops.linear import linear_ppo_policy_loss, linear_token_logprobs
+from rlaif_fast.reference.linear import linear_token_logprobs as ref_linear
+from rlaif_fast.reference.logprobs import token_logprobs as ref_token_logprobs
+from tests.helpers import ATOL, assert_tolerance
+
+N, H, V = 37, 96, 2053
+DTYPES = [torch.float32, torch.bfloat16, torch.float16, torch.float64]
+# (bias, softcap, logit_scale, temperature)
+VARIANTS = {
+    "plain": (False, None, None, 1.0),
+    "bias-cap-scale-temp": (True, 4.0, 0.75, 0.7),
+}
+
+
+def _inputs(dtype, with_bias, n=N, h=H, v=V):
+    hidden = torch.randn(n, h, dtype=dtype)
+    weight = (torch.randn(v, h) * h**-0.5 * 3).to(dtype)  # logits of a few units, like a trained head
+    bias = torch.randn(v, dtype=dtype) if with_bias else None
+    labels = torch.randint(0, v, (n,))
+    labels[::7] = -100  # ignored positions
+    return hidden, weight, bias, labels
+
+
+def _eager(hidden, weight, labels, bias, softcap, scale, temperature):
+    """What users run today, in the input dtype: logits materialized by F.linear, then log_softmax."""
+    z = torch.nn.functional.linear(hidden, weight, bias)  # (N, V) in the input dtype
+    if scale is not None:
+        z = z * scale
+    if softcap is not None:
+        z = softcap * torch.tanh(z / softcap)
+    return ref_token_logprobs(z, labels, temperature=temperature, return_entropy=True)
+
+
+def _atol(dtype, truth):
+    # the rule's "small atol" is sized for unit-scale values; log-probs (~20) and gradients summed over
+    # tokens (~10) are larger, so it scales with max |truth| (a relative floor of 2e-6 in fp32).
+    return ATOL[dtype] * max(1.0, truth.detach().abs().max().item())
+
+
+def _leaves(*xs):
+    return [None if x is None else x.detach().clone().requires_grad_() for x in xs]
+
+
+def _grads(out, g_lp, g_ent, leaves):
+    logp, ent = out
+    (logp * g_lp.to(logp.dtype) + ent * g_ent.to(ent.dtype)).sum().backward()
+    return [None if x is None else x.grad for x in leaves]
+
+
+@pytest.mark.parametrize("variant", list(VARIANTS))
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_forward_and_gradients_match_float64(backend, dtype, variant):
+    with_bias, cap, scale, temp = VARIANTS[variant]
+    hidden, weight, bias, labels = _inputs(dtype, with_bias)
+    kw = dict(softcap=cap, logit_scale=scale, temperature=temp)
+    g_lp, g_ent = torch.randn(N, dtype=torch.float64), torch.randn(N, dtype=torch.float64)
+
+    ours_in = _leaves(hidden, weight, bias)
+    ours = linear_token_logprobs(
+        ours_in[0], ours_in[1], labels, bias=ours_in[2], return_entropy=True, chunk_size=16, **kw
+    )
+    ours_g = _grads(ours, g_lp, g_ent, ours_in)
+
+    eager_in = _leaves(hidden, weight, bias)
+    eager = _eager(eager_in[0], eager_in[1], labels, eager_in[2], cap, scale, temp)
+    eager_g = _grads(eager, g_lp, g_ent, eager_in)
+
+    truth_in = _leaves(*[None if x is None else x.double() for x in (hidden, weight, bias)])
+    truth = ref_linear(truth_in[0], truth_in[1], labels, bias=truth_in[2], return_entropy=True, **kw)
+    truth_g = _grads(truth, g_lp, g_ent, truth_in)
+
+    assert ours[0].dtype == (torch.float64 if dtype == torch.float64 else torch.float32)
+    for name, o, e, t in [("logp", ours[0], eager[0], truth[0]), ("entropy", ours[1], eager[1], truth[1])]:
+        assert_tolerance(o, e, t, atol=_atol(dtype, t), name=name)
+    assert (ours[0] <= 0).all() and (ours[0][labels == -100] == 0).all()
+    for name, o, e, t in zip(["d hidden", "d weight", "d bias"], ours_g, eager_g, truth_g):
+        if t is None:
+            continue
+        assert o.dtype == dtype
+        assert_tolerance(o, e, t, atol=_atol(dtype, t), name=name)
+    # ignored tokens get no gradient at all
+    assert (ours_g[0][labels == -100] == 0).all()
+
+
+def test_gradcheck_float64(backend):
+    hidden, weight, bias, labels = _inputs(torch.float64, True, n=4, h=5, v=7)
+    labels[1] = -100
+    leaves = _leaves(hidden, weight, bias)
+
+    def f(h, w, b):
+        return linear_token_logprobs(
+            h, w, labels, bias=b, return_entropy=True, softcap=2.5, logit_scale=1.3, temperature=0.8
+        )
+
+    # fast mode (random projections) for the interpreter, which pays ~0.1 s per kernel launch
+    assert torch.autograd.gradcheck(f, leaves, eps=1e-6, atol=1e-7, fast_mode=backend == "triton")
+
+
+def test_leading_dims_noncontiguous_and_chunking(backend):
+    base = torch.randn(3, 9, H)
+    hidden = base[:, :-1]  # (3, 8, H), not contiguous: the usual logits[:, :-1] shift
+    weight_t = torch.randn(H, 257)
+    weight = weight_t.T  # (V, H) with stride(-1) != 1
+    labels = torch.randint(0, 257, (3, 8))
+    logp = linear_token_logprobs(hidden, weight, labels)
+    assert logp.shape == (3, 8)
+    want = ref_linear(hidden.double(), weight.double(), labels)
+    assert (logp.double() - want).abs().max().item() < 1e-5
+    for chunk in (1, 5, 1000):
+        again = linear_token_logprobs(hidden, weight, labels, chunk_size=chunk)
+        assert (again - logp).abs().max().item() < 1e-5
+
+
+def test_frozen_weight_gets_only_hidden_gradient(backend):
+    hidden, weight, _, labels = _inputs(torch.float32, False, n=9, v=301)
+    h = hidden.clone().requires_grad_()
+    linear_token_logprobs(h, weight, labels).sum().backward()
+    h64 = hidden.double().requires_grad_()
+    ref_linear(h64, weight.double(), labels).sum().backward()
+    assert weight.grad is None
+    assert (h.grad.double() - h64.grad).abs().max().item() < 1e-5
+
+
+def test_confident_label_log_prob_is_clamped_to_zero(backend):
+    hidden = torch.ones(2, 16) * 40.0
+    weight = torch.zeros(33, 16)
+    weight[5] = 1.0  # logit 640 for token 5, 0 elsewhere: p(5) rounds to exactly 1
+    logp, ent = linear_token_logprobs(hidden, weight, torch.tensor([5, 6]), return_entropy=True)
+    assert logp[0].item() == 0.0 and logp[1].item() < -600
+    assert (ent >= 0).all() and torch.isfinite(ent).all()
+
+
+@pytest.mark.parametrize(
+    "kwargs, err, match",
+    [
+        (dict(labels=torch.zeros(4, dtype=torch.float32)), TypeError, "integer tensor"),
+        (dict(labels=torch.full((4,), 99)), ValueError, "outside"),
+        (dict(labels=torch.zeros(5, dtype=torch.long)), ValueError, "labels must be hidden.shape"),
+        (dict(weight=torch.randn(11, 7)), ValueError, r"\(V, H\)"),
+        (dict(weight=torch.randn(11, 8, dtype=torch.float64)), TypeError, "share one dtype"),
+        (dict(bias=torch.randn(3)), ValueError, "bias has shape"),
+        (dict(temperature=0.0), ValueError, "temperature"),
+        (dict(softcap=-1.0), ValueError, "softcap"),
+        (dict(chunk_size=0), ValueError, "chunk_size"),
+    ],
+)
+def test_bad_inputs_name_the_value(kwargs, err, match):
+    args = dict(hidden=torch.randn(4, 8), weight=torch.randn(11, 8), labels=torch.zeros(4, dtype=torch.long))
+    args.update(kwargs)
+    hidden, weight, labels = args.pop("hidden"), args.pop("weight"), args.pop("labels")
+    with pytest.raises(err, match=match):
+        linear_token_logprobs(hidden, weight, labels, **args)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_linear_ppo_policy_loss_matches_float64(backend, dtype):
+    from rlaif_fast.ops.ppo import ppo_loss_from_logprobs
+
+    B, T, v = 3, 11, 509
+    hidden, weight, bias, _ = _inputs(dtype, True, n=B * T, v=v)
+    hidden = hidden.view(B, T, H)
+    labels = torch.randint(0, v, (B, T))
+    mask = torch.rand(B, T) > 0.3
+    old_logp = ref_linear(hidden.double(), weight.double(), labels, bias=bias.double()).float()
+    old_logp = old_logp + 0.3 * torch.randn(B, T)
+    ref_logp = old_logp + 0.1 * torch.randn(B, T)
+    adv = torch.randn(B, T)
+    knobs = dict(clip_eps=0.2, clip_eps_high=0.28, kl_coef=0.05, entropy_coef=0.01, loss_agg="seq-mean-token-mean")
+
+    def full_logits_loss(h, w, b, out_dtype):
+        # (B, T, V) logits materialized in the dtype of h, then the same loss function
+        lp, ent = _eager(h, w, labels, b, None, None, 0.9)
+        o = lambda x: x.to(out_dtype)
+        return ppo_loss_from_logprobs(lp, o(old_logp), o(adv), mask, entropy=ent, ref_logp=o(ref_logp), **knobs)
+
+    ours_in = _leaves(hidden, weight, bias)
+    loss, stats = linear_ppo_policy_loss(
+        ours_in[0], ours_in[1], labels, old_logp, adv, mask, bias=ours_in[2], ref_logp=ref_logp,
+        temperature=0.9, **knobs,
+    )  # fmt: skip
+    loss.backward()
+    eager_in = _leaves(hidden, weight, bias)
+    e_loss, _ = full_logits_loss(*eager_in, torch.float32)
+    e_loss.backward()
+    truth_in = _leaves(hidden.double(), weight.double(), bias.double())
+    t_loss, t_stats = full_logits_loss(*truth_in, torch.float64)
+    t_loss.backward()
+
+    assert_tolerance(loss, e_loss, t_loss, atol=_atol(dtype, t_loss), name="loss")
+    for k in ("clip_frac", "entropy", "kl"):
+        assert abs(stats[k].item() - t_stats[k].item()) < 1e-2, k
+    for name, o, e, t in zip(["d hidden", "d weight", "d bias"], ours_in, eager_in, truth_in):
+        assert_tolerance(o.grad, e.grad, t.grad, atol=_atol(dtype, t.grad), name=name)
