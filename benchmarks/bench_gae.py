@@ -5,6 +5,8 @@ lastgaelam, stack the columns). Both run in the same process, interleaved, on th
 
     pytest benchmarks/bench_gae.py -o python_files='bench_*.py' --benchmark-enable --benchmark-only
     python benchmarks/bench_gae.py            # prints the table written to benchmarks/results/rl.md
+    python benchmarks/bench_gae.py --gpu --out DIR   # lent GPU: Triton kernels, checked, then timed
+    TRITON_INTERPRET=1 python benchmarks/bench_gae.py --gpu --smoke   # the same on CPU, tiny sizes
 """
 
 from __future__ import annotations
@@ -92,33 +94,112 @@ def _max_err(fn, args):
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--reps", type=int, default=20)
-    p.add_argument("--loop-reps", type=int, default=5)
+    p.add_argument(
+        "--rounds", type=int, default=10, help="interleaved rounds: 1 loop run, then --reps of each"
+    )
+    p.add_argument("--reps", type=int, default=5)
+    p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's)")
+    p.add_argument("--gpu", action="store_true", help="check and time the Triton kernels on CUDA instead")
+    p.add_argument("--smoke", action="store_true", help="with --gpu: tiny sizes (the interpreter on CPU)")
+    p.add_argument("--out", default=None, help="with --gpu: folder for rl.json")
     a = p.parse_args(argv)
+    if a.gpu:
+        return gpu_main(a.out, a.smoke)
+    if a.threads:
+        torch.set_num_threads(a.threads)
     right, holes = make_inputs(), make_inputs(kind="holes")
-    rows = []
-    # interleave baseline and ours so that load from other processes hits both alike
-    loop_t, ours_t, holes_t = [], [], []
-    chunk_t = {k: [] for k in (32, 64, 128)}
-    for _ in range(a.loop_reps):
-        loop_t += _times(loop_gae, right, 1)
-        ours_t += _times(ours, right, a.reps // a.loop_reps)
-        holes_t += _times(ours, holes, a.reps // a.loop_reps)
-        for k in chunk_t:
-            chunk_t[k] += _times(lambda r, v, m, k=k: ours(r, v, m, chunk=k), right, a.reps // a.loop_reps)
-    base = statistics.median(loop_t)
-    rows.append(("Python loop over time (TRL/OpenRLHF/verl style)", loop_t, _max_err(loop_gae, right)))
-    rows.append((f"rlaif_fast torch path, right-padded (K={adv_ops._CHUNK})", ours_t, _max_err(ours, right)))
-    rows.append(("rlaif_fast torch path, mask with holes (compacted)", holes_t, _max_err(ours, holes)))
-    for k, ts in chunk_t.items():
-        rows.append((f"  chunk K={k}, right-padded", ts, None))
+    contenders = {
+        "Python loop over time (TRL/OpenRLHF/verl style)": (loop_gae, right, 1),
+        f"rlaif_fast torch path, right-padded (K={adv_ops._CHUNK})": (ours, right, a.reps),
+        "rlaif_fast torch path, mask with holes (compacted)": (ours, holes, a.reps),
+    }
+    for k in (16, 64, 128):
+        contenders[f"  same, chunk K={k}"] = (lambda r, v, m, k=k: ours(r, v, m, chunk=k), right, a.reps)
+    times = {name: [] for name in contenders}
+    # interleaved, so that load from other processes on the machine hits every contender alike
+    for _ in range(a.rounds):
+        for name, (fn, args, reps) in contenders.items():
+            times[name] += _times(fn, args, reps)
+    base_med, base_min = (f(times[next(iter(times))]) for f in (statistics.median, min))
     print(f"GAE, CPU, B={B}, T={T}, fp32, gamma={GAMMA}, lam={LAM}, torch threads={torch.get_num_threads()}")
-    print("| path | median ms | min ms | speed-up vs loop | max abs err vs fp64 |")
-    print("| --- | ---: | ---: | ---: | ---: |")
-    for name, ts, err in rows:
-        med = statistics.median(ts)
-        e = "" if err is None else f"{err:.1e}"
-        print(f"| {name} | {med * 1e3:.2f} | {min(ts) * 1e3:.2f} | {base / med:.0f}x | {e} |")
+    print("| path | median ms | min ms | speed-up (median) | speed-up (min) | max abs err vs fp64 |")
+    print("| --- | ---: | ---: | ---: | ---: | ---: |")
+    for name, (fn, args, _) in contenders.items():
+        med, lo = statistics.median(times[name]), min(times[name])
+        err = _max_err(fn, args)
+        print(
+            f"| {name} | {med * 1e3:.2f} | {lo * 1e3:.2f} | {base_med / med:.0f}x | {base_min / lo:.0f}x | {err:.1e} |"
+        )
+    return 0
+
+
+# ---- lent GPU: the Triton kernels -----------------------------------------------------------------------
+
+
+def _check_kernel(got, args_cpu, fn_ref):
+    """Tolerance rule on the full-size outputs: |kernel - fp64| <= |eager fp32 - fp64| + 2e-6."""
+    truth = fn_ref(*(x.double() if x.is_floating_point() else x for x in args_cpu))
+    eager = fn_ref(*args_cpu)
+    for o, e, t in zip(got, eager, truth):
+        err, err_eager = (o.cpu().double() - t).abs().max().item(), (e.double() - t).abs().max().item()
+        if not err <= err_eager + 2e-6:
+            raise AssertionError(f"kernel error {err:.2e} > eager error {err_eager:.2e} + 2e-6")
+    return err
+
+
+def _gpu_timings(r, v, m, scores, lp, rp) -> dict:
+    from rlaif_fast.kernels import advantages as gae_kernels
+    from rlaif_fast.kernels import kl as kl_kernels
+    from triton.testing import do_bench
+
+    from rlaif_fast.ops import kl as kl_ops
+
+    b, t = r.shape
+    min_bytes = b * t * (4 + 4 + 1 + 4 + 4)  # read r, V, mask once; write A, R once
+    ms = do_bench(lambda: gae_kernels.gae(r, v, m, GAMMA, LAM, torch.float32))
+    shaped = (scores, lp, rp, m, 0.05, "k3", None, torch.float32)
+    return {
+        "gae_triton_ms": ms,
+        "gae_triton_GBps_at_min_bytes": min_bytes / ms / 1e6,
+        "gae_loop_ms": do_bench(lambda: loop_gae(r, v, m), warmup=5, rep=50),
+        "gae_torch_path_ms": do_bench(lambda: ours(r, v, m)),
+        "shaped_triton_ms": do_bench(lambda: kl_kernels.shaped_rewards(*shaped)),
+        "shaped_torch_path_ms": do_bench(lambda: kl_ops._shaped_rewards_torch(*shaped)),
+    }
+
+
+def gpu_main(out: str | None, smoke: bool) -> int:
+    import json
+    import os
+
+    from rlaif_fast.kernels import advantages as gae_kernels
+    from rlaif_fast.kernels import kl as kl_kernels
+
+    dev = "cuda" if torch.cuda.is_available() else "cpu"
+    b, t = (4, 64) if smoke else (B, T)
+    rows = []
+    for kind in ("right", "holes"):
+        cpu = make_inputs(b, t, kind)
+        r, v, m = (x.to(dev) for x in cpu)
+        got = gae_kernels.gae(r, v, m, GAMMA, LAM, torch.float32)
+        err = _check_kernel(got, cpu, lambda r, v, m: ref.gae(r, v, m, GAMMA, LAM))
+        scores = torch.randn(b, device=dev)
+        lp, rp = -torch.rand(b, t, device=dev), -torch.rand(b, t, device=dev)
+        sh = kl_kernels.shaped_rewards(scores, lp, rp, m, 0.05, "k3", None, torch.float32)
+        _check_kernel(
+            sh,
+            (scores.cpu(), lp.cpu(), rp.cpu(), m.cpu()),
+            lambda s, a, c, mm: ref.kl_shaped_rewards(s, a, c, mm, 0.05, "k3"),
+        )
+        row = {"kind": kind, "B": b, "T": t, "gae_max_err": err}
+        if dev == "cuda":
+            row |= _gpu_timings(r, v, m, scores, lp, rp)
+        rows.append(row)
+        print(json.dumps(row))
+    if out:
+        os.makedirs(out, exist_ok=True)
+        with open(os.path.join(out, "rl.json"), "w") as f:
+            json.dump({"device": torch.cuda.get_device_name(0) if dev == "cuda" else "cpu", "rows": rows}, f)
     return 0
 
 

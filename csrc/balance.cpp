@@ -1,7 +1,12 @@
-// balanced_microbatches: sequences -> micro-batches (all sequences longest first, cut at the padded
-// token budget) -> the same number on every rank (split the fullest) -> ranks (Karmarkar-Karp largest
-// differencing with equal counts, then pairwise swaps).
+// balanced_microbatches: which rank runs which sequences in which micro-batch.
 //
+// Two candidate plans; the one whose busiest rank computes the fewest padded tokens wins (then fewer
+// steps, then "global"):
+// - global: all sequences longest first, cut at the padded budget (count x longest <= max_tokens),
+//   split up to a multiple of the rank count, dealt to ranks by Karmarkar-Karp with equal counts, then
+//   micro-batch swaps and single-sequence moves. Little padding: similar lengths share a micro-batch.
+// - per rank: sequences dealt by Karmarkar-Karp, each rank's share cut longest first, counts equalized
+//   by splitting. Near-perfect balance; wins on small batches, where micro-batches are too coarse.
 // Every step and tie-break mirrors rlaif_fast/reference/batching.py, so both backends return one plan.
 #include <pybind11/numpy.h>
 #include <pybind11/stl.h>
@@ -19,14 +24,14 @@ namespace rlaif {
 
 namespace {
 
-using Batches = std::vector<std::vector<int64_t>>;
+using Batch = std::vector<int64_t>;  // sequence indices, longest first (ties: lower index first)
+using Plan = std::vector<std::vector<Batch>>;  // rank -> step -> micro-batch
 
-Batches cut_by_length(const int64_t* len, int64_t n, int64_t max_tokens) {
-  std::vector<int64_t> order(n);
-  std::iota(order.begin(), order.end(), 0);
-  std::stable_sort(order.begin(), order.end(), [&](int64_t a, int64_t b) { return len[a] > len[b]; });
-  Batches batches;
-  for (int64_t i : order) {
+std::vector<Batch> cut_by_length(const int64_t* len, Batch members, int64_t max_tokens) {
+  std::sort(members.begin(), members.end(),
+            [&](int64_t a, int64_t b) { return len[a] != len[b] ? len[a] > len[b] : a < b; });
+  std::vector<Batch> batches;
+  for (int64_t i : members) {
     if (!batches.empty() &&
         static_cast<int64_t>(batches.back().size() + 1) * len[batches.back().front()] <= max_tokens) {
       batches.back().push_back(i);
@@ -37,18 +42,19 @@ Batches cut_by_length(const int64_t* len, int64_t n, int64_t max_tokens) {
   return batches;
 }
 
-void split_to_multiple(Batches& batches, size_t k) {
-  while (batches.size() % k != 0) {
-    size_t j = 0;  // the fullest, first on ties
+// Split the fullest micro-batch (first on ties) until there are target; empty ones once all hold one.
+void split_to(std::vector<Batch>& batches, size_t target) {
+  while (batches.size() < target) {
+    size_t j = 0;
     for (size_t t = 1; t < batches.size(); ++t) {
       if (batches[t].size() > batches[j].size()) j = t;
     }
-    if (batches[j].size() < 2) {
+    if (batches.empty() || batches[j].size() < 2) {
       batches.emplace_back();
       continue;
     }
     const size_t cut = (batches[j].size() + 1) / 2;
-    std::vector<int64_t> tail(batches[j].begin() + cut, batches[j].end());
+    Batch tail(batches[j].begin() + cut, batches[j].end());
     batches[j].resize(cut);
     batches.insert(batches.begin() + j + 1, std::move(tail));
   }
@@ -65,23 +71,29 @@ struct Entry {
   bool operator<(const Entry& o) const { return spread != o.spread ? spread < o.spread : uid > o.uid; }
 };
 
-Batches karmarkar_karp_equal(const std::vector<int64_t>& w, int64_t k) {
+// Largest differencing into k sets; equal_size deals the sorted items in rows of k (n % k == 0).
+std::vector<Batch> karmarkar_karp(const std::vector<int64_t>& w, int64_t k, bool equal_size) {
   const int64_t n = static_cast<int64_t>(w.size());
-  std::vector<int64_t> order(n);
+  Batch order(n);
   std::iota(order.begin(), order.end(), 0);
   std::stable_sort(order.begin(), order.end(), [&](int64_t a, int64_t b) { return w[a] > w[b]; });
   std::vector<int64_t> next(n, -1);
   std::vector<Set> sets;  // partial solution u owns sets[u * k, (u + 1) * k), heaviest first
-  sets.reserve(static_cast<size_t>(2 * n));
+  sets.reserve(static_cast<size_t>(2 * n * k));
   std::priority_queue<Entry> heap;
-  for (int64_t row = 0; row < n / k; ++row) {
+  const int64_t rows = equal_size ? n / k : n;
+  for (int64_t u = 0; u < rows; ++u) {
     for (int64_t j = 0; j < k; ++j) {
-      const int64_t i = order[row * k + j];
-      sets.push_back({w[i], i, i});
+      if (equal_size || j == 0) {
+        const int64_t i = order[equal_size ? u * k + j : u];
+        sets.push_back({w[i], i, i});
+      } else {
+        sets.push_back({0, -1, -1});
+      }
     }
-    heap.push({sets[row * k].sum - sets[row * k + k - 1].sum, row});
+    heap.push({sets[u * k].sum - sets[u * k + k - 1].sum, u});
   }
-  int64_t uid = n / k;
+  int64_t uid = rows;
   std::vector<Set> merged(k);
   while (heap.size() > 1) {
     const int64_t a = heap.top().uid;
@@ -89,60 +101,175 @@ Batches karmarkar_karp_equal(const std::vector<int64_t>& w, int64_t k) {
     const int64_t b = heap.top().uid;
     heap.pop();
     for (int64_t j = 0; j < k; ++j) {
-      const Set& x = sets[a * k + j];
-      const Set& y = sets[b * k + (k - 1 - j)];  // heaviest of a with the lightest of b
-      next[x.tail] = y.head;                        // every set holds >= 1 member: counts stay equal
-      merged[j] = {x.sum + y.sum, x.head, y.tail};
+      const Set x = sets[a * k + j];
+      const Set y = sets[b * k + (k - 1 - j)];  // heaviest of a with the lightest of b
+      Set s{x.sum + y.sum, x.head, x.tail};
+      if (y.head >= 0) {
+        if (s.head < 0) {
+          s.head = y.head;
+        } else {
+          next[s.tail] = y.head;
+        }
+        s.tail = y.tail;
+      }
+      merged[j] = s;
     }
     std::stable_sort(merged.begin(), merged.end(), [](const Set& p, const Set& q) { return p.sum > q.sum; });
     sets.insert(sets.end(), merged.begin(), merged.end());
     heap.push({merged[0].sum - merged[k - 1].sum, uid++});
   }
   const int64_t root = heap.top().uid;
-  Batches ranks(k);
+  std::vector<Batch> out(k);
   for (int64_t j = 0; j < k; ++j) {
-    for (int64_t i = sets[root * k + j].head; i >= 0; i = next[i]) ranks[j].push_back(i);
-    std::sort(ranks[j].begin(), ranks[j].end());
+    for (int64_t i = sets[root * k + j].head; i >= 0; i = next[i]) out[j].push_back(i);
+    std::sort(out[j].begin(), out[j].end());
   }
-  return ranks;
+  return out;
 }
 
-void refine_swaps(const std::vector<int64_t>& w, Batches& ranks, int max_rounds = 1000) {
-  const size_t k = ranks.size();
-  std::vector<int64_t> loads(k, 0);
-  for (size_t r = 0; r < k; ++r) {
+// Heaviest and lightest rank, first on ties.
+std::pair<size_t, size_t> extremes(const std::vector<int64_t>& loads) {
+  size_t h = 0, lo = 0;
+  for (size_t r = 1; r < loads.size(); ++r) {
+    if (loads[r] > loads[h]) h = r;
+    if (loads[r] < loads[lo]) lo = r;
+  }
+  return {h, lo};
+}
+
+// Swap micro-batches a (heaviest rank) and b (lightest) while that narrows the gap: the lowest
+// (|gap - 2d|, a, b) with 0 < d = w[a] - w[b] < gap.
+void refine_swaps(const std::vector<int64_t>& w, std::vector<Batch>& ranks, int max_rounds = 1000) {
+  std::vector<int64_t> loads(ranks.size(), 0);
+  for (size_t r = 0; r < ranks.size(); ++r) {
     for (int64_t m : ranks[r]) loads[r] += w[m];
   }
   for (int round = 0; round < max_rounds; ++round) {
-    size_t h = 0, lo = 0;  // heaviest and lightest, first on ties
-    for (size_t r = 1; r < k; ++r) {
-      if (loads[r] > loads[h]) h = r;
-      if (loads[r] < loads[lo]) lo = r;
-    }
+    const auto [h, lo] = extremes(loads);
     const int64_t gap = loads[h] - loads[lo];
-    bool found = false;
-    std::tuple<int64_t, int64_t, int64_t> best;  // (|gap - 2d|, a, b): the smallest wins
+    std::tuple<int64_t, int64_t, int64_t> best{-1, -1, -1};
     size_t pa = 0, pb = 0;
     for (size_t x = 0; x < ranks[h].size(); ++x) {
       for (size_t y = 0; y < ranks[lo].size(); ++y) {
         const int64_t a = ranks[h][x], b = ranks[lo][y], d = w[a] - w[b];
         if (d <= 0 || d >= gap) continue;
         const auto cand = std::make_tuple(std::abs(gap - 2 * d), a, b);
-        if (!found || cand < best) {
+        if (std::get<0>(best) < 0 || cand < best) {
           best = cand;
           pa = x;
           pb = y;
-          found = true;
         }
       }
     }
-    if (!found) break;
+    if (std::get<0>(best) < 0) break;
     const int64_t d = w[ranks[h][pa]] - w[ranks[lo][pb]];
     std::swap(ranks[h][pa], ranks[lo][pb]);
     loads[h] -= d;
     loads[lo] += d;
   }
   for (auto& r : ranks) std::sort(r.begin(), r.end());
+}
+
+// Move single sequences from the heaviest rank's micro-batches into the lightest rank's while that
+// narrows the gap by more than it adds padding; the lowest (score, sequence, destination) wins.
+void refine_moves(const int64_t* len, std::vector<Batch>& batches, const std::vector<Batch>& ranks,
+                  int64_t max_tokens, int max_rounds = 1000) {
+  std::vector<int64_t> loads(ranks.size(), 0);
+  for (size_t r = 0; r < ranks.size(); ++r) {
+    for (int64_t m : ranks[r]) {
+      for (int64_t i : batches[m]) loads[r] += len[i];
+    }
+  }
+  for (int round = 0; round < max_rounds; ++round) {
+    const auto [h, lo] = extremes(loads);
+    const int64_t gap = loads[h] - loads[lo];
+    bool found = false;
+    std::tuple<int64_t, int64_t, int64_t> best;  // (score, sequence, destination)
+    int64_t best_x = -1;
+    for (int64_t x : ranks[h]) {
+      const Batch& src = batches[x];
+      if (src.size() < 2) continue;
+      for (size_t pos = 0; pos < src.size(); ++pos) {
+        const int64_t d = len[src[pos]];
+        if (d <= 0 || d >= gap) continue;
+        const int64_t rest_max = pos == 0 ? len[src[1]] : len[src[0]];
+        const int64_t src_pad = static_cast<int64_t>(src.size() - 1) * rest_max - static_cast<int64_t>(src.size()) * len[src[0]];
+        for (int64_t y : ranks[lo]) {
+          const Batch& dst = batches[y];
+          const int64_t dst_max = dst.empty() ? 0 : len[dst[0]];
+          const int64_t new_max = std::max(dst_max, d);
+          const int64_t n_dst = static_cast<int64_t>(dst.size());
+          if ((n_dst + 1) * new_max > max_tokens) continue;
+          const int64_t score = std::abs(gap - 2 * d) + src_pad + (n_dst + 1) * new_max - n_dst * dst_max;
+          if (score >= gap) continue;
+          const auto cand = std::make_tuple(score, src[pos], y);
+          if (!found || cand < best) {
+            best = cand;
+            best_x = x;
+            found = true;
+          }
+        }
+      }
+    }
+    if (!found) break;
+    const auto [score, s, y] = best;
+    Batch& src = batches[best_x];
+    src.erase(std::find(src.begin(), src.end(), s));
+    Batch& dst = batches[y];
+    const auto at = std::lower_bound(dst.begin(), dst.end(), s, [&](int64_t a, int64_t b) {
+      return len[a] != len[b] ? len[a] > len[b] : a < b;
+    });
+    dst.insert(at, s);
+    loads[h] -= len[s];
+    loads[lo] += len[s];
+  }
+}
+
+Plan global_plan(const int64_t* len, int64_t n, int64_t max_tokens, int64_t k) {
+  Batch all(n);
+  std::iota(all.begin(), all.end(), 0);
+  std::vector<Batch> batches = cut_by_length(len, std::move(all), max_tokens);
+  split_to(batches, (batches.size() + k - 1) / k * k);
+  std::vector<int64_t> w;
+  for (const Batch& mb : batches) {
+    int64_t s = 0;
+    for (int64_t i : mb) s += len[i];
+    w.push_back(s);
+  }
+  std::vector<Batch> ranks = karmarkar_karp(w, k, true);
+  refine_swaps(w, ranks);
+  refine_moves(len, batches, ranks, max_tokens);
+  Plan plan(k);
+  for (int64_t r = 0; r < k; ++r) {
+    for (int64_t m : ranks[r]) plan[r].push_back(std::move(batches[m]));
+  }
+  return plan;
+}
+
+Plan per_rank_plan(const int64_t* len, int64_t n, int64_t max_tokens, int64_t k) {
+  std::vector<Batch> ranks = karmarkar_karp(std::vector<int64_t>(len, len + n), k, false);
+  Plan plan(k);
+  size_t steps = 0;
+  for (int64_t r = 0; r < k; ++r) {
+    plan[r] = cut_by_length(len, std::move(ranks[r]), max_tokens);
+    steps = std::max(steps, plan[r].size());
+  }
+  for (auto& rank : plan) split_to(rank, steps);
+  return plan;
+}
+
+int64_t padded_size(const int64_t* len, const Batch& mb) {
+  return mb.empty() ? 0 : static_cast<int64_t>(mb.size()) * len[mb.front()];
+}
+
+int64_t busiest(const int64_t* len, const Plan& plan) {
+  int64_t most = 0;
+  for (const auto& rank : plan) {
+    int64_t s = 0;
+    for (const Batch& mb : rank) s += padded_size(len, mb);
+    most = std::max(most, s);
+  }
+  return most;
 }
 
 }  // namespace
@@ -157,36 +284,37 @@ py::tuple balanced_microbatches(py::handle lengths, int64_t max_tokens, int64_t 
   const int64_t* len = arr.data();
   for (int64_t i = 0; i < n; ++i) check_length(i, len[i], max_tokens);
 
-  Batches batches, ranks;
-  std::vector<int64_t> weights;
-  int64_t padded = 0, real = 0;
+  Plan plan;
+  std::string strategy = "global";
+  std::vector<int64_t> rank_tokens(num_ranks, 0), rank_padded(num_ranks, 0);
   {
     py::gil_scoped_release release;
-    batches = cut_by_length(len, n, max_tokens);
-    split_to_multiple(batches, static_cast<size_t>(num_ranks));
-    for (const auto& mb : batches) {
-      int64_t s = 0;
-      for (int64_t i : mb) s += len[i];
-      weights.push_back(s);
-      real += s;
-      if (!mb.empty()) padded += static_cast<int64_t>(mb.size()) * len[mb.front()];
+    plan = global_plan(len, n, max_tokens, num_ranks);
+    Plan other = per_rank_plan(len, n, max_tokens, num_ranks);
+    const auto cost = std::make_pair(busiest(len, plan), plan[0].size());
+    if (std::make_pair(busiest(len, other), other[0].size()) < cost) {
+      plan = std::move(other);
+      strategy = "per_rank";
     }
-    ranks = karmarkar_karp_equal(weights, num_ranks);
-    refine_swaps(weights, ranks);
+    for (int64_t r = 0; r < num_ranks; ++r) {
+      // longest micro-batch first (ties: lower first index), empty ones last
+      std::stable_sort(plan[r].begin(), plan[r].end(), [&](const Batch& a, const Batch& b) {
+        if (a.empty() || b.empty()) return !a.empty() && b.empty();
+        return len[a[0]] != len[b[0]] ? len[a[0]] > len[b[0]] : a[0] < b[0];
+      });
+      for (const Batch& mb : plan[r]) {
+        rank_padded[r] += padded_size(len, mb);
+        for (int64_t i : mb) rank_tokens[r] += len[i];
+      }
+    }
   }
-  py::list plan;
-  std::vector<int64_t> rank_tokens;
-  for (const auto& r : ranks) {
+  py::list out;
+  for (const auto& rank : plan) {
     py::list steps;
-    int64_t load = 0;
-    for (int64_t m : r) {
-      steps.append(py::cast(batches[m]));
-      load += weights[m];
-    }
-    plan.append(steps);
-    rank_tokens.push_back(load);
+    for (const Batch& mb : rank) steps.append(py::cast(mb));
+    out.append(steps);
   }
-  return py::make_tuple(plan, py::cast(rank_tokens), padded - real, padded);
+  return py::make_tuple(out, py::cast(rank_tokens), py::cast(rank_padded), strategy);
 }
 
 }  // namespace rlaif

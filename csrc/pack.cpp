@@ -18,7 +18,7 @@ py::tuple pack_rollouts(py::handle prompts, py::handle responses) {
   check_same_count(P.size(), R.size());
   const int64_t B = P.size();
   for (int64_t i = 0; i < B; ++i) check_prompt_nonempty(i, P.len(i));
-  const int64_t total = static_cast<int64_t>(P.values.size() + R.values.size());
+  const int64_t total = P.total() + R.total();
   if (total > std::numeric_limits<int32_t>::max()) {
     value_error("the batch has " + std::to_string(total) +
                 " tokens, more than cu_seqlens (int32, the flash-attention format) can index; split it");

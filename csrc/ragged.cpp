@@ -16,12 +16,12 @@ std::string item_name(const char* name, int64_t i, int64_t j) {
   return at(name, i) + "[" + std::to_string(j) + "]";
 }
 
-// One list or tuple of ints, appended to out.
-void read_list(PyObject* seq, const char* name, int64_t i, std::vector<int64_t>& out) {
-  const Py_ssize_t n = PySequence_Fast_GET_SIZE(seq);
-  PyObject** items = PySequence_Fast_ITEMS(seq);
+// One list or tuple of n ints, written to out[0:n].
+void read_list(PyObject* seq, const char* name, int64_t i, int64_t* out, int64_t n) {
   for (Py_ssize_t j = 0; j < n; ++j) {
-    PyObject* obj = items[j];
+    // re-read each time: an __index__ method could resize the list while we read it
+    if (PySequence_Fast_GET_SIZE(seq) != n) value_error(at(name, i) + " changed size while being read");
+    PyObject* obj = PySequence_Fast_ITEMS(seq)[j];
     int overflow = 0;
     long long v;
     if (PyLong_CheckExact(obj)) {
@@ -39,12 +39,12 @@ void read_list(PyObject* seq, const char* name, int64_t i, std::vector<int64_t>&
     }
     if (overflow != 0) value_error(item_name(name, i, j) + " does not fit in int64; token ids must be >= 0");
     check_token(name, i, j, v);
-    out.push_back(v);
+    out[j] = v;
   }
 }
 
-// One 1-D NumPy array of any integer dtype, appended to out.
-void read_array(const py::array& arr, const char* name, int64_t i, std::vector<int64_t>& out) {
+// One 1-D NumPy array of any integer dtype, written to out.
+void read_array(const py::array& arr, const char* name, int64_t i, int64_t* out) {
   const char kind = arr.dtype().kind();
   if (kind != 'i' && kind != 'u') {
     type_error(at(name, i) + " has dtype " + std::string(py::str(arr.dtype())) +
@@ -57,7 +57,7 @@ void read_array(const py::array& arr, const char* name, int64_t i, std::vector<i
   const int64_t* data = ids.data();
   for (py::ssize_t j = 0; j < ids.shape(0); ++j) {
     check_token(name, i, j, data[j]);
-    out.push_back(data[j]);
+    out[j] = data[j];
   }
 }
 
@@ -72,7 +72,7 @@ Ragged to_ragged(py::handle seqs, const char* name) {
   const int64_t n = static_cast<int64_t>(outer.size());
   Ragged r;
   r.offsets.reserve(n + 1);
-  // reserve from the lengths first: one allocation instead of log2(total) regrowths
+  // offsets from the lengths first: one allocation, then each sequence is written in place
   int64_t total = 0;
   for (int64_t i = 0; i < n; ++i) {
     Py_ssize_t len = PyObject_Length(PySequence_Fast_GET_ITEM(outer.ptr(), i));
@@ -82,19 +82,19 @@ Ragged to_ragged(py::handle seqs, const char* name) {
                  "; each sequence must be a list of ints, a 1-D integer array or tensor");
     }
     total += len;
+    r.offsets.push_back(total);
   }
-  r.values.reserve(total);
+  r.values = uninitialized<int64_t>(total);
   for (int64_t i = 0; i < n; ++i) {
     PyObject* item = PySequence_Fast_GET_ITEM(outer.ptr(), i);
     if (PyList_Check(item) || PyTuple_Check(item)) {
-      read_list(item, name, i, r.values);
+      read_list(item, name, i, r.values.get() + r.offsets[i], r.len(i));
     } else if (py::isinstance<py::array>(item)) {
-      read_array(py::reinterpret_borrow<py::array>(item), name, i, r.values);
+      read_array(py::reinterpret_borrow<py::array>(item), name, i, r.values.get() + r.offsets[i]);
     } else {
       type_error(at(name, i) + " is a " + Py_TYPE(item)->tp_name +
                  "; each sequence must be a list of ints, a 1-D integer array or tensor");
     }
-    r.offsets.push_back(static_cast<int64_t>(r.values.size()));
   }
   return r;
 }

@@ -66,8 +66,15 @@ def _gae_kernel(r_ptr, v_ptr, m_ptr, adv_ptr, ret_ptr, T, gamma, gamma_lam, BLOC
         carry_v = tl.sum(tl.where(first, vv, zero), axis=0)
 
 
-def gae(rewards: torch.Tensor, values: torch.Tensor, mask: torch.Tensor, gamma: float, lam: float,
-        out_dtype: torch.dtype, block_t: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+def gae(
+    rewards: torch.Tensor,
+    values: torch.Tensor,
+    mask: torch.Tensor,
+    gamma: float,
+    lam: float,
+    out_dtype: torch.dtype,
+    block_t: int | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
     """(advantages, returns) [B, T] in out_dtype; one launch, one program per row.
 
     ``block_t`` (a power of 2) overrides the chunk length; tests use a small one to cross chunk edges.

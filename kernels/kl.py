@@ -44,8 +44,16 @@ def _kl_slope(d, ESTIMATOR: tl.constexpr):
 
 
 @triton.jit
-def _kl_fwd_kernel(logp_ptr, ref_ptr, out_ptr, N, clamp, ESTIMATOR: tl.constexpr, HAS_CLAMP: tl.constexpr,
-                   BLOCK: tl.constexpr):
+def _kl_fwd_kernel(
+    logp_ptr,
+    ref_ptr,
+    out_ptr,
+    N,
+    clamp,
+    ESTIMATOR: tl.constexpr,
+    HAS_CLAMP: tl.constexpr,
+    BLOCK: tl.constexpr,
+):
     offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     inb = offs < N
     cdt = out_ptr.dtype.element_ty
@@ -58,8 +66,19 @@ def _kl_fwd_kernel(logp_ptr, ref_ptr, out_ptr, N, clamp, ESTIMATOR: tl.constexpr
 
 
 @triton.jit
-def _kl_bwd_kernel(grad_ptr, logp_ptr, ref_ptr, dlogp_ptr, dref_ptr, N, clamp, ESTIMATOR: tl.constexpr,
-                   HAS_CLAMP: tl.constexpr, WRITE_DREF: tl.constexpr, BLOCK: tl.constexpr):
+def _kl_bwd_kernel(
+    grad_ptr,
+    logp_ptr,
+    ref_ptr,
+    dlogp_ptr,
+    dref_ptr,
+    N,
+    clamp,
+    ESTIMATOR: tl.constexpr,
+    HAS_CLAMP: tl.constexpr,
+    WRITE_DREF: tl.constexpr,
+    BLOCK: tl.constexpr,
+):
     offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     inb = offs < N
     cdt = grad_ptr.dtype.element_ty
@@ -78,8 +97,20 @@ def _kl_bwd_kernel(grad_ptr, logp_ptr, ref_ptr, dlogp_ptr, dref_ptr, N, clamp, E
 
 
 @triton.jit
-def _shaped_rewards_kernel(scores_ptr, logp_ptr, ref_ptr, mask_ptr, rew_ptr, kl_ptr, T, kl_coef, clamp,
-                           ESTIMATOR: tl.constexpr, HAS_CLAMP: tl.constexpr, BLOCK_T: tl.constexpr):
+def _shaped_rewards_kernel(
+    scores_ptr,
+    logp_ptr,
+    ref_ptr,
+    mask_ptr,
+    rew_ptr,
+    kl_ptr,
+    T,
+    kl_coef,
+    clamp,
+    ESTIMATOR: tl.constexpr,
+    HAS_CLAMP: tl.constexpr,
+    BLOCK_T: tl.constexpr,
+):
     # One program per row. Chunks run from the end of the row backwards so the first valid token met is
     # the row's last one: it gets the score, in the same single pass that writes every reward.
     row = tl.program_id(0).to(tl.int64)
@@ -110,8 +141,9 @@ def _clamp_args(clamp: float | None) -> tuple[float, bool]:
     return (0.0, False) if clamp is None else (float(clamp), True)
 
 
-def kl_forward(logp: torch.Tensor, ref_logp: torch.Tensor, estimator: str, clamp: float | None,
-               out_dtype: torch.dtype) -> torch.Tensor:
+def kl_forward(
+    logp: torch.Tensor, ref_logp: torch.Tensor, estimator: str, clamp: float | None, out_dtype: torch.dtype
+) -> torch.Tensor:
     """KL estimate of same-shape logp, ref_logp (any shape); math in out_dtype (fp32 or fp64)."""
     lp, rf = logp.contiguous(), ref_logp.contiguous()
     out = torch.empty(lp.shape, dtype=out_dtype, device=lp.device)
@@ -119,13 +151,20 @@ def kl_forward(logp: torch.Tensor, ref_logp: torch.Tensor, estimator: str, clamp
     if n:
         c, has_c = _clamp_args(clamp)
         grid = (triton.cdiv(n, _BLOCK),)
-        _kl_fwd_kernel[grid](lp, rf, out, n, c, ESTIMATOR=ESTIMATOR_CODE[estimator], HAS_CLAMP=has_c,
-                             BLOCK=_BLOCK)
+        _kl_fwd_kernel[grid](
+            lp, rf, out, n, c, ESTIMATOR=ESTIMATOR_CODE[estimator], HAS_CLAMP=has_c, BLOCK=_BLOCK
+        )
     return out
 
 
-def kl_backward(grad: torch.Tensor, logp: torch.Tensor, ref_logp: torch.Tensor, estimator: str,
-                clamp: float | None, need_dref: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
+def kl_backward(
+    grad: torch.Tensor,
+    logp: torch.Tensor,
+    ref_logp: torch.Tensor,
+    estimator: str,
+    clamp: float | None,
+    need_dref: bool,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
     """(d logp, d ref_logp or None) in the dtypes of logp and ref_logp."""
     g, lp, rf = grad.contiguous(), logp.contiguous(), ref_logp.contiguous()
     dlogp = torch.empty_like(lp)
@@ -134,14 +173,33 @@ def kl_backward(grad: torch.Tensor, logp: torch.Tensor, ref_logp: torch.Tensor, 
     if n:
         c, has_c = _clamp_args(clamp)
         grid = (triton.cdiv(n, _BLOCK),)
-        _kl_bwd_kernel[grid](g, lp, rf, dlogp, dref, n, c, ESTIMATOR=ESTIMATOR_CODE[estimator],
-                             HAS_CLAMP=has_c, WRITE_DREF=need_dref, BLOCK=_BLOCK)
+        _kl_bwd_kernel[grid](
+            g,
+            lp,
+            rf,
+            dlogp,
+            dref,
+            n,
+            c,
+            ESTIMATOR=ESTIMATOR_CODE[estimator],
+            HAS_CLAMP=has_c,
+            WRITE_DREF=need_dref,
+            BLOCK=_BLOCK,
+        )
     return dlogp, (dref if need_dref else None)
 
 
-def shaped_rewards(scores: torch.Tensor, logp: torch.Tensor, ref_logp: torch.Tensor, mask: torch.Tensor,
-                   kl_coef: float, estimator: str, clamp: float | None, out_dtype: torch.dtype,
-                   block_t: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+def shaped_rewards(
+    scores: torch.Tensor,
+    logp: torch.Tensor,
+    ref_logp: torch.Tensor,
+    mask: torch.Tensor,
+    kl_coef: float,
+    estimator: str,
+    clamp: float | None,
+    out_dtype: torch.dtype,
+    block_t: int | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
     """(rewards, kl), both [B, T] in out_dtype, from scores [B] and logp, ref_logp, mask [B, T].
 
     ``block_t`` (a power of 2) overrides the chunk length; tests use a small one to cross chunk edges.
@@ -157,6 +215,18 @@ def shaped_rewards(scores: torch.Tensor, logp: torch.Tensor, ref_logp: torch.Ten
         c, has_c = _clamp_args(clamp)
         if block_t is None:
             block_t = min(triton.next_power_of_2(T), 1024)
-        _shaped_rewards_kernel[(B,)](sc, lp, rf, m, rew, kl, T, float(kl_coef), c,
-                                     ESTIMATOR=ESTIMATOR_CODE[estimator], HAS_CLAMP=has_c, BLOCK_T=block_t)
+        _shaped_rewards_kernel[(B,)](
+            sc,
+            lp,
+            rf,
+            m,
+            rew,
+            kl,
+            T,
+            float(kl_coef),
+            c,
+            ESTIMATOR=ESTIMATOR_CODE[estimator],
+            HAS_CLAMP=has_c,
+            BLOCK_T=block_t,
+        )
     return rew, kl

@@ -44,8 +44,12 @@ def _logits_tile(h_ptr, w_ptr, b_ptr, params_ptr, rows, row_ok, cols, col_ok, H,
     for k0 in range(0, H, BLOCK_H):
         ks = k0 + tl.arange(0, BLOCK_H)
         k_ok = ks < H
-        a = tl.load(h_ptr + rows[:, None] * stride_h + ks[None, :], mask=row_ok[:, None] & k_ok[None, :], other=0.0)
-        b = tl.load(w_ptr + cols[None, :] * stride_w + ks[:, None], mask=col_ok[None, :] & k_ok[:, None], other=0.0)
+        a = tl.load(
+            h_ptr + rows[:, None] * stride_h + ks[None, :], mask=row_ok[:, None] & k_ok[None, :], other=0.0
+        )
+        b = tl.load(
+            w_ptr + cols[None, :] * stride_w + ks[:, None], mask=col_ok[None, :] & k_ok[:, None], other=0.0
+        )
         if UPCAST:
             a, b = a.to(ACC), b.to(ACC)
         acc = tl.dot(a, b, acc, input_precision=PRECISION, out_dtype=ACC)  # (BLOCK_N, BLOCK_V)
@@ -139,13 +143,21 @@ def _bwd_kernel(h_ptr, w_ptr, b_ptr, params_ptr, labels_ptr, lse_ptr, hfull_ptr,
         ks = k0 + tl.arange(0, BLOCK_H)
         k_ok = ks < H
         if NEED_DH:
-            w = tl.load(w_ptr + cols[:, None] * stride_w + ks[None, :], mask=col_ok[:, None] & k_ok[None, :], other=0.0)
+            w = tl.load(
+                w_ptr + cols[:, None] * stride_w + ks[None, :],
+                mask=col_ok[:, None] & k_ok[None, :],
+                other=0.0,
+            )
             if UPCAST:
                 w = w.to(ACC)
             dh = tl.dot(du_in, w, input_precision=PRECISION, out_dtype=ACC)  # (BLOCK_N, BLOCK_H)
             tl.atomic_add(dh_ptr + rows[:, None] * H + ks[None, :], dh, mask=row_ok[:, None] & k_ok[None, :])
         if NEED_DW:
-            a = tl.load(h_ptr + rows[:, None] * stride_h + ks[None, :], mask=row_ok[:, None] & k_ok[None, :], other=0.0)
+            a = tl.load(
+                h_ptr + rows[:, None] * stride_h + ks[None, :],
+                mask=row_ok[:, None] & k_ok[None, :],
+                other=0.0,
+            )
             if UPCAST:
                 a = a.to(ACC)
             dw = tl.dot(tl.trans(du_in), a, input_precision=PRECISION, out_dtype=ACC)  # (BLOCK_V, BLOCK_H)
@@ -173,7 +185,9 @@ def _upcast(hidden: torch.Tensor) -> bool:
 
 
 def _params(hidden: torch.Tensor, scale: float, softcap: float | None, temperature: float) -> torch.Tensor:
-    return torch.tensor([scale, softcap or 1.0, temperature], dtype=_acc_dtype(hidden.dtype), device=hidden.device)
+    return torch.tensor(
+        [scale, softcap or 1.0, temperature], dtype=_acc_dtype(hidden.dtype), device=hidden.device
+    )
 
 
 def linear_logprobs_fwd(hidden, weight, bias, labels, *, temperature, ignore_index, entropy, softcap, scale):

@@ -115,24 +115,35 @@ class PackedBatch(_TensorBatch):
 class MicroBatchPlan:
     """Which sequences each rank runs in each micro-batch, and what the plan costs.
 
-    microbatches:  microbatches[rank][step] is a list of sequence indices; every rank has the same number
-                   of steps. A step is empty only when a rank has fewer sequences than steps.
-    rank_tokens:   real tokens per rank
-    padding:       tokens added when each micro-batch is padded to its longest sequence
-    padded_tokens: real + padding tokens, what a padded layout computes on
-    imbalance:     max / mean of ``rank_tokens`` (1.0 is perfect; 1.0 when every length is 0)
+    microbatches:       microbatches[rank][step] is a list of sequence indices, longest first; every
+                        rank has the same number of steps, longest micro-batch first. A step is empty
+                        only when a rank has fewer sequences than steps.
+    rank_tokens:        real tokens per rank
+    rank_padded_tokens: per rank, the sum over its micro-batches of count x longest (a padded layout's work)
+    strategy:           "global" (micro-batches cut from all sequences sorted by length, then dealt to
+                        ranks) or "per_rank" (sequences dealt to ranks, then cut); see balanced_microbatches
+    imbalance:          max / mean of ``rank_tokens`` (1.0 is perfect; 1.0 when every length is 0)
     """
 
     microbatches: list[list[list[int]]]
     rank_tokens: list[int]
-    padding: int
-    padded_tokens: int
+    rank_padded_tokens: list[int]
+    strategy: str
     imbalance: float
 
     @property
     def num_steps(self) -> int:
         """Micro-batches per rank (the same on every rank)."""
         return len(self.microbatches[0])
+
+    @property
+    def padded_tokens(self) -> int:
+        return sum(self.rank_padded_tokens)
+
+    @property
+    def padding(self) -> int:
+        """Pad tokens when every micro-batch is padded to its longest sequence."""
+        return self.padded_tokens - sum(self.rank_tokens)
 
     @property
     def padding_fraction(self) -> float:
@@ -368,19 +379,17 @@ def balanced_microbatches(lengths, *, max_tokens: int, num_ranks: int) -> MicroB
     if arr.dtype.kind not in "iu":
         raise TypeError(f"lengths has dtype {arr.dtype}; pass integer token counts")
     if _C is not None:
-        plan, rank_tokens, padding, padded = _C.balanced_microbatches(
-            np.ascontiguousarray(arr, dtype=np.int64), max_tokens, num_ranks
-        )
+        out = _C.balanced_microbatches(np.ascontiguousarray(arr, dtype=np.int64), max_tokens, num_ranks)
     else:
-        out = _ref.balanced_microbatches(arr.tolist(), max_tokens, num_ranks)
-        plan, rank_tokens = out["microbatches"], out["rank_tokens"]
-        padding, padded = out["padding"], out["padded_tokens"]
+        ref = _ref.balanced_microbatches(arr.tolist(), max_tokens, num_ranks)
+        out = (ref["microbatches"], ref["rank_tokens"], ref["rank_padded_tokens"], ref["strategy"])
+    plan, rank_tokens, rank_padded, strategy = out
     mean = sum(rank_tokens) / num_ranks
     return MicroBatchPlan(
         microbatches=plan,
         rank_tokens=rank_tokens,
-        padding=padding,
-        padded_tokens=padded,
+        rank_padded_tokens=rank_padded,
+        strategy=strategy,
         imbalance=max(rank_tokens) / mean if mean > 0 else 1.0,
     )
 

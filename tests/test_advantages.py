@@ -33,6 +33,18 @@ def test_gae_matches_reference(backend, gamma, lam, kind, T, dtype):
     assert (adv[~mask] == 0).all() and (ret[~mask] == 0).all()
 
 
+@pytest.mark.parametrize("kind", ["holes", "right"])
+def test_gae_long_rows(backend, kind):
+    # T = 1024 crosses 32 chunks of the torch path and the kernel's 1024-wide block edge is exact
+    rewards, values = _gae_inputs(4, 1024, torch.float32)
+    mask = make_mask(4, 1024, kind)
+    adv, ret = gae(rewards, values, mask, 1.0, 0.95)
+    eager = ref.gae(rewards, values, mask, 1.0, 0.95)
+    truth = ref.gae(rewards.double(), values.double(), mask, 1.0, 0.95)
+    assert_tolerance(adv, eager[0], truth[0], name=f"{backend}/advantages")
+    assert_tolerance(ret, eager[1], truth[1], name=f"{backend}/returns")
+
+
 def test_gae_masking_convention():
     # one row, hand-computed: valid tokens at t = 1 and t = 3 (hole at 2, padding at 0 and 4)
     g, l = 0.9, 0.5

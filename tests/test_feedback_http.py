@@ -11,7 +11,13 @@ import urllib.request
 import pytest
 import torch
 
-from rlaif_fast.feedback import BackendError, HFBackend, OpenAICompatibleBackend, PairwiseLabeler, ScoreLabeler
+from rlaif_fast.feedback import (
+    BackendError,
+    HFBackend,
+    OpenAICompatibleBackend,
+    PairwiseLabeler,
+    ScoreLabeler,
+)
 from rlaif_fast.feedback.serve import CompletionServer
 from tests.test_feedback_labelers import CONTEXTS, RESP_A, RESP_B, gpt2_tokenizer, tiny_gpt2
 
@@ -43,16 +49,23 @@ def _client(srv, **kw):
 
 def test_echo_logprobs_follow_vllm_semantics(server, model_and_tok):
     model, tok = model_and_tok
-    body = json.dumps({"model": "tiny", "prompt": ["Hello world", "Hi"], "max_tokens": 0, "echo": True,
-                       "logprobs": 2}).encode()
-    req = urllib.request.Request(server.url + "/completions", data=body, method="POST",
-                                 headers={"Authorization": f"Bearer {KEY}", "Content-Type": "application/json"})
+    body = json.dumps(
+        {"model": "tiny", "prompt": ["Hello world", "Hi"], "max_tokens": 0, "echo": True, "logprobs": 2}
+    ).encode()
+    req = urllib.request.Request(
+        server.url + "/completions",
+        data=body,
+        method="POST",
+        headers={"Authorization": f"Bearer {KEY}", "Content-Type": "application/json"},
+    )
     with urllib.request.urlopen(req, timeout=10) as resp:
         out = json.loads(resp.read())
     c0 = out["choices"][0]
     lp = c0["logprobs"]
     assert c0["text"] == "Hello world" and lp["tokens"] == ["Hello", " world"] and lp["text_offset"] == [0, 5]
-    assert lp["token_logprobs"][0] is None and lp["top_logprobs"][0] is None and len(lp["top_logprobs"][1]) == 2
+    assert (
+        lp["token_logprobs"][0] is None and lp["top_logprobs"][0] is None and len(lp["top_logprobs"][1]) == 2
+    )
     ids = tok("Hello world")["input_ids"]
     with torch.no_grad():
         ref = torch.log_softmax(model(input_ids=torch.tensor([ids])).logits[0, 0].float(), -1)[ids[1]].item()

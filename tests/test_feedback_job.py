@@ -46,12 +46,19 @@ def test_three_input_formats_and_hh_split(tmp_path, shared_data):
         *hh_rows(shared_data, 2),
     ]
     pairs = list(read_pairs(write_jsonl(tmp_path / "in.jsonl", rows)))
-    assert (pairs[0].context, pairs[0].response_a, pairs[0].response_b, pairs[0].human_a) == ("P", "good", "bad", True)
+    assert (pairs[0].context, pairs[0].response_a, pairs[0].response_b, pairs[0].human_a) == (
+        "P",
+        "good",
+        "bad",
+        True,
+    )
     assert pairs[1].id == "x7" and pairs[1].human_a is None
     hh = pairs[2]
     assert hh.context.startswith("\n\nHuman: what are some pranks") and hh.context.endswith("\n\nAssistant:")
     assert hh.response_a.startswith(" No, sorry!") and hh.response_b.startswith(" There are lots of funny")
-    assert hh.context + hh.response_a == rows[2]["chosen"] and hh.context + hh.response_b == rows[2]["rejected"]
+    assert (
+        hh.context + hh.response_a == rows[2]["chosen"] and hh.context + hh.response_b == rows[2]["rejected"]
+    )
     # content ids are stable across reads (resume depends on it) and distinct
     assert [p.id for p in read_pairs(tmp_path / "in.jsonl")] == [p.id for p in pairs]
     assert len({p.id for p in pairs}) == 4
@@ -62,14 +69,17 @@ def test_three_input_formats_and_hh_split(tmp_path, shared_data):
 
 
 def test_malformed_lines_are_reported_with_line_numbers(tmp_path):
-    path = write_jsonl(tmp_path / "in.jsonl", [
-        {"prompt": "P", "chosen": "a", "rejected": "b"},
-        '{"prompt": "P", "chosen": ',
-        {"foo": 1},
-        "",
-        {"context": "c", "response_a": "", "response_b": "b"},
-        {"context": "c", "response_a": "a", "response_b": "b"},
-    ])
+    path = write_jsonl(
+        tmp_path / "in.jsonl",
+        [
+            {"prompt": "P", "chosen": "a", "rejected": "b"},
+            '{"prompt": "P", "chosen": ',
+            {"foo": 1},
+            "",
+            {"context": "c", "response_a": "", "response_b": "b"},
+            {"context": "c", "response_a": "a", "response_b": "b"},
+        ],
+    )
     errors = []
     assert len(list(read_pairs(path, errors=errors))) == 2
     assert [e.line_no for e in errors] == [2, 3, 5]
@@ -98,10 +108,18 @@ class CountingBackend:
 
 
 def _cfg(tmp_path, inp, out, **kw):
-    return LabelJobConfig(input=str(inp), out=str(out), labeler="hf:unused", template="harmlessness",
-                          batch_size=3, progress=False, **kw)
+    return LabelJobConfig(
+        input=str(inp),
+        out=str(out),
+        labeler="hf:unused",
+        template="harmlessness",
+        batch_size=3,
+        progress=False,
+        **kw,
+    )
 
 
+@pytest.mark.filterwarnings("ignore:a prompt's preamble")  # long HH turns at max_length=256: expected
 def test_kill_and_resume_loses_and_duplicates_nothing(tmp_path, shared_data):
     inp = write_jsonl(tmp_path / "in.jsonl", hh_rows(shared_data, 11))
     backend = HFBackend(tiny_gpt2(n_positions=512), gpt2_tokenizer(shared_data), batch_size=6, max_length=256)
@@ -133,11 +151,23 @@ def test_cli_strict_and_summary(tmp_path, shared_data, capsys):
     model_dir = tmp_path / "labeler"
     tiny_gpt2().save_pretrained(model_dir)
     gpt2_tokenizer(shared_data).save_pretrained(model_dir)
-    inp = write_jsonl(tmp_path / "in.jsonl", [
-        {"prompt": "Say hi", "chosen": "hi", "rejected": "go away"}, "not json",
-        {"context": "Q", "response_a": "yes", "response_b": "no"},
-    ])
-    args = ["--in", str(inp), "--out", str(tmp_path / "o.jsonl"), "--labeler", f"hf:{model_dir}", "--no-progress"]
+    inp = write_jsonl(
+        tmp_path / "in.jsonl",
+        [
+            {"prompt": "Say hi", "chosen": "hi", "rejected": "go away"},
+            "not json",
+            {"context": "Q", "response_a": "yes", "response_b": "no"},
+        ],
+    )
+    args = [
+        "--in",
+        str(inp),
+        "--out",
+        str(tmp_path / "o.jsonl"),
+        "--labeler",
+        f"hf:{model_dir}",
+        "--no-progress",
+    ]
     assert label_main(args + ["--strict"]) == 2
     assert "in.jsonl:2: " in capsys.readouterr().err
     assert label_main(args) == 0
@@ -155,9 +185,25 @@ def test_sigkilled_cli_job_resumes(tmp_path, shared_data):
     gpt2_tokenizer(shared_data).save_pretrained(model_dir)
     inp = write_jsonl(tmp_path / "in.jsonl", hh_rows(shared_data, 40))
     out = tmp_path / "out.jsonl"
-    cmd = [sys.executable, "-m", "rlaif_fast.cli", "label", "--in", str(inp), "--out", str(out), "--labeler",
-           f"hf:{model_dir}", "--template", "harmlessness", "--batch-size", "2", "--max-length", "256",
-           "--no-progress"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "rlaif_fast.cli",
+        "label",
+        "--in",
+        str(inp),
+        "--out",
+        str(out),
+        "--labeler",
+        f"hf:{model_dir}",
+        "--template",
+        "harmlessness",
+        "--batch-size",
+        "2",
+        "--max-length",
+        "256",
+        "--no-progress",
+    ]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.time() + 120
@@ -174,3 +220,20 @@ def test_sigkilled_cli_job_resumes(tmp_path, shared_data):
     ids = [r["id"] for r in read_out(out)]
     assert len(ids) == len(set(ids)) == 40
     assert torch.tensor([r["p_a"] for r in read_out(out)]).isfinite().all()
+
+
+def test_make_backend_specs(shared_data, monkeypatch):
+    from rlaif_fast.feedback import OpenAICompatibleBackend, PairwiseLabeler, make_backend
+
+    monkeypatch.setenv("MY_KEY", "sk-from-env")
+    cfg = LabelJobConfig(input="a.jsonl", out="b.jsonl", labeler="http://127.0.0.1:9/v1", api_key_env="MY_KEY")
+    http = make_backend(cfg.labeler, cfg)
+    assert isinstance(http, OpenAICompatibleBackend) and http.on_error == "nan" and http._api_key == "sk-from-env"
+    llama = make_backend(f"llama2c:{shared_data / 'stories260K' / 'stories260K.bin'}")
+    assert isinstance(llama, HFBackend) and llama.max_length == 512
+    (lab,) = PairwiseLabeler(llama, "summarization").label(["Tom had a ball."], ["Tom had a ball."], ["A cat."])
+    assert 0.0 <= lab.p_a <= 1.0
+    with pytest.raises(ValueError, match="need an existing llama2.c .bin"):
+        make_backend(f"llama2c:{shared_data}")
+    with pytest.raises(ValueError, match="labeler='gpt2'"):
+        LabelJobConfig(input="a", out="b", labeler="gpt2")

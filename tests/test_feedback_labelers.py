@@ -33,7 +33,9 @@ def tiny_gpt2(n_positions: int = 256, seed: int = 0):
     return model
 
 
-def naive_candidate_logprobs(model, tokenizer, prompt_ids: list[int], cand_ids: list[list[int]]) -> torch.Tensor:
+def naive_candidate_logprobs(
+    model, tokenizer, prompt_ids: list[int], cand_ids: list[list[int]]
+) -> torch.Tensor:
     """log P(candidate | prompt) by one full forward per candidate over prompt + candidate, all logits."""
     out = []
     for c in cand_ids:
@@ -126,7 +128,7 @@ def test_context_truncated_from_left_keeps_responses_and_ending(shared_data):
     ids = backend.encode_prompt(parts, 64)
     assert len(ids) == 64
     tail = tok(parts.tail, add_special_tokens=False)["input_ids"]
-    assert ids[-len(tail):] == tail  # responses + ending intact
+    assert ids[-len(tail) :] == tail  # responses + ending intact
     assert tok.decode(ids).startswith(tpl.preamble[:40])  # preamble intact, context cut from its left
     # the labeler runs on it (a 64-position model would fail on the untruncated prompt)
     labels = PairwiseLabeler(backend, tpl).label([long_ctx], ["first answer"], ["second answer"])
@@ -175,8 +177,12 @@ def test_multi_token_ten_on_stories260k(shared_data):
 
 
 def test_chain_of_thought_two_steps(shared_data):
-    lab = PairwiseLabeler(HFBackend(tiny_gpt2(), gpt2_tokenizer(shared_data)), "summarization",
-                          chain_of_thought=True, max_rationale_tokens=4)
+    lab = PairwiseLabeler(
+        HFBackend(tiny_gpt2(), gpt2_tokenizer(shared_data)),
+        "summarization",
+        chain_of_thought=True,
+        max_rationale_tokens=4,
+    )
     (x,) = lab.label(["text"], ["one"], ["two"])
     assert x.rationales is not None and len(x.rationales) == 2 and all(len(r) > 0 for r in x.rationales)
     assert 0.0 <= x.p_a <= 1.0
@@ -230,3 +236,24 @@ def test_rule_reward():
         RuleReward(lambda p, c: [float("nan")])(["a"], ["b"])
     with pytest.raises(TypeError, match="needs a callable"):
         RuleReward(3)
+
+
+def test_batches_respect_row_and_token_budgets(shared_data):
+    backend = HFBackend(tiny_gpt2(), gpt2_tokenizer(shared_data), batch_size=3, max_batch_tokens=20)
+    seqs = [[0] * n for n in (5, 9, 2, 9, 4, 1, 7)]
+    batches = backend._batches(seqs)
+    assert sorted(i for b in batches for i in b) == list(range(7))  # every row exactly once
+    for b in batches:
+        widths = [len(seqs[i]) for i in b]
+        assert widths == sorted(widths, reverse=True) and len(b) <= 3
+        assert len(b) == 1 or len(b) * widths[0] <= 20
+    # a single row longer than the budget still runs, alone
+    assert HFBackend(tiny_gpt2(), gpt2_tokenizer(shared_data), max_batch_tokens=4)._batches(
+        [[0] * 9, [0]]
+    ) == [[0], [1]]
+    with pytest.raises(ValueError, match="max_batch_tokens must be >= 1"):
+        HFBackend(tiny_gpt2(), gpt2_tokenizer(shared_data), max_batch_tokens=0)
+    with pytest.raises(ValueError, match="tokenizer=None"):
+        HFBackend(tiny_gpt2())
+    with pytest.raises(ValueError, match="does not exist"):
+        HFBackend("/nonexistent/labeler")

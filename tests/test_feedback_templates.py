@@ -36,11 +36,22 @@ def test_substitution_is_one_pass_and_brace_safe():
 
 
 def test_few_shot_exemplars_precede_the_sample():
-    t = Template(name="fs", preamble="P\n", sample="T {context} | {first} | {second}\n", ending="Best=",
-                 exemplars=({"context": "x", "first": "y", "second": "z", "preferred": "2"},))
+    t = Template(
+        name="fs",
+        preamble="P\n",
+        sample="T {context} | {first} | {second}\n",
+        ending="Best=",
+        exemplars=({"context": "x", "first": "y", "second": "z", "preferred": "2"},),
+    )
     assert t.render_pairwise("c", "a", "b") == "P\nT x | y | z\nBest=2\n\nT c | a | b\nBest="
     with pytest.raises(ValueError, match="exemplar 0 must have"):
-        Template(name="fs", preamble="", sample="{context}{first}{second}", ending="", exemplars=({"context": "x"},))
+        Template(
+            name="fs",
+            preamble="",
+            sample="{context}{first}{second}",
+            ending="",
+            exemplars=({"context": "x"},),
+        )
 
 
 def test_user_templates_from_files(tmp_path):
@@ -48,8 +59,17 @@ def test_user_templates_from_files(tmp_path):
     txt.write_text("Dialogue: {context}\nA) {first}\nB) {second}\nWinner=", encoding="utf-8")
     assert load_template(str(txt)).render_pairwise("hi", "a", "b") == "Dialogue: hi\nA) a\nB) b\nWinner="
     js = tmp_path / "mine.json"
-    js.write_text(json.dumps({"preamble": "Pick.\n", "sample": "{context}/{first}/{second}\n", "ending": "=",
-                              "score_sample": "{context}/{response}\n", "score_ending": "Score="}))
+    js.write_text(
+        json.dumps(
+            {
+                "preamble": "Pick.\n",
+                "sample": "{context}/{first}/{second}\n",
+                "ending": "=",
+                "score_sample": "{context}/{response}\n",
+                "score_ending": "Score=",
+            }
+        )
+    )
     t = load_template(js)
     assert t.name == "mine" and t.render_pairwise("c", "a", "b") == "Pick.\nc/a/b\n="
     assert t.render_score("c", "r") == "c/r\nScore="

@@ -171,13 +171,17 @@ def test_linear_ppo_policy_loss_matches_float64(backend, dtype):
     old_logp = old_logp + 0.3 * torch.randn(B, T)
     ref_logp = old_logp + 0.1 * torch.randn(B, T)
     adv = torch.randn(B, T)
-    knobs = dict(clip_eps=0.2, clip_eps_high=0.28, kl_coef=0.05, entropy_coef=0.01, loss_agg="seq-mean-token-mean")
+    knobs = dict(
+        clip_eps=0.2, clip_eps_high=0.28, kl_coef=0.05, entropy_coef=0.01, loss_agg="seq-mean-token-mean"
+    )
 
     def full_logits_loss(h, w, b, out_dtype):
         # (B, T, V) logits materialized in the dtype of h, then the same loss function
         lp, ent = _eager(h, w, labels, b, None, None, 0.9)
         o = lambda x: x.to(out_dtype)
-        return ppo_loss_from_logprobs(lp, o(old_logp), o(adv), mask, entropy=ent, ref_logp=o(ref_logp), **knobs)
+        return ppo_loss_from_logprobs(
+            lp, o(old_logp), o(adv), mask, entropy=ent, ref_logp=o(ref_logp), **knobs
+        )
 
     ours_in = _leaves(hidden, weight, bias)
     loss, stats = linear_ppo_policy_loss(

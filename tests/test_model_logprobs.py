@@ -18,7 +18,7 @@ def _gpt2(vocab=211):
     cfg = transformers.GPT2Config(
         vocab_size=vocab, n_embd=32, n_layer=2, n_head=2, n_positions=64, bos_token_id=0, eos_token_id=0
     )
-    return transformers.GPT2LMHeadModel(cfg)  # tied embeddings
+    return transformers.GPT2LMHeadModel(cfg).eval()  # tied embeddings; eval: no dropout
 
 
 def _llama():
@@ -26,7 +26,7 @@ def _llama():
         vocab_size=157, hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
         num_key_value_heads=2, max_position_embeddings=64, tie_word_embeddings=False,
     )  # fmt: skip
-    return transformers.LlamaForCausalLM(cfg)  # untied, grouped-query attention
+    return transformers.LlamaForCausalLM(cfg).eval()  # untied, grouped-query attention
 
 
 def _qwen2():
@@ -34,7 +34,7 @@ def _qwen2():
         vocab_size=163, hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
         num_key_value_heads=2, max_position_embeddings=64, tie_word_embeddings=True,
     )  # fmt: skip
-    return transformers.Qwen2ForCausalLM(cfg)  # q/k/v biases, tied
+    return transformers.Qwen2ForCausalLM(cfg).eval()  # q/k/v biases, tied
 
 
 MODELS = {"gpt2": _gpt2, "llama": _llama, "qwen2": _qwen2}
@@ -137,10 +137,10 @@ def test_packed_rows_equal_separate_sequences(backend, arch):
 
 
 def test_gpt2_with_the_real_tokenizer(backend, shared_data):
-    tok = transformers.GPT2TokenizerFast(
-        vocab_file=str(shared_data / "gpt2_bpe_tokenizer_whisper" / "vocab.json"),
-        merges_file=str(shared_data / "gpt2_bpe_tokenizer_whisper" / "merges.txt"),
-    )
+    # from_pretrained on the folder: transformers 5 silently builds an EMPTY tokenizer from
+    # GPT2TokenizerFast(vocab_file=..., merges_file=...)
+    tok = transformers.GPT2TokenizerFast.from_pretrained(str(shared_data / "gpt2_bpe_tokenizer_whisper"))
+    assert len(tok) == 50257
     tok.pad_token = tok.eos_token
     tok.padding_side = "left"
     model = _gpt2(vocab=len(tok))

@@ -27,12 +27,23 @@ def build_parser(cls, prog: str, description: str | None = None) -> argparse.Arg
         tp = _base_type(hints[f.name])
         help_ = f.metadata.get("help", "")
         required = f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
-        default = None if required else (f.default if f.default is not dataclasses.MISSING else f.default_factory())
+        default = (
+            None if required else (f.default if f.default is not dataclasses.MISSING else f.default_factory())
+        )
         if tp is bool:
-            parser.add_argument(*flags, dest=f.name, action=argparse.BooleanOptionalAction, default=default, help=help_)
+            parser.add_argument(
+                *flags, dest=f.name, action=argparse.BooleanOptionalAction, default=default, help=help_
+            )
         else:
-            parser.add_argument(*flags, dest=f.name, type=tp, default=default, required=required,
-                                metavar=tp.__name__.upper(), help=f"{help_} (default: {default})" if not required else help_)
+            parser.add_argument(
+                *flags,
+                dest=f.name,
+                type=tp,
+                default=default,
+                required=required,
+                metavar=tp.__name__.upper(),
+                help=f"{help_} (default: {default})" if not required else help_,
+            )
     return parser
 
 

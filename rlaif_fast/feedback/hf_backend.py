@@ -31,13 +31,23 @@ class HFBackend:
     Args:
         model_or_path: a ``PreTrainedModel`` with an output embedding, or a local directory.
         tokenizer: the labeler's own tokenizer (independent of the policy's); loaded from the path if None.
-        batch_size: prompts per forward pass. Both orders of a pair are adjacent, so they share a batch.
+        batch_size: at most this many prompts per forward pass.
+        max_batch_tokens: at most this many padded tokens (rows x longest row) per forward pass, which
+            bounds the activation memory whatever the prompt lengths; None for no bound.
         max_length: token limit per prompt; defaults to the model's position limit.
         device: where to run; defaults to the model's device.
     """
 
-    def __init__(self, model_or_path, tokenizer=None, *, batch_size: int = 16, max_length: int | None = None,
-                 device=None):
+    def __init__(
+        self,
+        model_or_path,
+        tokenizer=None,
+        *,
+        batch_size: int = 16,
+        max_length: int | None = None,
+        max_batch_tokens: int | None = 4096,
+        device=None,
+    ):
         if isinstance(model_or_path, (str, Path)):
             from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -49,7 +59,9 @@ class HFBackend:
         else:
             model = model_or_path
         if not isinstance(model, torch.nn.Module) or model.get_output_embeddings() is None:
-            raise TypeError(f"HFBackend needs a causal LM with an output embedding, got {type(model).__name__}")
+            raise TypeError(
+                f"HFBackend needs a causal LM with an output embedding, got {type(model).__name__}"
+            )
         if tokenizer is None:
             raise ValueError("HFBackend got a model object but tokenizer=None; pass the labeler's tokenizer")
         if int(batch_size) < 1:
@@ -60,11 +72,16 @@ class HFBackend:
         self.device = next(model.parameters()).device
         self.tokenizer = tokenizer
         self.batch_size = int(batch_size)
+        if max_batch_tokens is not None and int(max_batch_tokens) < 1:
+            raise ValueError(f"max_batch_tokens must be >= 1 or None, got {max_batch_tokens!r}")
+        self.max_batch_tokens = None if max_batch_tokens is None else int(max_batch_tokens)
         cfg = model.config
         limit = getattr(cfg, "max_position_embeddings", None) or getattr(cfg, "n_positions", None) or 2048
         self.max_length = int(max_length or limit)
         pad = tokenizer.pad_token_id
-        self.pad_id = pad if pad is not None else (tokenizer.eos_token_id if tokenizer.eos_token_id is not None else 0)
+        self.pad_id = (
+            pad if pad is not None else (tokenizer.eos_token_id if tokenizer.eos_token_id is not None else 0)
+        )
         self._cand_cache: dict = {}
         self._warned_truncation = False
 
@@ -85,7 +102,7 @@ class HFBackend:
         out = []
         for c in candidates:
             full = self._enc(probe + c, False)
-            ids = full[len(base):] if full[: len(base)] == base else self._enc(c, False)
+            ids = full[len(base) :] if full[: len(base)] == base else self._enc(c, False)
             text = self.tokenizer.decode(ids).strip() if ids else ""
             if not ids or (unk is not None and unk in ids and c != self.tokenizer.unk_token) or text != c:
                 raise ValueError(
@@ -97,7 +114,9 @@ class HFBackend:
         self._cand_cache[key] = out
         return out
 
-    def check_candidates(self, candidates: Sequence[str], *, single_token: bool = False, probe: str = "=") -> None:
+    def check_candidates(
+        self, candidates: Sequence[str], *, single_token: bool = False, probe: str = "="
+    ) -> None:
         ids = self.candidate_ids(candidates, probe)
         if single_token:
             multi = {c: i for c, i in zip(candidates, ids) if len(i) != 1}
@@ -120,7 +139,7 @@ class HFBackend:
         keep = limit - len(head) - len(tail)
         if keep >= 0:
             ctx = self._enc(prompt.context, False)
-            return head + (ctx[len(ctx) - keep:] if keep else []) + tail
+            return head + (ctx[len(ctx) - keep :] if keep else []) + tail
         if not self._warned_truncation:
             warnings.warn(
                 f"a prompt's preamble, responses and ending alone take {len(head) + len(tail)} tokens > "
@@ -135,8 +154,8 @@ class HFBackend:
         ids = torch.full((len(seqs), width), self.pad_id, dtype=torch.long)
         mask = torch.zeros((len(seqs), width), dtype=torch.long)
         for i, s in enumerate(seqs):
-            ids[i, width - len(s):] = torch.tensor(s, dtype=torch.long)
-            mask[i, width - len(s):] = 1
+            ids[i, width - len(s) :] = torch.tensor(s, dtype=torch.long)
+            mask[i, width - len(s) :] = 1
         return ids.to(self.device), mask.to(self.device)
 
     # ---- scoring ----
@@ -144,7 +163,9 @@ class HFBackend:
         """Backbone hidden states of the last ``n_last`` positions: (B, n_last, H). Never the [B, T, V] logits."""
         ids, mask = self._pad_left(seqs)  # (B, T)
         position_ids = (mask.cumsum(-1) - 1).clamp(min=0)
-        out = self.model.base_model(input_ids=ids, attention_mask=mask, position_ids=position_ids, use_cache=False)
+        out = self.model.base_model(
+            input_ids=ids, attention_mask=mask, position_ids=position_ids, use_cache=False
+        )
         return out.last_hidden_state[:, -n_last:]  # (B, n_last, H)
 
     def _head(self, h: torch.Tensor, rows=None) -> torch.Tensor:
@@ -188,23 +209,45 @@ class HFBackend:
         cand = self.candidate_ids(candidates, tail[-16:] or "=")
         extra = max(len(c) for c in cand) - 1
         seqs = [self.encode_prompt(p, self.max_length - extra) for p in prompts]
-        order = sorted(range(len(seqs)), key=lambda i: -len(seqs[i]))
         out = torch.empty((len(seqs), len(cand)), dtype=torch.float64)
-        for start in range(0, len(order), self.batch_size):
-            idx = order[start : start + self.batch_size]
+        for idx in self._batches(seqs):
             out[idx] = self._score_batch([seqs[i] for i in idx], cand)
         return out
+
+    def _batches(self, seqs: list[list[int]]) -> list[list[int]]:
+        """Indices longest first, cut into batches of <= batch_size rows and <= max_batch_tokens padded tokens.
+
+        Both orders of a pair have nearly the same length, so they land in the same batch.
+        """
+        order = sorted(range(len(seqs)), key=lambda i: -len(seqs[i]))
+        batches, cur = [], []
+        for i in order:
+            width = len(seqs[cur[0]]) if cur else len(seqs[i])  # the first row is the longest
+            full = len(cur) >= self.batch_size or (
+                self.max_batch_tokens is not None and (len(cur) + 1) * width > self.max_batch_tokens
+            )
+            if cur and full:
+                batches.append(cur)
+                cur = []
+            cur.append(i)
+        return batches + [cur] if cur else batches
 
     @torch.no_grad()
     def generate(self, prompts: Sequence, *, max_new_tokens: int = 64) -> list[str]:
         """Greedy continuations (the chain-of-thought rationale), decoded without special tokens."""
         seqs = [self.encode_prompt(p, self.max_length - max_new_tokens) for p in prompts]
-        texts = []
-        for start in range(0, len(seqs), self.batch_size):
-            ids, mask = self._pad_left(seqs[start : start + self.batch_size])
+        texts = [""] * len(seqs)
+        for idx in self._batches(seqs):
+            ids, mask = self._pad_left([seqs[i] for i in idx])
             out = self.model.generate(
-                input_ids=ids, attention_mask=mask, max_new_tokens=max_new_tokens, do_sample=False,
+                input_ids=ids,
+                attention_mask=mask,
+                max_new_tokens=max_new_tokens,
+                do_sample=False,
                 pad_token_id=self.pad_id,
             )
-            texts += self.tokenizer.batch_decode(out[:, ids.shape[1]:], skip_special_tokens=True)
+            for i, text in zip(
+                idx, self.tokenizer.batch_decode(out[:, ids.shape[1] :], skip_special_tokens=True)
+            ):
+                texts[i] = text
         return texts

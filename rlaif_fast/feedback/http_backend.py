@@ -47,8 +47,18 @@ class OpenAICompatibleBackend:
         on_error: "raise" (BackendError) or "nan" (the failed prompt's row is NaN; others still count).
     """
 
-    def __init__(self, base_url: str, model: str, api_key: str | None = None, *, timeout: float = 30.0,
-                 max_retries: int = 3, backoff: float = 0.5, concurrency: int = 8, on_error: str = "raise"):
+    def __init__(
+        self,
+        base_url: str,
+        model: str,
+        api_key: str | None = None,
+        *,
+        timeout: float = 30.0,
+        max_retries: int = 3,
+        backoff: float = 0.5,
+        concurrency: int = 8,
+        on_error: str = "raise",
+    ):
         if not isinstance(base_url, str) or not base_url.startswith(("http://", "https://")):
             raise ValueError(f"base_url must start with http:// or https://, got {base_url!r}")
         if on_error not in ("raise", "nan"):
@@ -77,8 +87,9 @@ class OpenAICompatibleBackend:
         headers = {"Content-Type": "application/json"}
         if self._api_key:
             headers["Authorization"] = f"Bearer {self._api_key}"
-        req = urllib.request.Request(f"{self.base_url}/completions", data=json.dumps(body).encode(),
-                                     headers=headers, method="POST")
+        req = urllib.request.Request(
+            f"{self.base_url}/completions", data=json.dumps(body).encode(), headers=headers, method="POST"
+        )
         self._count("requests")
         try:
             with urllib.request.urlopen(req, timeout=self.timeout) as resp:
@@ -86,7 +97,9 @@ class OpenAICompatibleBackend:
         except urllib.error.HTTPError as exc:
             if exc.code >= 500 or exc.code == 429:
                 raise _Retryable(f"HTTP {exc.code}") from None
-            raise BackendError(f"{self.base_url}/completions answered HTTP {exc.code}: {exc.read()[:200]!r}") from None
+            raise BackendError(
+                f"{self.base_url}/completions answered HTTP {exc.code}: {exc.read()[:200]!r}"
+            ) from None
         except (urllib.error.URLError, TimeoutError, ConnectionError, OSError) as exc:
             raise _Retryable(f"{type(exc).__name__}: {exc}") from None
         try:
@@ -109,7 +122,9 @@ class OpenAICompatibleBackend:
             except _Retryable as exc:
                 last = exc
         self._count("failures")
-        raise BackendError(f"{self.base_url}/completions failed after {self.max_retries + 1} attempts: {last}")
+        raise BackendError(
+            f"{self.base_url}/completions failed after {self.max_retries + 1} attempts: {last}"
+        )
 
     def _map(self, fn, items) -> list:
         with ThreadPoolExecutor(max_workers=self.concurrency) as pool:
@@ -120,8 +135,14 @@ class OpenAICompatibleBackend:
         return p.text if isinstance(p, PromptParts) else p
 
     def _one_prompt(self, text: str, candidates: Sequence[str]) -> list[float]:
-        body = {"model": self.model, "prompt": [text + c for c in candidates], "max_tokens": 0, "echo": True,
-                "logprobs": 0, "temperature": 0}
+        body = {
+            "model": self.model,
+            "prompt": [text + c for c in candidates],
+            "max_tokens": 0,
+            "echo": True,
+            "logprobs": 0,
+            "temperature": 0,
+        }
         try:
             choices = sorted(self._post(body)["choices"], key=lambda c: c.get("index", 0))
             out = []
@@ -131,14 +152,18 @@ class OpenAICompatibleBackend:
                 ends = [o + len(t) for o, t in zip(lp["text_offset"], lp["tokens"])]
                 vals = [v for e, v in zip(ends, lp["token_logprobs"]) if e > len(text) and v is not None]
                 if not vals:
-                    raise BackendError(f"the server echoed no candidate token after a prompt of {len(text)} chars")
+                    raise BackendError(
+                        f"the server echoed no candidate token after a prompt of {len(text)} chars"
+                    )
                 out.append(float(sum(vals)))
             if len(out) != len(candidates):
                 raise BackendError(f"the server returned {len(out)} choices for {len(candidates)} candidates")
             return out
         except (KeyError, TypeError) as exc:
             if self.on_error == "raise":
-                raise BackendError(f"the server's logprobs block is missing {exc}; does it support echo?") from None
+                raise BackendError(
+                    f"the server's logprobs block is missing {exc}; does it support echo?"
+                ) from None
             return [math.nan] * len(candidates)
         except BackendError:
             if self.on_error == "raise":
@@ -154,7 +179,12 @@ class OpenAICompatibleBackend:
         """Greedy continuations (temperature 0). Failures give "" with on_error="nan"."""
 
         def one(p):
-            body = {"model": self.model, "prompt": self._text(p), "max_tokens": int(max_new_tokens), "temperature": 0}
+            body = {
+                "model": self.model,
+                "prompt": self._text(p),
+                "max_tokens": int(max_new_tokens),
+                "temperature": 0,
+            }
             try:
                 return str(self._post(body)["choices"][0]["text"])
             except (BackendError, KeyError, IndexError, TypeError):

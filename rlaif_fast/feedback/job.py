@@ -26,16 +26,31 @@ from rlaif_fast.feedback.pairs import Pair, read_pairs
 class LabelJobConfig:
     """Label preference pairs with an AI labeler (RLAIF paper: both orders, soft labels)."""
 
-    input: str = field(metadata={"help": "pairs JSONL (.gz ok): {prompt,chosen,rejected}, {context,response_a,"
-                                         "response_b} or HH-RLHF {chosen,rejected}", "flags": ("--in", "--input")})
+    input: str = field(
+        metadata={
+            "help": "pairs JSONL (.gz ok): {prompt,chosen,rejected}, {context,response_a,"
+            "response_b} or HH-RLHF {chosen,rejected}",
+            "flags": ("--in", "--input"),
+        }
+    )
     out: str = field(metadata={"help": "output preferences JSONL (appended to; resumable)"})
-    labeler: str = field(metadata={"help": "hf:LOCAL_MODEL_DIR or http:BASE_URL (OpenAI-compatible /v1)"})
-    template: str = field(default="summarization", metadata={"help": "built-in name, template file or string"})
+    labeler: str = field(
+        metadata={"help": "hf:LOCAL_MODEL_DIR, llama2c:MODEL.bin (tok512.bin beside it) or http://HOST:PORT/v1"}
+    )
+    template: str = field(
+        default="summarization", metadata={"help": "built-in name, template file or string"}
+    )
     chain_of_thought: bool = field(default=False, metadata={"help": "generate a rationale before scoring"})
-    batch_size: int = field(default=16, metadata={"help": "pairs per labeling call (2x prompts: both orders)"})
-    max_length: int | None = field(default=None, metadata={"help": "token limit per prompt (hf); context cut from the left"})
+    batch_size: int = field(
+        default=16, metadata={"help": "pairs per labeling call (2x prompts: both orders)"}
+    )
+    max_length: int | None = field(
+        default=None, metadata={"help": "token limit per prompt (hf); context cut from the left"}
+    )
     model: str = field(default="default", metadata={"help": "served model name (http)"})
-    api_key_env: str = field(default="OPENAI_API_KEY", metadata={"help": "environment variable with the API key (http)"})
+    api_key_env: str = field(
+        default="OPENAI_API_KEY", metadata={"help": "environment variable with the API key (http)"}
+    )
     timeout: float = field(default=30.0, metadata={"help": "seconds per HTTP request"})
     max_retries: int = field(default=3, metadata={"help": "HTTP retries with exponential backoff"})
     concurrency: int = field(default=8, metadata={"help": "HTTP requests in flight"})
@@ -44,8 +59,10 @@ class LabelJobConfig:
     progress: bool = field(default=True, metadata={"help": "show a tqdm progress bar"})
 
     def __post_init__(self):
-        if not self.labeler.startswith(("hf:", "http:", "https:")):
-            raise ValueError(f"labeler={self.labeler!r}: use hf:LOCAL_MODEL_DIR or http://HOST:PORT/v1")
+        if not self.labeler.startswith(("hf:", "llama2c:", "http:", "https:")):
+            raise ValueError(
+                f"labeler={self.labeler!r}: use hf:LOCAL_MODEL_DIR, llama2c:MODEL.bin or http://HOST:PORT/v1"
+            )
         if self.batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {self.batch_size}")
         if self.limit is not None and self.limit < 0:
@@ -57,15 +74,31 @@ class LabelJobConfig:
 def make_backend(spec: str, cfg: LabelJobConfig | None = None):
     """``hf:PATH`` -> HFBackend; ``http://...`` or ``http:URL`` -> OpenAICompatibleBackend (failures -> NaN rows)."""
     cfg = cfg or LabelJobConfig(input="-", out="-.out", labeler=spec)
-    if spec.startswith("hf:"):
+    if spec.startswith(("hf:", "llama2c:")):
         from rlaif_fast.feedback.hf_backend import HFBackend
 
-        return HFBackend(spec[3:], batch_size=2 * cfg.batch_size, max_length=cfg.max_length)
+        if spec.startswith("hf:"):
+            return HFBackend(spec[3:], batch_size=2 * cfg.batch_size, max_length=cfg.max_length)
+        # llama2c:MODEL.bin — a llama2.c checkpoint with its tok512.bin tokenizer in the same folder
+        from rlaif_fast.models.llama2c import Llama2cTokenizer, load_llama2c
+
+        path = Path(spec[len("llama2c:") :])
+        if not path.is_file() or not (path.parent / "tok512.bin").is_file():
+            raise ValueError(f"labeler {spec!r}: need an existing llama2.c .bin with tok512.bin beside it")
+        model, tok = load_llama2c(path), Llama2cTokenizer(str(path.parent / "tok512.bin"))
+        return HFBackend(model, tok, batch_size=2 * cfg.batch_size, max_length=cfg.max_length)
     from rlaif_fast.feedback.http_backend import OpenAICompatibleBackend
 
     url = spec[5:] if spec.startswith("http:") and not spec.startswith("http://") else spec
-    return OpenAICompatibleBackend(url, cfg.model, os.environ.get(cfg.api_key_env), timeout=cfg.timeout,
-                                   max_retries=cfg.max_retries, concurrency=cfg.concurrency, on_error="nan")
+    return OpenAICompatibleBackend(
+        url,
+        cfg.model,
+        os.environ.get(cfg.api_key_env),
+        timeout=cfg.timeout,
+        max_retries=cfg.max_retries,
+        concurrency=cfg.concurrency,
+        on_error="nan",
+    )
 
 
 def _done_ids(out: Path) -> set[str]:
@@ -111,8 +144,13 @@ def _records(batch: list[Pair], labels) -> tuple[list[str], int]:
         if not math.isfinite(lab.p_a):
             failed += 1
             continue
-        rec = {"id": pair.id, "context": pair.context, "response_a": pair.response_a,
-               "response_b": pair.response_b, **lab.to_dict()}
+        rec = {
+            "id": pair.id,
+            "context": pair.context,
+            "response_a": pair.response_a,
+            "response_b": pair.response_b,
+            **lab.to_dict(),
+        }
         if rec["rationales"] is None:
             del rec["rationales"]
         if pair.human_a is not None:
@@ -130,8 +168,11 @@ def run_label_job(cfg: LabelJobConfig, backend=None) -> dict:
     out = Path(cfg.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     done = _done_ids(out)
-    labeler = PairwiseLabeler(backend if backend is not None else make_backend(cfg.labeler, cfg), cfg.template,
-                              chain_of_thought=cfg.chain_of_thought)
+    labeler = PairwiseLabeler(
+        backend if backend is not None else make_backend(cfg.labeler, cfg),
+        cfg.template,
+        chain_of_thought=cfg.chain_of_thought,
+    )
     errors: list = []
     stats = {"skipped_done": 0, "duplicates": 0, "failed": 0, "new": 0}
     seen, batch = set(done), []
@@ -140,11 +181,14 @@ def run_label_job(cfg: LabelJobConfig, backend=None) -> dict:
 
     def flush(f):
         try:
-            labels = labeler.label([p.context for p in batch], [p.response_a for p in batch],
-                                   [p.response_b for p in batch])
+            labels = labeler.label(
+                [p.context for p in batch], [p.response_a for p in batch], [p.response_b for p in batch]
+            )
             lines, failed = _records(batch, labels)
         except (RuntimeError, ValueError, OSError) as exc:  # one bad batch never ends the job
-            print(f"label: a batch of {len(batch)} pairs failed: {type(exc).__name__}: {exc}", file=sys.stderr)
+            print(
+                f"label: a batch of {len(batch)} pairs failed: {type(exc).__name__}: {exc}", file=sys.stderr
+            )
             lines, failed = [], len(batch)
         f.write("".join(lines))  # whole lines in one write, then fsync: a kill leaves at most a torn tail
         f.flush()
@@ -171,8 +215,13 @@ def run_label_job(cfg: LabelJobConfig, backend=None) -> dict:
     for err in errors:
         print(f"label: skipped malformed line {err}", file=sys.stderr)
     elapsed = time.perf_counter() - t0
-    return {**stats, "malformed_lines": [e.line_no for e in errors], "seconds": round(elapsed, 3),
-            "pairs_per_s": round(stats["new"] / elapsed, 3) if elapsed > 0 else None, **summarize(out)}
+    return {
+        **stats,
+        "malformed_lines": [e.line_no for e in errors],
+        "seconds": round(elapsed, 3),
+        "pairs_per_s": round(stats["new"] / elapsed, 3) if elapsed > 0 else None,
+        **summarize(out),
+    }
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -75,8 +75,13 @@ def pair_label_from_orders(p_first_ab: float, p_first_ba: float) -> PairLabel:
     """Combine P("1") of order (a, b) and P("1") of order (b, a) into a debiased :class:`PairLabel`."""
     p_ab, p_ba = float(p_first_ab), 1.0 - float(p_first_ba)
     p_a = 0.5 * (p_ab + p_ba)
-    return PairLabel(p_a=p_a, p_a_ab=p_ab, p_a_ba=p_ba, consistent=(p_ab > 0.5) == (p_ba > 0.5),
-                     entropy=_binary_entropy(p_a))
+    return PairLabel(
+        p_a=p_a,
+        p_a_ab=p_ab,
+        p_a_ba=p_ba,
+        consistent=(p_ab > 0.5) == (p_ba > 0.5),
+        entropy=_binary_entropy(p_a),
+    )
 
 
 class PairwiseLabeler:
@@ -93,8 +98,14 @@ class PairwiseLabeler:
         max_rationale_tokens: length of the generated rationale.
     """
 
-    def __init__(self, backend, template="summarization", *, chain_of_thought: bool = False,
-                 max_rationale_tokens: int = 64):
+    def __init__(
+        self,
+        backend,
+        template="summarization",
+        *,
+        chain_of_thought: bool = False,
+        max_rationale_tokens: int = 64,
+    ):
         self.backend = backend
         self.template = load_template(template)
         self.chain_of_thought = bool(chain_of_thought)
@@ -111,7 +122,9 @@ class PairwiseLabeler:
             parts.append(self.template.pairwise_parts(c, b, a, chain_of_thought=self.chain_of_thought))
         return parts
 
-    def label(self, contexts: Sequence[str], responses_a: Sequence[str], responses_b: Sequence[str]) -> list[PairLabel]:
+    def label(
+        self, contexts: Sequence[str], responses_a: Sequence[str], responses_b: Sequence[str]
+    ) -> list[PairLabel]:
         """Soft, position-debiased preferences P(a > b), one :class:`PairLabel` per pair."""
         contexts = _check_texts("contexts", contexts)
         responses_a = _check_texts("responses_a", responses_a, len(contexts))
@@ -185,7 +198,9 @@ class RuleReward:
 
     def __init__(self, fn: Callable[[list[str], list[str]], Sequence[float]]):
         if not callable(fn):
-            raise TypeError(f"RuleReward needs a callable (prompts, completions) -> scores, got {type(fn).__name__}")
+            raise TypeError(
+                f"RuleReward needs a callable (prompts, completions) -> scores, got {type(fn).__name__}"
+            )
         self.fn = fn
 
     def __call__(self, prompts: Sequence[str], completions: Sequence[str]) -> list[float]:
@@ -196,7 +211,9 @@ class RuleReward:
             out = out.detach().double().flatten().tolist()
         out = [float(x) for x in out]
         if len(out) != len(prompts):
-            raise ValueError(f"the rule returned {len(out)} scores for {len(prompts)} completions; return one each")
+            raise ValueError(
+                f"the rule returned {len(out)} scores for {len(prompts)} completions; return one each"
+            )
         bad = [(i, x) for i, x in enumerate(out) if not math.isfinite(x)]
         if bad:
             raise ValueError(f"the rule returned non-finite scores at (index, value) {bad[:5]}")

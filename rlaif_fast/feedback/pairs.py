@@ -44,7 +44,9 @@ def split_dialogue(chosen: str, rejected: str) -> tuple[str, str, str]:
         i += 1
     cut = chosen.rfind(ASSISTANT, 0, i)  # the last Assistant turn lying wholly in the shared prefix
     if cut < 0:
-        raise ValueError(f"the dialogues share no {ASSISTANT!r} turn before they differ; give a 'prompt' field")
+        raise ValueError(
+            f"the dialogues share no {ASSISTANT!r} turn before they differ; give a 'prompt' field"
+        )
     cut += len(ASSISTANT)
     return chosen[:cut], chosen[cut:], rejected[cut:]
 

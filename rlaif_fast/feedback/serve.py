@@ -54,7 +54,9 @@ class _Handler(BaseHTTPRequestHandler):
         if not self._authorized():
             return self._json(401, {"error": {"message": "invalid or missing API key"}})
         if self.path.rstrip("/") == "/v1/models":
-            return self._json(200, {"object": "list", "data": [{"id": self.server.owner.model_name, "object": "model"}]})
+            return self._json(
+                200, {"object": "list", "data": [{"id": self.server.owner.model_name, "object": "model"}]}
+            )
         self._json(404, {"error": {"message": f"no route {self.path}"}})
 
     def do_POST(self):
@@ -98,8 +100,19 @@ class CompletionServer:
     Use as a context manager, or ``start()`` / ``stop()``. ``port=0`` picks a free port (see ``url``).
     """
 
-    def __init__(self, model, tokenizer, *, host: str = "127.0.0.1", port: int = 0, api_key: str | None = None,
-                 model_name: str = "local", failures=(), hang_s: float = 2.0, verbose: bool = False):
+    def __init__(
+        self,
+        model,
+        tokenizer,
+        *,
+        host: str = "127.0.0.1",
+        port: int = 0,
+        api_key: str | None = None,
+        model_name: str = "local",
+        failures=(),
+        hang_s: float = 2.0,
+        verbose: bool = False,
+    ):
         bad = [f for f in failures if f not in FAULTS]
         if bad:
             raise ValueError(f"unknown injected failures {bad}; use any of {FAULTS}")
@@ -166,7 +179,11 @@ class CompletionServer:
         with self._lock:
             for _ in range(max_tokens):
                 lp = self._logprobs(ids)[-1]  # (V,)
-                nxt = int(lp.argmax()) if temperature == 0 else int(torch.multinomial((lp / temperature).softmax(-1), 1))
+                nxt = (
+                    int(lp.argmax())
+                    if temperature == 0
+                    else int(torch.multinomial((lp / temperature).softmax(-1), 1))
+                )
                 ids.append(nxt)
                 gen_lp.append(float(lp[nxt]))
                 if nxt == self.tokenizer.eos_token_id:
@@ -200,8 +217,13 @@ class CompletionServer:
         if not isinstance(prompts, list) or not all(isinstance(p, str) for p in prompts):
             raise TypeError("prompt must be a string or a list of strings")
         choices = [self._choice(i, p, req) for i, p in enumerate(prompts)]
-        return {"id": f"cmpl-{time.time_ns()}", "object": "text_completion", "created": int(time.time()),
-                "model": self.model_name, "choices": choices}
+        return {
+            "id": f"cmpl-{time.time_ns()}",
+            "object": "text_completion",
+            "created": int(time.time()),
+            "model": self.model_name,
+            "choices": choices,
+        }
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -209,15 +231,24 @@ def main(argv: list[str] | None = None) -> int:
 
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    p = argparse.ArgumentParser(prog="python -m rlaif_fast.feedback.serve", description=__doc__.split("\n")[0])
+    p = argparse.ArgumentParser(
+        prog="python -m rlaif_fast.feedback.serve", description=__doc__.split("\n")[0]
+    )
     p.add_argument("--model", required=True, help="local directory of a transformers causal LM")
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=8000)
     p.add_argument("--api-key-env", default=None, help="name of the environment variable holding the API key")
     a = p.parse_args(argv)
     key = os.environ.get(a.api_key_env) if a.api_key_env else None
-    srv = CompletionServer(AutoModelForCausalLM.from_pretrained(a.model), AutoTokenizer.from_pretrained(a.model),
-                           host=a.host, port=a.port, api_key=key, model_name=a.model, verbose=True)
+    srv = CompletionServer(
+        AutoModelForCausalLM.from_pretrained(a.model),
+        AutoTokenizer.from_pretrained(a.model),
+        host=a.host,
+        port=a.port,
+        api_key=key,
+        model_name=a.model,
+        verbose=True,
+    )
     print(f"serving {a.model} at {srv.url}", flush=True)
     try:
         srv._httpd.serve_forever()

@@ -114,7 +114,9 @@ class Template:
         ending = self.cot_ending if chain_of_thought else self.ending
         return PromptParts(self.preamble + self._few_shot() + p.head, p.context, p.tail + ending)
 
-    def render_pairwise(self, context: str, first: str, second: str, *, chain_of_thought: bool = False) -> str:
+    def render_pairwise(
+        self, context: str, first: str, second: str, *, chain_of_thought: bool = False
+    ) -> str:
         """Exactly the text the labeler reads before its "1"/"2" token (use it to train a labeler)."""
         return self.pairwise_parts(context, first, second, chain_of_thought=chain_of_thought).text
 
@@ -161,7 +163,9 @@ class Template:
             known = {f.name for f in dataclasses.fields(cls)}
             unknown = sorted(set(data) - known)
             if unknown:
-                raise ValueError(f"template file {str(path)!r} has unknown fields {unknown}; known: {sorted(known)}")
+                raise ValueError(
+                    f"template file {str(path)!r} has unknown fields {unknown}; known: {sorted(known)}"
+                )
             data.setdefault("name", path.stem)
             data.setdefault("preamble", "")
             data.setdefault("ending", "")
@@ -177,7 +181,9 @@ def load_template(spec) -> Template:
     if isinstance(spec, Template):
         return spec
     if not isinstance(spec, (str, Path)):
-        raise TypeError(f"template must be a Template, a built-in name, a path or a string, got {type(spec).__name__}")
+        raise TypeError(
+            f"template must be a Template, a built-in name, a path or a string, got {type(spec).__name__}"
+        )
     s = str(spec)
     if s in BUILTIN:
         return BUILTIN[s]

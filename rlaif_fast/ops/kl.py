@@ -176,7 +176,13 @@ def kl_shaped_rewards(
             return kernels.shaped_rewards(scores, logp, ref_logp, mask, kl_coef, estimator, clamp, out_dtype)
         if backend == "reference":
             return ref.kl_shaped_rewards(
-                scores.to(out_dtype), logp.to(out_dtype), ref_logp.to(out_dtype), mask, kl_coef, estimator, clamp
+                scores.to(out_dtype),
+                logp.to(out_dtype),
+                ref_logp.to(out_dtype),
+                mask,
+                kl_coef,
+                estimator,
+                clamp,
             )
         return _shaped_rewards_torch(scores, logp, ref_logp, mask, kl_coef, estimator, clamp, out_dtype)
 

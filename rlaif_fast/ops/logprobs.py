@@ -14,9 +14,10 @@ import torch
 from rlaif_fast._backend import select_backend
 from rlaif_fast._checks import check_float, check_int, check_positive, check_same_device
 
-# Bound on one chunk's fp32 temporary in the torch path. 4 MiB keeps a chunk (and the two temporaries
-# made from it) inside a CPU's L2/L3, which measured faster than 32 MiB chunks at V = 32000.
-CHUNK_BYTES = 4 * 2**20
+# Bound on one chunk's fp32 temporary in the torch path (two such temporaries are alive at once).
+# At V = 32000 that is 128 rows, the size at which per-chunk overheads stopped mattering on 2 cores
+# (8-row chunks were 3-4x slower); see benchmarks/results/ops.md.
+CHUNK_BYTES = 16 * 2**20
 
 
 def check_labels_in_range(labels: torch.Tensor, vocab: int, ignore_index: int) -> None:
@@ -67,24 +68,26 @@ def _torch_forward(logits, labels, temperature, ignore_index, want_entropy):
     N = labels.numel()
     lab = labels.reshape(-1)
     logp = torch.empty(N, dtype=out_dtype, device=logits.device)
-    ent = torch.empty(N, dtype=out_dtype, device=logits.device)
+    ent = torch.zeros(N, dtype=out_dtype, device=logits.device)
     lse = torch.empty(N, dtype=out_dtype, device=logits.device)
     for r0, chunk in _rows_view(logits):
         r1 = r0 + chunk.shape[0]
-        z = chunk.to(out_dtype) / temperature  # (c, V): the only chunk-sized temporary besides p
-        l_c = torch.logsumexp(z, dim=-1)  # (c,)
+        z = chunk.to(out_dtype)  # (c, V); no copy for fp32 logits, never written to
+        if temperature != 1.0:
+            z = z / temperature
+        log_p = torch.log_softmax(z, dim=-1)  # (c, V): one vectorized kernel, the chunk's main temporary
         y = lab[r0:r1]
         use = y != ignore_index
-        z_y = z.gather(1, torch.where(use, y, 0).long().unsqueeze(1)).squeeze(1)
-        logp[r0:r1] = torch.where(use, (z_y - l_c).clamp(max=0.0), 0.0)
-        lse[r0:r1] = l_c
+        idx = torch.where(use, y, 0).long().unsqueeze(1)  # (c, 1)
+        lp_y = log_p.gather(1, idx).squeeze(1)
+        # the backward recomputes p = exp(z' - lse); lse = z'_y - log p_y needs no extra pass
+        lse[r0:r1] = z.gather(1, idx).squeeze(1) - lp_y
+        logp[r0:r1] = torch.where(use, lp_y.clamp(max=0.0), 0.0)
         if want_entropy:
-            # H = -Σ p log p: a sum of non-negative terms, no cancellation of logit-sized numbers
-            log_p = z.sub_(l_c.unsqueeze(1))  # (c, V), in z's buffer (z_y was gathered above)
+            # H = -Σ p log p, p · log p in p's buffer: no third chunk-sized temporary. (A BLAS batched
+            # dot was no faster and summed 10x less accurately than torch's cascade sum at V = 2053.)
             h = log_p.exp().mul_(log_p).sum(-1).neg_()
             ent[r0:r1] = torch.where(use, h, 0.0)
-        else:
-            ent[r0:r1] = 0.0
     return logp, ent, lse
 
 

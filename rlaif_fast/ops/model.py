@@ -30,17 +30,26 @@ def _backbone(model):
 
 
 def _head_transform(config) -> dict:
-    """Logit transforms some architectures apply after lm_head, as linear_token_logprobs knobs."""
+    """Logit transforms some architectures apply after lm_head, as linear_token_logprobs knobs:
+    Gemma's final soft-cap; a multiplier before it (Cohere ``logit_scale``, ``output_multiplier``,
+    Falcon-H1 ``lm_head_multiplier``); Granite / MiniCPM3 divide by ``logits_scaling`` (HyperCLOVA X
+    multiplies by it)."""
+    if hasattr(config, "get_text_config"):
+        config = config.get_text_config()  # vision-language models: the language model's config
     knobs = {}
-    cap = getattr(config, "final_logit_softcapping", None)  # Gemma 2/3
+    cap = getattr(config, "final_logit_softcapping", None)
     if cap:
         knobs["softcap"] = float(cap)
-    scale = getattr(config, "logit_scale", None)  # Cohere
-    divide = getattr(config, "logits_scaling", None)  # Granite divides
+    scale = None
+    for name in ("logit_scale", "output_multiplier", "lm_head_multiplier"):
+        if getattr(config, name, None) is not None:
+            scale = float(getattr(config, name))
+            break
+    divide = getattr(config, "logits_scaling", None)
+    if scale is None and divide is not None:
+        scale = float(divide) if getattr(config, "model_type", "") == "hyperclovax" else 1.0 / float(divide)
     if scale is not None and scale != 1.0:
-        knobs["logit_scale"] = float(scale)
-    elif divide is not None and divide != 1.0:
-        knobs["logit_scale"] = 1.0 / float(divide)
+        knobs["logit_scale"] = scale
     return knobs
 
 
@@ -98,7 +107,9 @@ def model_logprobs(
         mask_arg = attention_mask
     else:
         mask_arg = None  # packed: transformers derives the per-sequence causal mask from position ids
-    out = _backbone(model)(input_ids=input_ids, attention_mask=mask_arg, position_ids=position_ids, use_cache=False)
+    out = _backbone(model)(
+        input_ids=input_ids, attention_mask=mask_arg, position_ids=position_ids, use_cache=False
+    )
     hidden = out.last_hidden_state if hasattr(out, "last_hidden_state") else out[0]  # (B, T, H)
 
     B, T = input_ids.shape

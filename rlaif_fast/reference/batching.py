@@ -118,15 +118,17 @@ def unpack(values: list, cu_seqlens: list[int]) -> list[list]:
     return [values[a:b] for a, b in zip(cu_seqlens[:-1], cu_seqlens[1:])]
 
 
-
 # ----------------------------------------------------------------------------------- micro-batch plans
 #
-# The plan is made in three steps, each mirrored one to one by csrc/balance.cpp:
-# 1. cut_by_length: all sequences, longest first, cut into micro-batches whose padded size
-#    (count x longest) fits max_tokens. Cutting the global order (not each rank's share) keeps
-#    neighbours of similar length together: on 4096 long-tailed rollouts it pads ~2% instead of ~11%.
-# 2. split_to_multiple: split the fullest micro-batch until every rank can get the same number.
-# 3. karmarkar_karp_equal + refine_swaps: micro-batches to ranks, equal counts, balanced real tokens.
+# Two candidate plans, each step mirrored one to one by csrc/balance.cpp; the cheaper one wins:
+# - "global": all sequences, longest first, cut at the padded budget (count x longest <= max_tokens),
+#   split up to a multiple of the rank count, micro-batches dealt to ranks by Karmarkar-Karp with equal
+#   counts, then swaps of micro-batches and moves of single sequences. Neighbours of similar length
+#   stay together: on 4096 long-tailed rollouts it pads ~2% where cutting each rank's share pads ~11%.
+# - "per rank": sequences dealt to ranks by Karmarkar-Karp, each rank's share cut longest first,
+#   counts equalized by splitting. Near-perfect balance, more padding; it wins on small batches,
+#   where a few micro-batches are too coarse to balance.
+# Cost of a plan: the padded tokens of its busiest rank (what the slowest rank computes), then steps.
 
 
 def check_lengths(lengths: list[int], max_tokens: int) -> None:
@@ -140,12 +142,11 @@ def check_lengths(lengths: list[int], max_tokens: int) -> None:
             )
 
 
-def cut_by_length(lengths: list[int], max_tokens: int) -> list[list[int]]:
-    """Sequences ordered by (length desc, index asc), cut greedily where count x longest would pass
+def cut_by_length(lengths: list[int], members: list[int], max_tokens: int) -> list[list[int]]:
+    """``members`` ordered by (length desc, index asc), cut greedily where count x longest would pass
     ``max_tokens``. On a sorted order the greedy cut gives the fewest micro-batches."""
-    order = sorted(range(len(lengths)), key=lambda i: (-lengths[i], i))
     batches: list[list[int]] = []
-    for i in order:
+    for i in sorted(members, key=lambda i: (-lengths[i], i)):
         if batches and (len(batches[-1]) + 1) * lengths[batches[-1][0]] <= max_tokens:
             batches[-1].append(i)
         else:
@@ -153,14 +154,14 @@ def cut_by_length(lengths: list[int], max_tokens: int) -> list[list[int]]:
     return batches
 
 
-def split_to_multiple(batches: list[list[int]], k: int) -> list[list[int]]:
-    """Split the micro-batch with the most sequences (first on ties) in two, in place of it, until the
-    count is a multiple of ``k``; once every micro-batch holds one sequence, append empty ones.
-    Splitting a length-sorted micro-batch never adds padding and never breaks the budget."""
+def split_to(batches: list[list[int]], target: int) -> list[list[int]]:
+    """Split the micro-batch with the most sequences (first on ties) in two, in place of it, until there
+    are ``target``; once every micro-batch holds one sequence, append empty ones. Splitting a
+    length-sorted micro-batch never adds padding and never breaks the budget."""
     batches = [list(b) for b in batches]
-    while len(batches) % k:
-        j = max(range(len(batches)), key=lambda t: (len(batches[t]), -t))
-        if len(batches[j]) < 2:
+    while len(batches) < target:
+        j = max(range(len(batches)), key=lambda t: (len(batches[t]), -t)) if batches else 0
+        if not batches or len(batches[j]) < 2:
             batches.append([])
             continue
         cut = (len(batches[j]) + 1) // 2
@@ -168,26 +169,28 @@ def split_to_multiple(batches: list[list[int]], k: int) -> list[list[int]]:
     return batches
 
 
-def karmarkar_karp_equal(weights: list[int], k: int) -> list[list[int]]:
-    """Largest differencing (Karmarkar & Karp 1982) into ``k`` sets of equal size; len(weights) % k == 0.
+def karmarkar_karp(weights: list[int], k: int, equal_size: bool) -> list[list[int]]:
+    """Largest differencing (Karmarkar & Karp 1982): item indices into ``k`` sets of balanced weight.
 
-    Items sorted by (weight desc, index asc) are dealt in rows of k: each row is a partial solution with
-    one item per set. The two partial solutions with the largest spread (heaviest - lightest set) are
-    merged, heaviest set of one with the lightest of the other, until one remains; every set keeps the
-    same count. Ties go to the oldest partial solution (rows first, then merges in order); sets inside a
-    solution stay sorted heaviest first (stable sort), so C++ and Python agree exactly.
+    Items sorted by (weight desc, index asc) start as partial solutions: one item each with k - 1
+    empty sets, or with ``equal_size`` (len(weights) % k == 0) rows of k items, one per set, so that
+    every set ends with the same count. The two partial solutions with the largest spread (heaviest -
+    lightest set) merge, heaviest set of one with the lightest of the other, until one remains. Ties go
+    to the oldest partial solution; sets stay sorted heaviest first (stable), so C++ and Python agree.
     """
     order = sorted(range(len(weights)), key=lambda i: (-weights[i], i))
-    heap = []
-    for uid, row in enumerate(range(0, len(order), k)):
-        sets = [(weights[i], [i]) for i in order[row : row + k]]
-        heap.append((-(sets[0][0] - sets[-1][0]), uid, sets))
+    if equal_size:
+        rows = [[(weights[i], [i]) for i in order[r : r + k]] for r in range(0, len(order), k)]
+    else:
+        rows = [[(weights[i], [i])] + [(0, []) for _ in range(k - 1)] for i in order]
+    heap = [(-(sets[0][0] - sets[-1][0]), uid, sets) for uid, sets in enumerate(rows)]
     heapq.heapify(heap)
     uid = len(heap)
     while len(heap) > 1:
         _, _, a = heapq.heappop(heap)
         _, _, b = heapq.heappop(heap)
-        merged = [(sa + sb, ma + mb) for (sa, ma), (sb, mb) in zip(a, reversed(b))]
+        # extend the longer member list: a copy per merge would make this quadratic in the items
+        merged = [(sa + sb, ma + mb if len(ma) < 64 else (ma.extend(mb) or ma)) for (sa, ma), (sb, mb) in zip(a, reversed(b))]
         merged.sort(key=lambda s: -s[0])
         heapq.heappush(heap, (-(merged[0][0] - merged[-1][0]), uid, merged))
         uid += 1
@@ -222,21 +225,91 @@ def refine_swaps(weights: list[int], ranks: list[list[int]], max_rounds: int = 1
     return [sorted(r) for r in ranks]
 
 
+def move_score(lengths: list[int], src: list[int], pos: int, dst: list[int], gap: int, max_tokens: int):
+    """Score of moving ``src[pos]`` into ``dst`` (lower is better): the two ranks' new spread plus the
+    padding the move adds (may be negative), in tokens; None if it breaks the budget, empties ``src``
+    or does not beat the current gap."""
+    d = lengths[src[pos]]
+    if len(src) < 2 or not 0 < d < gap:
+        return None
+    dst_max = lengths[dst[0]] if dst else 0
+    new_max = max(dst_max, d)
+    if (len(dst) + 1) * new_max > max_tokens:
+        return None
+    rest_max = lengths[src[1]] if pos == 0 else lengths[src[0]]
+    added_pad = (
+        (len(src) - 1) * rest_max - len(src) * lengths[src[0]] + (len(dst) + 1) * new_max - len(dst) * dst_max
+    )
+    score = abs(gap - 2 * d) + added_pad
+    return score if score < gap else None
+
+
+def refine_moves(lengths, batches, ranks, max_tokens: int, max_rounds: int = 1000) -> list[list[int]]:
+    """Move single sequences from the heaviest rank's micro-batches into the lightest rank's while that
+    narrows their gap by more than it adds padding. A source keeps at least one sequence, so every rank
+    keeps its step count. Best move: the lowest (score, sequence index, destination micro-batch)."""
+    batches = [list(b) for b in batches]
+    loads = [sum(lengths[i] for m in r for i in batches[m]) for r in ranks]
+    for _ in range(max_rounds):
+        h = max(range(len(ranks)), key=lambda r: (loads[r], -r))
+        lo = min(range(len(ranks)), key=lambda r: (loads[r], r))
+        best = None
+        for x in ranks[h]:
+            for pos, s in enumerate(batches[x]):
+                for y in ranks[lo]:
+                    score = move_score(lengths, batches[x], pos, batches[y], loads[h] - loads[lo], max_tokens)
+                    if score is not None and (best is None or (score, s, y) < best[:3]):
+                        best = (score, s, y, x)
+        if best is None:
+            break
+        _, s, y, x = best
+        batches[x].remove(s)
+        batches[y] = sorted(batches[y] + [s], key=lambda i: (-lengths[i], i))  # longest stays first
+        loads[h] -= lengths[s]
+        loads[lo] += lengths[s]
+    return batches
+
+
+def global_plan(lengths: list[int], max_tokens: int, k: int) -> list[list[list[int]]]:
+    batches = cut_by_length(lengths, list(range(len(lengths))), max_tokens)
+    batches = split_to(batches, -(-len(batches) // k) * k)
+    weights = [sum(lengths[i] for i in mb) for mb in batches]
+    ranks = refine_swaps(weights, karmarkar_karp(weights, k, equal_size=True))
+    batches = refine_moves(lengths, batches, ranks, max_tokens)
+    return [[batches[m] for m in r] for r in ranks]
+
+
+def per_rank_plan(lengths: list[int], max_tokens: int, k: int) -> list[list[list[int]]]:
+    plan = [cut_by_length(lengths, members, max_tokens) for members in karmarkar_karp(lengths, k, False)]
+    steps = max(len(b) for b in plan)
+    return [split_to(b, steps) for b in plan]
+
+
+def padded_size(lengths: list[int], mb: list[int]) -> int:
+    return len(mb) * lengths[mb[0]] if mb else 0
+
+
 def balanced_microbatches(lengths: list[int], max_tokens: int, num_ranks: int) -> dict:
     """Split sequence indices into ``num_ranks`` x M micro-batches; see ``rlaif_fast.batching``.
 
-    Returns ``microbatches`` (rank -> micro-batch -> indices, longest micro-batch first, empty ones
-    last), ``rank_tokens`` (real tokens per rank), ``padding`` (sum over micro-batches of
-    count x longest - real tokens) and ``padded_tokens``.
+    Returns ``microbatches`` (rank -> micro-batch -> indices; longest micro-batch first, empty ones
+    last), ``rank_tokens`` (real tokens per rank), ``rank_padded_tokens`` (sum over the rank's
+    micro-batches of count x longest) and ``strategy`` ("global" or "per_rank").
     """
     check_lengths(lengths, max_tokens)
-    batches = split_to_multiple(cut_by_length(lengths, max_tokens), num_ranks)
-    weights = [sum(lengths[i] for i in mb) for mb in batches]
-    ranks = refine_swaps(weights, karmarkar_karp_equal(weights, num_ranks))
-    padded = sum(len(mb) * lengths[mb[0]] for mb in batches if mb)
+    best = None
+    for strategy, make in (("global", global_plan), ("per_rank", per_rank_plan)):
+        plan = make(lengths, max_tokens, num_ranks)
+        cost = (max(sum(padded_size(lengths, mb) for mb in r) for r in plan), len(plan[0]))
+        if best is None or cost < best[0]:
+            best = (cost, strategy, plan)
+    _, strategy, plan = best
+    order = lambda mb: (0, -lengths[mb[0]], mb[0]) if mb else (1, 0, 0)  # noqa: E731
+    plan = [sorted(r, key=order) for r in plan]
+    rank_padded = [sum(padded_size(lengths, mb) for mb in r) for r in plan]
     return {
-        "microbatches": [[batches[m] for m in r] for r in ranks],
-        "rank_tokens": [sum(weights[m] for m in r) for r in ranks],
-        "padding": padded - sum(lengths),
-        "padded_tokens": padded,
+        "microbatches": plan,
+        "rank_tokens": [sum(lengths[i] for mb in r for i in mb) for r in plan],
+        "rank_padded_tokens": rank_padded,
+        "strategy": strategy,
     }

@@ -146,7 +146,9 @@ def masked_mean(x: torch.Tensor, mask: torch.Tensor, dim: int | None = None) -> 
     return torch.where(n > 0, (x * valid).sum(dim) / n.clamp(min=1), 0.0)
 
 
-def masked_whiten(x: torch.Tensor, mask: torch.Tensor, shift_mean: bool = True, eps: float = 1e-8) -> torch.Tensor:
+def masked_whiten(
+    x: torch.Tensor, mask: torch.Tensor, shift_mean: bool = True, eps: float = 1e-8
+) -> torch.Tensor:
     """(x - mean) / sqrt(var + eps) over the valid entries, var unbiased (divides by n - 1; 0 when n = 1).
     With shift_mean=False the mean is added back. 0 at masked positions."""
     valid = mask != 0

@@ -18,7 +18,9 @@ import torch.nn.functional as F
 from rlaif_fast._checks import check_float, check_same_shape
 
 
-def soft_bt_loss(r_a: torch.Tensor, r_b: torch.Tensor, p_a: torch.Tensor, *, reduction: str = "mean") -> torch.Tensor:
+def soft_bt_loss(
+    r_a: torch.Tensor, r_b: torch.Tensor, p_a: torch.Tensor, *, reduction: str = "mean"
+) -> torch.Tensor:
     """Soft-label Bradley-Terry loss. r_a, r_b, p_a: (N,); returns a scalar ("mean"/"sum") or (N,) ("none")."""
     check_float("r_a", r_a)
     check_float("r_b", r_b)

@@ -47,13 +47,16 @@ class RewardModel(nn.Module):
         if attention_mask is None:
             attention_mask = torch.ones_like(input_ids)
         if input_ids.dim() != 2 or attention_mask.shape != input_ids.shape:
-            raise ValueError(f"input_ids and attention_mask must both be (B, T), got {tuple(input_ids.shape)} "
-                             f"and {tuple(attention_mask.shape)}")
+            raise ValueError(
+                f"input_ids and attention_mask must both be (B, T), got {tuple(input_ids.shape)} "
+                f"and {tuple(attention_mask.shape)}"
+            )
         if (attention_mask.sum(-1) == 0).any():
             raise ValueError("a row of attention_mask is all zeros; every sequence needs at least one token")
         position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
-        h = self.backbone(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
-                          use_cache=False).last_hidden_state  # (B, T, H)
+        h = self.backbone(
+            input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=False
+        ).last_hidden_state  # (B, T, H)
         t = attention_mask.shape[1]
         last = t - 1 - attention_mask.flip(-1).long().argmax(-1)  # (B,) last index with mask 1
         h_last = h[torch.arange(h.shape[0], device=h.device), last]  # (B, H)
@@ -64,7 +67,9 @@ class RewardModel(nn.Module):
         path.mkdir(parents=True, exist_ok=True)
         self.backbone.save_pretrained(str(path))
         torch.save(self.head.state_dict(), path / HEAD_FILE)
-        (path / CONFIG_FILE).write_text(json.dumps({"head": "linear_last_token", "hidden": self.head.in_features}))
+        (path / CONFIG_FILE).write_text(
+            json.dumps({"head": "linear_last_token", "hidden": self.head.in_features})
+        )
 
     @classmethod
     def from_pretrained(cls, path) -> RewardModel:
@@ -72,14 +77,17 @@ class RewardModel(nn.Module):
 
         path = Path(path)
         if not (path / HEAD_FILE).is_file():
-            raise ValueError(f"{str(path)!r} holds no {HEAD_FILE}; it was not saved by RewardModel.save_pretrained")
+            raise ValueError(
+                f"{str(path)!r} holds no {HEAD_FILE}; it was not saved by RewardModel.save_pretrained"
+            )
         model = cls(AutoModel.from_pretrained(str(path)))
         model.head.load_state_dict(torch.load(path / HEAD_FILE, weights_only=True))
         return model.eval()
 
 
-def encode_pairs_side(tokenizer, contexts: Sequence[str], responses: Sequence[str], max_length: int,
-                      device=None) -> tuple[torch.Tensor, torch.Tensor]:
+def encode_pairs_side(
+    tokenizer, contexts: Sequence[str], responses: Sequence[str], max_length: int, device=None
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Right-padded (B, T) ids and mask of context + response, the context cut from its left to fit.
 
     The response is kept whole when it fits alone (it is what the reward judges); otherwise its end is cut.
@@ -90,7 +98,7 @@ def encode_pairs_side(tokenizer, contexts: Sequence[str], responses: Sequence[st
         resp = list(tokenizer(r, add_special_tokens=not c)["input_ids"])
         resp = resp[:max_length]
         keep = max_length - len(resp)
-        rows.append((ctx[len(ctx) - keep:] if keep else []) + resp)
+        rows.append((ctx[len(ctx) - keep :] if keep else []) + resp)
     width = max(len(r) for r in rows)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (tokenizer.eos_token_id or 0)
     ids = torch.full((len(rows), width), pad, dtype=torch.long)
@@ -119,8 +127,13 @@ class RewardModelScorer:
         device = next(self.model.parameters()).device
         out: list[float] = []
         for s in range(0, len(prompts), self.batch_size):
-            ids, mask = encode_pairs_side(self.tokenizer, prompts[s : s + self.batch_size],
-                                          completions[s : s + self.batch_size], self.max_length, device)
+            ids, mask = encode_pairs_side(
+                self.tokenizer,
+                prompts[s : s + self.batch_size],
+                completions[s : s + self.batch_size],
+                self.max_length,
+                device,
+            )
             out += self.model(ids, mask).tolist()
         self.model.train(was_training)
         return out

@@ -26,17 +26,25 @@ def _as_record(p, i: int) -> dict:
     rec = p if isinstance(p, dict) else vars(p)
     missing = [k for k in ("response_a", "response_b", "p_a") if k not in rec]
     if missing:
-        raise ValueError(f"pair {i} lacks {missing}; records need context, response_a, response_b and p_a "
-                         "(the output of `rlaif-fast label`)")
+        raise ValueError(
+            f"pair {i} lacks {missing}; records need context, response_a, response_b and p_a "
+            "(the output of `rlaif-fast label`)"
+        )
     p_a = float(rec["p_a"])
     if not 0.0 <= p_a <= 1.0:
         raise ValueError(f"pair {i} has p_a={p_a!r}; soft labels must lie in [0, 1]")
-    return {"context": rec.get("context", ""), "response_a": rec["response_a"], "response_b": rec["response_b"],
-            "p_a": p_a, "human_a": rec.get("human_a")}
+    return {
+        "context": rec.get("context", ""),
+        "response_a": rec["response_a"],
+        "response_b": rec["response_b"],
+        "p_a": p_a,
+        "human_a": rec.get("human_a"),
+    }
 
 
-def evaluate_reward_model(model: RewardModel, tokenizer, pairs, *, batch_size: int = 16,
-                          max_length: int = 512) -> dict:
+def evaluate_reward_model(
+    model: RewardModel, tokenizer, pairs, *, batch_size: int = 16, max_length: int = 512
+) -> dict:
     """Pairwise accuracy against the AI label (p_a > 0.5) and, where known, against humans."""
     recs = [_as_record(p, i) for i, p in enumerate(pairs)]
     if not recs:
@@ -52,9 +60,19 @@ def evaluate_reward_model(model: RewardModel, tokenizer, pairs, *, batch_size: i
     return out
 
 
-def train_reward_model(model: RewardModel, tokenizer, pairs, *, epochs: int = 1, lr: float = 1e-4,
-                       batch_size: int = 8, max_length: int = 512, eval_pairs=None, seed: int = 0,
-                       weight_decay: float = 0.0) -> dict:
+def train_reward_model(
+    model: RewardModel,
+    tokenizer,
+    pairs,
+    *,
+    epochs: int = 1,
+    lr: float = 1e-4,
+    batch_size: int = 8,
+    max_length: int = 512,
+    eval_pairs=None,
+    seed: int = 0,
+    weight_decay: float = 0.0,
+) -> dict:
     """Train ``model`` in place on records with context / response_a / response_b / p_a; return metrics.
 
     Returns ``{"loss": last-epoch mean loss, "losses": per-step, "train": {...}, "eval": {...}}``.
@@ -76,19 +94,27 @@ def train_reward_model(model: RewardModel, tokenizer, pairs, *, epochs: int = 1,
             b = [recs[i] for i in order[s : s + batch_size]]
             ctx = [r["context"] for r in b]
             # both sides in one forward: (2B, T)
-            ids, mask = encode_pairs_side(tokenizer, ctx + ctx, [r["response_a"] for r in b] +
-                                          [r["response_b"] for r in b], max_length, device)
+            ids, mask = encode_pairs_side(
+                tokenizer,
+                ctx + ctx,
+                [r["response_a"] for r in b] + [r["response_b"] for r in b],
+                max_length,
+                device,
+            )
             r = model(ids, mask)  # (2B,)
             p = torch.tensor([x["p_a"] for x in b], dtype=r.dtype, device=device)
-            loss = soft_bt_loss(r[: len(b)], r[len(b):], p)
+            loss = soft_bt_loss(r[: len(b)], r[len(b) :], p)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
             losses.append(loss.item())
     model.eval()
     steps = math.ceil(len(recs) / batch_size)
-    result = {"loss": sum(losses[-steps:]) / steps, "losses": losses,
-              "train": evaluate_reward_model(model, tokenizer, recs, max_length=max_length)}
+    result = {
+        "loss": sum(losses[-steps:]) / steps,
+        "losses": losses,
+        "train": evaluate_reward_model(model, tokenizer, recs, max_length=max_length),
+    }
     if eval_pairs:
         result["eval"] = evaluate_reward_model(model, tokenizer, eval_pairs, max_length=max_length)
     return result
@@ -104,7 +130,9 @@ class RMTrainConfig:
     epochs: int = field(default=1, metadata={"help": "passes over the pairs"})
     lr: float = field(default=1e-5, metadata={"help": "AdamW learning rate"})
     batch_size: int = field(default=8, metadata={"help": "pairs per step (2x sequences per forward)"})
-    max_length: int = field(default=512, metadata={"help": "tokens per sequence; the context is cut from its left"})
+    max_length: int = field(
+        default=512, metadata={"help": "tokens per sequence; the context is cut from its left"}
+    )
     eval_fraction: float = field(default=0.1, metadata={"help": "fraction of pairs held out for evaluation"})
     seed: int = field(default=0, metadata={"help": "shuffle and split seed"})
 
@@ -138,9 +166,17 @@ def main(argv: list[str] | None = None) -> int:
         n_eval = int(len(rows) * cfg.eval_fraction)
         tokenizer = AutoTokenizer.from_pretrained(cfg.base_model)
         model = RewardModel(AutoModel.from_pretrained(cfg.base_model))
-        metrics = train_reward_model(model, tokenizer, rows[n_eval:], epochs=cfg.epochs, lr=cfg.lr,
-                                     batch_size=cfg.batch_size, max_length=cfg.max_length,
-                                     eval_pairs=rows[:n_eval], seed=cfg.seed)
+        metrics = train_reward_model(
+            model,
+            tokenizer,
+            rows[n_eval:],
+            epochs=cfg.epochs,
+            lr=cfg.lr,
+            batch_size=cfg.batch_size,
+            max_length=cfg.max_length,
+            eval_pairs=rows[:n_eval],
+            seed=cfg.seed,
+        )
     except ValueError as exc:
         print(f"rlaif-fast train-rm: error: {exc}", file=sys.stderr)
         return 2

@@ -118,6 +118,12 @@ class Strategy:
     def zero_stage(self) -> int:
         return self.engine.zero_optimization_stage() if self.engine is not None else self.config.zero_stage
 
+    def register_external(self, module: nn.Module, params: list[nn.Parameter]) -> None:
+        """ZeRO-3: gather ``params`` for every forward of ``module`` though another module owns them."""
+        if self.zero_stage == 3:
+            for p in params:
+                self._ds.zero.register_external_parameter(module, p)
+
     def backward(self, loss: torch.Tensor) -> None:
         self.engine.backward(loss)
 

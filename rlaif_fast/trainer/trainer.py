@@ -32,7 +32,7 @@ from rlaif_fast.trainer import checkpoint as ckpt
 from rlaif_fast.trainer.config import RLAIFConfig
 from rlaif_fast.trainer.generation import micro_batches, sample, special_ids, tokenizer_vocab_size
 from rlaif_fast.trainer.logging import MetricsLogger
-from rlaif_fast.trainer.scoring import advantages_and_returns, response_logprobs, response_values, stack_rows
+from rlaif_fast.trainer.scoring import advantages_and_returns, response_logprobs, stack_rows
 from rlaif_fast.trainer.update import ActorCritic, run_update
 
 RewardFn = Callable[[list[str], list[str]], Sequence[float]]
@@ -70,6 +70,9 @@ class RLAIFTrainer:
                            "lr": cfg.value_learning_rate or cfg.learning_rate})
         accum = self.per_rank["mini"] // cfg.micro_batch_size
         self.engine = self.strategy.prepare(self.model, groups, cfg.micro_batch_size, accum)
+        # the fast log-probs read the output embedding outside lm_head.forward: ZeRO-3 must gather it
+        # for the whole ActorCritic forward
+        self.strategy.register_external(self.model, [policy.get_output_embeddings().weight])
         self.global_step = 0
         self.kl_coef = cfg.kl_coef
         if cfg.resume and (latest := ckpt.latest_checkpoint(cfg.output_dir)) is not None:
@@ -104,14 +107,17 @@ class RLAIFTrainer:
 
     def _per_rank_sizes(self) -> dict:
         cfg, world = self.config, self.strategy.world_size
-        if cfg.prompts_per_step % world or cfg.mini_batch_size % world:
-            raise ValueError(f"batch_size // group_size = {cfg.prompts_per_step} prompts and mini_batch_size="
-                             f"{cfg.mini_batch_size} must both divide by the {world} ranks")
+        if cfg.mini_batch_size % world:
+            raise ValueError(f"mini_batch_size={cfg.mini_batch_size} must divide by the {world} ranks")
         mini = cfg.mini_batch_size // world
         if mini % cfg.micro_batch_size:
             raise ValueError(f"micro_batch_size={cfg.micro_batch_size} must divide the per-rank mini-batch "
                              f"mini_batch_size / ranks = {mini}")
-        return {"batch": cfg.batch_size // world, "prompts": cfg.prompts_per_step // world, "mini": mini}
+        if cfg.algorithm in ("rloo", "grpo") and mini % cfg.group_size:
+            raise ValueError(f"{cfg.algorithm} compares the samples of one prompt on one rank: the per-rank "
+                             f"mini-batch mini_batch_size / ranks = {mini} must be a multiple of group_size="
+                             f"{cfg.group_size}")
+        return {"batch": cfg.batch_size // world, "mini": mini}
 
     # ---- one RL step ------------------------------------------------------------------------------
     @property
@@ -134,8 +140,7 @@ class RLAIFTrainer:
             raise ValueError(f"step() got {len(prompts)} prompts; it takes batch_size // group_size = "
                              f"{cfg.prompts_per_step}")
         t0 = time.perf_counter()
-        k = self.per_rank["prompts"]
-        mine = [p for p in prompts[rank * k:(rank + 1) * k] for _ in range(cfg.group_size)]
+        mine = [prompts[g // cfg.group_size] for g in self._my_rows(rank)]
         rollouts = sample(self.policy, self.tokenizer, mine, max_new_tokens=cfg.max_new_tokens,
                           temperature=cfg.temperature, top_p=cfg.top_p, max_prompt_len=cfg.max_prompt_len,
                           device=self.strategy.device)
@@ -150,6 +155,14 @@ class RLAIFTrainer:
         self._adapt_kl(metrics["kl"])
         self.global_step += 1
         return metrics
+
+    def _my_rows(self, rank: int) -> list[int]:
+        """Global rollout rows of this rank. Global mini-batch m is rows [m*M, (m+1)*M) on any number of
+        ranks; rank r holds slice r of each, so every optimizer step sees the same rollouts at any scale."""
+        cfg, world = self.config, self.strategy.world_size
+        per = cfg.mini_batch_size // world
+        return [m * cfg.mini_batch_size + rank * per + j
+                for m in range(cfg.batch_size // cfg.mini_batch_size) for j in range(per)]
 
     def _rewards(self, rollouts) -> torch.Tensor:
         scores = self.reward(rollouts.prompts, rollouts.completions)
@@ -173,14 +186,15 @@ class RLAIFTrainer:
         for b in micro_batches(rollouts, list(range(n)), cfg.micro_batch_size, self.pad_id, fast=fast,
                                batch_width=max(rollouts.lengths())):
             b = _to(b, self.strategy.device)
-            logp, _ = response_logprobs(self.policy, b, temperature=cfg.temperature, fast=fast)
+            # through the engine: under ZeRO-3 that is what gathers the sharded weights
+            logp, _, values = self.engine(b, cfg.temperature, fast, False)
             parts["old_logp"].append((b.rows, logp.cpu()))
             parts["mask"].append((b.rows, b.resp_mask.cpu()))
+            if values is not None:
+                parts["old_values"].append((b.rows, values.cpu()))
             if self.ref is not None:
                 ref, _ = response_logprobs(self.ref, b, temperature=cfg.temperature, fast=fast)
                 parts["ref_logp"].append((b.rows, ref.cpu()))
-            if self.engine.module.value is not None:
-                parts["old_values"].append((b.rows, response_values(self.engine.module.value, b).cpu()))
         data = {k: stack_rows(v, n, width) for k, v in parts.items() if v}
         values = data.get("old_values", torch.zeros(n, width))
         adv, ret, kl = advantages_and_returns(cfg, rollouts.scores, data["old_logp"], data.get("ref_logp"),

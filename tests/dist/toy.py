@@ -93,3 +93,15 @@ def invariance_run(steps: int = 2, **overrides) -> tuple[dict, list[dict]]:
     with trainer.strategy.gathered(trainer.engine.module):
         params = {k: v.detach().clone() for k, v in trainer.engine.module.state_dict().items()}
     return params, history
+
+
+def hf_char_tokenizer():
+    """CharTokenizer's ids as a transformers fast tokenizer (save_pretrained / AutoTokenizer round trip)."""
+    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {"<pad>": 0, "<s>": 1, "</s>": 2, **{c: 3 + i for i, c in enumerate(ALPHABET)}}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="<pad>"))
+    tok.pre_tokenizer = pre_tokenizers.Split(Regex("."), behavior="isolated")
+    tok.decoder = decoders.Fuse()  # characters back to back, no spaces between tokens
+    return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", bos_token="<s>", eos_token="</s>")

@@ -1,0 +1,105 @@
+"""RLAIFConfig validation and the trainer's input checks: every bad input raises before any compute."""
+
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent / "dist"))
+from toy import CharTokenizer, count_a, tiny_gpt2  # noqa: E402
+
+from rlaif_fast.trainer import RLAIFConfig, RLAIFTrainer, ValueModel  # noqa: E402
+
+
+def test_defaults_follow_the_paper():
+    cfg = RLAIFConfig()
+    assert (cfg.algorithm, cfg.kl_coef, cfg.temperature, cfg.gamma) == ("reinforce_baseline", 0.05, 0.9, 1.0)
+    assert cfg.mini_batch_size == cfg.batch_size
+
+
+@pytest.mark.parametrize(
+    "values, match",
+    [
+        ({"algorithm": "dpo"}, "algorithm='dpo'"),
+        ({"batch_size": 6, "group_size": 4}, "group_size=4 does not divide batch_size=6"),
+        ({"algorithm": "grpo", "group_size": 1}, "needs group_size >= 2"),
+        ({"mini_batch_size": 3}, "mini_batch_size=3 must divide batch_size=8"),
+        ({"kl_in": "loss", "kl_estimator": "k1"}, "zero expected gradient"),
+        ({"zero_stage": 4}, "zero_stage=4"),
+        ({"top_p": 0.0}, "top_p=0.0"),
+        ({"learning_rate": float("nan")}, "learning_rate=nan"),
+        ({"micro_batch_size": 0}, "micro_batch_size=0"),
+        ({"bf16": "maybe"}, "bf16='maybe'"),
+        ({"deepspeed_config": "/no/such.json"}, "is not a file"),
+    ],
+)
+def test_bad_config_raises_with_the_rule(values, match):
+    with pytest.raises(ValueError, match=match):
+        RLAIFConfig(**values)
+
+
+def test_from_dict_rejects_unknown_keys_with_a_hint():
+    with pytest.raises(ValueError, match=r"'learning_rte' \(did you mean 'learning_rate'\?\)"):
+        RLAIFConfig.from_dict({"learning_rte": 1e-5})
+    with pytest.raises(TypeError, match="expects a dict"):
+        RLAIFConfig.from_dict([("batch_size", 8)])
+
+
+def test_from_yaml_section_and_roundtrip(tmp_path):
+    path = tmp_path / "run.yaml"
+    path.write_text("rl:\n  algorithm: rloo\n  group_size: 4\n  batch_size: 16\n")
+    cfg = RLAIFConfig.from_yaml(path, section="rl")
+    assert (cfg.algorithm, cfg.group_size, cfg.prompts_per_step) == ("rloo", 4, 4)
+    assert RLAIFConfig.from_dict(cfg.to_dict()) == cfg
+    with pytest.raises(ValueError, match="no section 'policy'"):
+        RLAIFConfig.from_yaml(path, section="policy")
+
+
+def _cfg(**kw):
+    return RLAIFConfig(**{"batch_size": 4, "micro_batch_size": 2, "progress": False, "tensorboard": False, **kw})
+
+
+def _no_compute(monkeypatch):
+    """Any forward of a model fails the test: the checks must fire first."""
+    def boom(*a, **k):
+        raise AssertionError("compute ran before the input check")
+
+    monkeypatch.setattr("rlaif_fast.trainer.strategy.Strategy.__init__", boom)
+
+
+@pytest.mark.parametrize("algorithm", ["ppo", "reinforce_baseline"])
+def test_critic_algorithms_need_a_value_model(algorithm, monkeypatch):
+    _no_compute(monkeypatch)
+    with pytest.raises(ValueError, match="value_model is None"):
+        RLAIFTrainer(tiny_gpt2(), CharTokenizer(), count_a, _cfg(algorithm=algorithm))
+
+
+def test_critic_free_rejects_a_value_model(monkeypatch):
+    _no_compute(monkeypatch)
+    policy = tiny_gpt2()
+    with pytest.raises(ValueError, match="critic-free"):
+        RLAIFTrainer(policy, CharTokenizer(), count_a, _cfg(algorithm="grpo", group_size=2),
+                     value_model=ValueModel.from_policy(policy))
+
+
+def test_vocab_mismatch(monkeypatch):
+    _no_compute(monkeypatch)
+    with pytest.raises(ValueError, match="tokenizer has 30 tokens but the policy embeds only 16"):
+        RLAIFTrainer(tiny_gpt2(), CharTokenizer(extra=16), count_a, _cfg(algorithm="rloo", group_size=2))
+
+
+def test_reward_must_be_callable(monkeypatch):
+    _no_compute(monkeypatch)
+    with pytest.raises(TypeError, match="reward must be a callable"):
+        RLAIFTrainer(tiny_gpt2(), CharTokenizer(), [1.0], _cfg(algorithm="rloo", group_size=2))
+
+
+def test_zero3_refuses_a_model_it_cannot_shard(monkeypatch):
+    _no_compute(monkeypatch)
+    policy = tiny_gpt2()
+    # int8 weights (a quantized layer): ZeRO-3 partitions floating-point parameters only
+    policy.lm_head.register_parameter("qweight", torch.nn.Parameter(torch.zeros(4, dtype=torch.int8),
+                                                                     requires_grad=False))
+    with pytest.raises(ValueError, match="zero_stage=3 cannot shard policy parameter 'lm_head.qweight'"):
+        RLAIFTrainer(policy, CharTokenizer(), count_a, _cfg(algorithm="rloo", group_size=2, zero_stage=3))
