@@ -121,15 +121,18 @@ def test_balanced_microbatches(benchmark, workload, backend):
 # ------------------------------------------------------------------------------------------ the table
 
 
-def timed(fn, *args, repeats: int, **kwargs) -> float:
-    """Median wall time in ms over ``repeats`` calls, after one warm-up call."""
+def timed(fn, *args, repeats: int, **kwargs) -> tuple[float, float]:
+    """Median (wall, CPU) time in ms over ``repeats`` calls, after one warm-up call. CPU time is
+    reported too because the 2-core machine these figures come from is shared: wall time includes
+    waiting for a core."""
     fn(*args, **kwargs)
-    times = []
+    wall, cpu = [], []
     for _ in range(repeats):
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.process_time()
         fn(*args, **kwargs)
-        times.append((time.perf_counter() - t0) * 1e3)
-    return statistics.median(times)
+        wall.append((time.perf_counter() - t0) * 1e3)
+        cpu.append((time.process_time() - c0) * 1e3)
+    return statistics.median(wall), statistics.median(cpu)
 
 
 def main(argv=None) -> None:
@@ -156,26 +159,39 @@ def main(argv=None) -> None:
         use("cpp")
         rows.append((name, cpp, py))
     base = timed(pad_with_pad_sequence, prompts, responses, repeats=args.repeats)
-    print("| op | C++ ms | pure Python ms | pad_sequence ms | vs Python | vs pad_sequence |")
+    print("wall ms (CPU ms)\n")
+    print("| op | C++ | pure Python | pad_sequence | vs Python | vs pad_sequence |")
     print("| --- | ---: | ---: | ---: | ---: | ---: |")
     for name, cpp, py in rows:
-        ref = f"{base:.1f}" if name.startswith("pad") else "-"
-        ratio = f"{base / cpp:.1f}x" if name.startswith("pad") else "-"
-        print(f"| {name} | {cpp:.1f} | {py:.1f} | {ref} | {py / cpp:.1f}x | {ratio} |")
+        is_pad = name.startswith("pad")
+        ref = f"{base[0]:.1f} ({base[1]:.1f})" if is_pad else "-"
+        ratio = f"{base[0] / cpp[0]:.1f}x ({base[1] / cpp[1]:.1f}x)" if is_pad else "-"
+        print(f"| {name} | {cpp[0]:.1f} ({cpp[1]:.1f}) | {py[0]:.1f} ({py[1]:.1f}) | {ref} | "
+              f"{py[0] / cpp[0]:.1f}x ({py[1] / cpp[1]:.1f}x) | {ratio} |")  # fmt: skip
 
     print(f"\nbalanced_microbatches, max_tokens={MAX_TOKENS}, {NUM_RANKS} ranks\n")
-    print("| plan | ms | padding | max/mean rank load | steps |")
-    print("| --- | ---: | ---: | ---: | ---: |")
+    print("| plan | wall ms (CPU ms) | padding | max/mean rank load | steps | strategy |")
+    print("| --- | ---: | ---: | ---: | ---: | --- |")
     for backend in ("cpp", "python"):
         use(backend)
-        ms = timed(batching.balanced_microbatches, lengths, max_tokens=MAX_TOKENS, num_ranks=NUM_RANKS,
-                   repeats=args.repeats)  # fmt: skip
+        wall, cpu = timed(batching.balanced_microbatches, lengths, max_tokens=MAX_TOKENS, num_ranks=NUM_RANKS,
+                          repeats=args.repeats)  # fmt: skip
         plan = batching.balanced_microbatches(lengths, max_tokens=MAX_TOKENS, num_ranks=NUM_RANKS)
-        print(f"| balanced ({backend}) | {ms:.2f} | {plan.padding_fraction:.1%} | {plan.imbalance:.4f} | "
-              f"{plan.num_steps} |")  # fmt: skip
+        print(f"| balanced ({backend}) | {wall:.2f} ({cpu:.2f}) | {plan.padding_fraction:.1%} | "
+              f"{plan.imbalance:.4f} | {plan.num_steps} | {plan.strategy} |")  # fmt: skip
     use("cpp")
     waste, imbalance, steps = fixed_size_plan(lengths)
-    print(f"| fixed-size, input order | - | {waste:.1%} | {imbalance:.4f} | {steps} |")
+    print(f"| fixed-size, input order | - | {waste:.1%} | {imbalance:.4f} | {steps} | - |")
+
+    # smaller batches: fewer micro-batches per rank make the balance coarser
+    print("\n| rollouts | padding | max/mean rank load | steps | strategy | fixed-size padding | fixed-size load |")
+    print("| ---: | ---: | ---: | ---: | --- | ---: | ---: |")
+    for n in (64, 256, 1024, 4096):
+        small = [len(p) + len(r) for p, r in zip(*make_workload(n, seed=1))]
+        plan = batching.balanced_microbatches(small, max_tokens=MAX_TOKENS, num_ranks=NUM_RANKS)
+        waste, imbalance, _ = fixed_size_plan(small)
+        print(f"| {n} | {plan.padding_fraction:.1%} | {plan.imbalance:.3f} | {plan.num_steps} | {plan.strategy} | "
+              f"{waste:.1%} | {imbalance:.3f} |")  # fmt: skip
 
 
 if __name__ == "__main__":

@@ -7,6 +7,7 @@ lastgaelam, stack the columns). Both run in the same process, interleaved, on th
     python benchmarks/bench_gae.py            # prints the table written to benchmarks/results/rl.md
     python benchmarks/bench_gae.py --gpu --out DIR   # lent GPU: Triton kernels, checked, then timed
     TRITON_INTERPRET=1 python benchmarks/bench_gae.py --gpu --smoke   # the same on CPU, tiny sizes
+    TRITON_INTERPRET=1 python benchmarks/bench_gae.py --bytes   # bytes each kernel moves vs the minimum
 """
 
 from __future__ import annotations
@@ -102,9 +103,12 @@ def main(argv=None) -> int:
     p.add_argument("--gpu", action="store_true", help="check and time the Triton kernels on CUDA instead")
     p.add_argument("--smoke", action="store_true", help="with --gpu: tiny sizes (the interpreter on CPU)")
     p.add_argument("--out", default=None, help="with --gpu: folder for rl.json")
+    p.add_argument("--bytes", action="store_true", help="count kernel bytes (needs TRITON_INTERPRET=1)")
     a = p.parse_args(argv)
     if a.gpu:
         return gpu_main(a.out, a.smoke)
+    if a.bytes:
+        return bytes_main()
     if a.threads:
         torch.set_num_threads(a.threads)
     right, holes = make_inputs(), make_inputs(kind="holes")
@@ -200,6 +204,93 @@ def gpu_main(out: str | None, smoke: bool) -> int:
         os.makedirs(out, exist_ok=True)
         with open(os.path.join(out, "rl.json"), "w") as f:
             json.dump({"device": torch.cuda.get_device_name(0) if dev == "cuda" else "cpu", "rows": rows}, f)
+    return 0
+
+
+# ---- bytes moved by the kernels (engineer A's instrumented interpreter) -------------------------------
+
+
+def eager_bytes(fn) -> tuple[int, int]:
+    """(loaded, stored) by the aten ops fn runs, each op reading its inputs once and writing its outputs
+    once (views are free): the bytes eager torch moves through memory, without cache reuse."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+    from torch.utils._pytree import tree_leaves
+
+    def size(xs):
+        return sum(x.numel() * x.element_size() for x in tree_leaves(xs) if isinstance(x, torch.Tensor))
+
+    class Count(TorchDispatchMode):
+        loaded = stored = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            if not func.is_view:
+                Count.loaded += size((args, kwargs))
+                Count.stored += size(out)
+            return out
+
+    with Count():
+        fn()
+    return Count.loaded, Count.stored
+
+
+def bytes_main(b: int = 8, t: int = 300) -> int:
+    """Bytes each kernel loads and stores vs the minimum (inputs read once, outputs written once), with
+    the eager torch ops that compute the same thing beside it."""
+    import os
+    import sys
+
+    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+    from bytes_moved import count_bytes
+    from rlaif_fast.kernels import advantages as gae_kernels
+    from rlaif_fast.kernels import kl as kl_kernels
+
+    def nbytes(*xs):
+        return sum(x.numel() * x.element_size() for x in xs)
+
+    r, v, m = make_inputs(b, t, "right")
+    scores = torch.randn(b)
+    lp, rp, g = -torch.rand(b, t), -torch.rand(b, t), torch.randn(b, t)
+    lp_g, rp_g = lp.clone().requires_grad_(), rp.clone().requires_grad_()
+    kl_eager = ref.kl_penalty(lp_g, rp_g, "k3")
+    f32 = torch.float32
+    minimum = {  # every input read once, every output written once
+        "gae": nbytes(r, v, m) + 2 * nbytes(r),
+        "kl_shaped_rewards": nbytes(scores, lp, rp, m) + 2 * nbytes(lp),
+        "kl_penalty fwd": nbytes(lp, rp) + nbytes(lp),
+        "kl_penalty bwd": nbytes(g, lp, rp) + 2 * nbytes(lp),
+    }
+    cases = [  # name, Triton kernel launch, eager torch doing the same, the eager's name
+        ("gae", lambda: gae_kernels.gae(r, v, m, GAMMA, LAM, f32), lambda: loop_gae(r, v, m), "loop"),
+        ("gae", None, lambda: ours(r, v, m), "rlaif_fast torch path"),
+        (
+            "kl_shaped_rewards",
+            lambda: kl_kernels.shaped_rewards(scores, lp, rp, m, 0.05, "k3", None, f32),
+            lambda: ref.kl_shaped_rewards(scores, lp, rp, m, 0.05, "k3"),
+            "reference",
+        ),
+        (
+            "kl_penalty fwd",
+            lambda: kl_kernels.kl_forward(lp, rp, "k3", None, f32),
+            lambda: ref.kl_penalty(lp, rp, "k3"),
+            "reference",
+        ),
+        (
+            "kl_penalty bwd",
+            lambda: kl_kernels.kl_backward(g, lp, rp, "k3", None, True),
+            lambda: torch.autograd.grad(kl_eager, (lp_g, rp_g), g, retain_graph=True),
+            "autograd",
+        ),
+    ]
+    print(f"bytes moved, B={b}, T={t}, fp32 values, bool mask, k3 (TRITON_INTERPRET=1)")
+    print("| op | minimum bytes | Triton kernel bytes | ratio | eager (which) | eager bytes | eager ratio |")
+    print("| --- | ---: | ---: | ---: | --- | ---: | ---: |")
+    for name, kernel, eager, eager_name in cases:
+        low = minimum[name]
+        k = "" if kernel is None else sum(count_bytes(kernel))
+        k_ratio = "" if kernel is None else f"{k / low:.3f}"
+        e = sum(eager_bytes(eager))
+        print(f"| {name} | {low} | {k} | {k_ratio} | {eager_name} | {e} | {e / low:.2f} |")
     return 0
 
 

@@ -6,9 +6,9 @@ rlaif_fast's chunked path vs the materialized-logits path vs TRL's fused LM head
 - TRL 1.16: ``trl.kernels.ChunkedLogProbFunction``, the autograd function behind
   ``trl.trainer.utils.add_fused_lm_head`` (on CPU its tiles are folded in torch).
 All three return per-token log-probs, backpropagate into hidden and weight, and run in the same
-process, interleaved, on the same inputs. Peak extra memory is measured in a fresh subprocess per case
-(ru_maxrss after the step minus the RSS before it, glibc's mmap threshold pinned so freed buffers
-leave the RSS at once).
+process, interleaved, on the same inputs. Peak extra memory is measured in a fresh subprocess per case:
+peak RSS (VmHWM, reset through /proc/self/clear_refs after the inputs exist) minus the RSS before the
+step, with glibc's mmap threshold pinned so that freed buffers leave the RSS at once.
 
     pytest benchmarks/bench_linear.py -o python_files='bench_*.py' --benchmark-enable --benchmark-only
     python benchmarks/bench_linear.py      # prints the table written to benchmarks/results/linear.md
@@ -90,16 +90,20 @@ def test_linear_trl_fused(benchmark):
 # ---- memory: one subprocess per case ------------------------------------------------------------------
 
 
-def _child(case):
-    import resource
+def _rss_and_peak():
+    with open("/proc/self/status") as f:
+        fields = dict(line.split(":", 1) for line in f)
+    return int(fields["VmRSS"].split()[0]) * 1024, int(fields["VmHWM"].split()[0]) * 1024
 
+
+def _child(case):
     torch.set_num_threads(int(os.environ.get("BENCH_THREADS", "2")))
     hidden, weight, labels = make_inputs()
-    with open("/proc/self/statm") as f:
-        rss_before = int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")  # reset the peak RSS (VmHWM) to the current RSS: setup does not count
+    rss_before, _ = _rss_and_peak()
     step(case, hidden, weight, labels)
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-    print(json.dumps({"case": case, "peak_extra": peak - rss_before}))
+    print(json.dumps({"case": case, "peak_extra": _rss_and_peak()[1] - rss_before}))
 
 
 def peak_extra_bytes(case):

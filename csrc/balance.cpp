@@ -114,7 +114,13 @@ std::vector<Batch> karmarkar_karp(const std::vector<int64_t>& w, int64_t k, bool
       }
       merged[j] = s;
     }
-    std::stable_sort(merged.begin(), merged.end(), [](const Set& p, const Set& q) { return p.sum > q.sum; });
+    // stable insertion sort, heaviest first: k is small, and std::stable_sort allocates per call
+    for (int64_t j = 1; j < k; ++j) {
+      const Set s = merged[j];
+      int64_t t = j;
+      for (; t > 0 && merged[t - 1].sum < s.sum; --t) merged[t] = merged[t - 1];
+      merged[t] = s;
+    }
     sets.insert(sets.end(), merged.begin(), merged.end());
     heap.push({merged[0].sum - merged[k - 1].sum, uid++});
   }

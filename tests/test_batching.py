@@ -194,6 +194,7 @@ def check_plan(plan: batching.MicroBatchPlan, lengths: list[int], max_tokens: in
                 padded += size
     assert plan.padded_tokens == padded
     assert plan.padding == padded - sum(lengths)
+    assert plan.strategy in ("global", "per_rank")
     rank_tokens = [sum(lengths[i] for mb in rank for i in mb) for rank in plan.microbatches]
     assert plan.rank_tokens == rank_tokens
     assert plan.imbalance == pytest.approx(max(rank_tokens) / (sum(rank_tokens) / num_ranks))
@@ -216,6 +217,25 @@ def test_balance_invariants_and_reference(impl, n, max_tokens, num_ranks):
     )
     if n < num_ranks:
         assert plan.num_empty == num_ranks - n  # one step, some ranks without a sequence
+
+
+def test_balance_extension_equals_reference_fuzz():
+    """Plans depend on every tie-break: the C++ port must agree with the reference on odd inputs
+    (zero lengths, one rank, more ranks than sequences, budgets near the longest sequence)."""
+    ext = extension()
+    rng = np.random.default_rng(1)
+    for _ in range(60):
+        n, k, max_tokens = int(rng.integers(1, 200)), int(rng.integers(1, 9)), int(rng.integers(50, 3000))
+        lengths = np.minimum((rng.pareto(1.2, n) * rng.integers(5, 200)).astype(np.int64), max_tokens)
+        lengths[: int(rng.integers(0, 3)) * n // 5] = 0
+        plan, rank_tokens, rank_padded, strategy = ext.balanced_microbatches(lengths, max_tokens, k)
+        want = ref.balanced_microbatches(lengths.tolist(), max_tokens, k)
+        assert plan == want["microbatches"], (n, k, max_tokens)
+        assert (rank_tokens, rank_padded, strategy) == (
+            want["rank_tokens"],
+            want["rank_padded_tokens"],
+            want["strategy"],
+        )
 
 
 def test_balance_quality_long_tailed(impl):
@@ -326,6 +346,7 @@ def test_bad_balance(impl, lengths, kwargs, error, match):
 # ------------------------------------------------------------------------------------- backend switch
 
 
+@pytest.mark.slow
 def test_fallback_switch_and_single_warning():
     """RLAIF_FAST_NO_EXT=1 picks the fallback silently; a missing extension warns exactly once."""
     code = (

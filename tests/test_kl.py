@@ -135,6 +135,19 @@ def test_shaped_rewards_kernel_across_chunks(T):
     assert_tolerance(got[1], eager[1], truth[1], name="kl")
 
 
+@pytest.mark.parametrize("estimator", ESTIMATORS)
+def test_kl_shaped_rewards_with_clamp(backend, estimator):
+    logp, ref_logp = _logps((4, 37), torch.float32, spread=2.0)
+    scores, mask = torch.randn(4), make_mask(4, 37, "holes")
+    got = kl_shaped_rewards(scores, logp, ref_logp, mask, 0.2, estimator, clamp=0.5)
+    d = torch.float64
+    truth = ref.kl_shaped_rewards(scores.to(d), logp.to(d), ref_logp.to(d), mask, 0.2, estimator, 0.5)
+    eager = ref.kl_shaped_rewards(scores, logp, ref_logp, mask, 0.2, estimator, 0.5)
+    assert got[1].abs().max() <= 0.5
+    assert_tolerance(got[0], eager[0], truth[0], name="rewards")
+    assert_tolerance(got[1], eager[1], truth[1], name="kl")
+
+
 def test_kl_shaped_rewards_carry_no_gradient(backend):
     logp, ref_logp = _logps((2, 7), torch.float32)
     logp.requires_grad_()

@@ -57,11 +57,14 @@ def test_from_yaml_section_and_roundtrip(tmp_path):
 
 
 def _cfg(**kw):
-    return RLAIFConfig(**{"batch_size": 4, "micro_batch_size": 2, "progress": False, "tensorboard": False, **kw})
+    return RLAIFConfig(
+        **{"batch_size": 4, "micro_batch_size": 2, "progress": False, "tensorboard": False, **kw}
+    )
 
 
 def _no_compute(monkeypatch):
     """Any forward of a model fails the test: the checks must fire first."""
+
     def boom(*a, **k):
         raise AssertionError("compute ran before the input check")
 
@@ -79,8 +82,13 @@ def test_critic_free_rejects_a_value_model(monkeypatch):
     _no_compute(monkeypatch)
     policy = tiny_gpt2()
     with pytest.raises(ValueError, match="critic-free"):
-        RLAIFTrainer(policy, CharTokenizer(), count_a, _cfg(algorithm="grpo", group_size=2),
-                     value_model=ValueModel.from_policy(policy))
+        RLAIFTrainer(
+            policy,
+            CharTokenizer(),
+            count_a,
+            _cfg(algorithm="grpo", group_size=2),
+            value_model=ValueModel.from_policy(policy),
+        )
 
 
 def test_vocab_mismatch(monkeypatch):
@@ -99,7 +107,8 @@ def test_zero3_refuses_a_model_it_cannot_shard(monkeypatch):
     _no_compute(monkeypatch)
     policy = tiny_gpt2()
     # int8 weights (a quantized layer): ZeRO-3 partitions floating-point parameters only
-    policy.lm_head.register_parameter("qweight", torch.nn.Parameter(torch.zeros(4, dtype=torch.int8),
-                                                                     requires_grad=False))
+    policy.lm_head.register_parameter(
+        "qweight", torch.nn.Parameter(torch.zeros(4, dtype=torch.int8), requires_grad=False)
+    )
     with pytest.raises(ValueError, match="zero_stage=3 cannot shard policy parameter 'lm_head.qweight'"):
         RLAIFTrainer(policy, CharTokenizer(), count_a, _cfg(algorithm="rloo", group_size=2, zero_stage=3))

@@ -23,13 +23,21 @@ def test_two_ranks_zero2_and_zero3_equal_one_rank(tmp_path):
     run_torchrun(SCRIPT, str(tmp_path), nproc=2, timeout=400)
     one_rank, one_history = invariance_run(zero_stage=0)
     init = tiny_gpt2().state_dict()
-    step = max((one_rank[k] - init[k[len("policy."):]]).abs().max().item()
-               for k in one_rank if k.startswith("policy."))
+    step = max(
+        (one_rank[k] - init[k[len("policy.") :]]).abs().max().item()
+        for k in one_rank
+        if k.startswith("policy.")
+    )
     assert step > 1e-3  # two real updates happened
     for stage in (2, 3):
         got = torch.load(tmp_path / f"zero{stage}.pt", weights_only=False)
         diff = max((got["params"][k] - v).abs().max().item() for k, v in one_rank.items())
-        assert diff <= 1e-5 * step, f"ZeRO-{stage} on 2 ranks differs from 1 rank by {diff:.3e} (update {step:.3e})"
+        assert diff <= 1e-5 * step, (
+            f"ZeRO-{stage} on 2 ranks differs from 1 rank by {diff:.3e} (update {step:.3e})"
+        )
         for want, have in zip(one_history, got["history"]):
             for key in ("reward", "kl", "response_len", "policy_loss", "value_loss"):
-                assert have[key] == pytest.approx(want[key], rel=1e-5, abs=1e-7), (stage, key)
+                # fp32 sums in another order: losses near 0 carry ~1e-7 absolute noise
+                assert have[key] == pytest.approx(want[key], rel=1e-5, abs=1e-6), (stage, key)
+    sampled = torch.load(tmp_path / "zero3_sampled.pt", weights_only=False)["history"][0]
+    assert all(v == v for v in sampled.values())  # finished (no rank hung at EOS) with finite metrics

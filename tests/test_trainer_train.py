@@ -17,8 +17,15 @@ pytestmark = pytest.mark.slow
 
 
 def _config(tmp_path, **kw):
-    values = dict(batch_size=8, micro_batch_size=4, max_new_tokens=8, learning_rate=1e-2, progress=False,
-                  tensorboard=False, output_dir=str(tmp_path / "run"))
+    values = dict(
+        batch_size=8,
+        micro_batch_size=4,
+        max_new_tokens=8,
+        learning_rate=1e-2,
+        progress=False,
+        tensorboard=False,
+        output_dir=str(tmp_path / "run"),
+    )
     values.update(kw)
     return RLAIFConfig(**values)
 
@@ -35,7 +42,7 @@ def test_every_policy_parameter_changes(tmp_path, algorithm, group_size):
     cfg = _config(tmp_path, algorithm=algorithm, group_size=group_size, learning_rate=1e-3)
     trainer = _trainer(policy, cfg)
     for i in range(2):
-        trainer.step(PROMPTS[i * cfg.prompts_per_step:(i + 1) * cfg.prompts_per_step])
+        trainer.step(PROMPTS[i * cfg.prompts_per_step : (i + 1) * cfg.prompts_per_step])
     after = dict(trainer.policy.named_parameters())
     unchanged = [k for k, v in before.items() if torch.equal(v, after[k].detach())]
     assert not unchanged, f"parameters that did not change: {unchanged}"
@@ -60,7 +67,9 @@ def test_grad_accumulation_1x8_equals_8x1(algorithm):
     big, _ = invariance_run(steps=1, micro_batch_size=8, **kw)
     small, _ = invariance_run(steps=1, micro_batch_size=1, **kw)
     init = tiny_gpt2().state_dict()
-    step = max((big[k] - init[k[len("policy."):]]).abs().max().item() for k in big if k.startswith("policy."))
+    step = max(
+        (big[k] - init[k[len("policy.") :]]).abs().max().item() for k in big if k.startswith("policy.")
+    )
     diff = max((big[k] - small[k]).abs().max().item() for k in big)
     assert step > 1e-3  # the update is real
     assert diff <= 1e-5 * step, f"1x8 vs 8x1 differ by {diff:.3e} (update size {step:.3e})"
@@ -124,9 +133,29 @@ def test_cli_train_end_to_end(tmp_path):
     yaml_cfg.write_text("rl:\n  algorithm: rloo\n  group_size: 2\n  batch_size: 4\n  max_new_tokens: 4\n")
     out = tmp_path / "out"
     toy = Path(__file__).resolve().parent / "dist" / "toy.py"
-    rc = main(["train", "--policy", str(policy_dir), "--prompts", str(prompts), "--reward", f"{toy}:count_a",
-               "--config", str(yaml_cfg), "--config-section", "rl", "--micro-batch-size", "2",
-               "--output-dir", str(out), "--no-progress", "--tensorboard", "--learning-rate", "1e-3"])
+    rc = main(
+        [
+            "train",
+            "--policy",
+            str(policy_dir),
+            "--prompts",
+            str(prompts),
+            "--reward",
+            f"{toy}:count_a",
+            "--config",
+            str(yaml_cfg),
+            "--config-section",
+            "rl",
+            "--micro-batch-size",
+            "2",
+            "--output-dir",
+            str(out),
+            "--no-progress",
+            "--tensorboard",
+            "--learning-rate",
+            "1e-3",
+        ]
+    )
     assert rc == 0
     summary = json.loads((out / "summary.json").read_text())
     assert summary["steps"] == 4 and summary["stopped"] == "completed"  # 8 prompts / 2 per step
@@ -144,8 +173,9 @@ def test_stories260k_real_model_trains(shared_data, tmp_path):
     policy = load_llama2c(folder / "stories260K.bin").train()
     tokenizer = Llama2cTokenizer(folder / "tok512.bin")
     before = {k: v.detach().clone() for k, v in policy.named_parameters()}
-    cfg = _config(tmp_path, algorithm="rloo", group_size=4, batch_size=8, max_new_tokens=12,
-                  learning_rate=1e-3)
+    cfg = _config(
+        tmp_path, algorithm="rloo", group_size=4, batch_size=8, max_new_tokens=12, learning_rate=1e-3
+    )
     trainer = RLAIFTrainer(policy, tokenizer, lambda p, c: [x.count("a") / max(len(x), 1) for x in c], cfg)
     metrics = trainer.step(["Once upon a time", "The cat"])
     assert all(torch.isfinite(torch.tensor(v)) for v in metrics.values() if isinstance(v, float))

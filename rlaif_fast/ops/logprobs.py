@@ -3,7 +3,7 @@
 Backends (``rlaif_fast._backend.select_backend``):
 - triton: ``kernels/logprobs.py`` — forward reads the logits once, backward reads once and writes once;
 - torch (CPU default): chunked over rows so no [N, V] fp32 temporary exists, forward or backward
-  (the backward recomputes the softmax per chunk from the saved logsumexp);
+  (the backward recomputes log_softmax per chunk; the saved entropy gives E[z'] without a pass);
 - reference: ``rlaif_fast.reference.logprobs`` (full [N, V] temporaries, autograd through torch).
 """
 
@@ -63,38 +63,39 @@ def _rows_view(logits: torch.Tensor):
             yield first + start, part[start : start + rows]
 
 
+def _scaled(chunk: torch.Tensor, dtype: torch.dtype, temperature: float) -> torch.Tensor:
+    """z' = chunk / T in ``dtype``; aliases the logits when no work is needed, so never write into it."""
+    z = chunk.to(dtype)
+    return z if temperature == 1.0 else z / temperature
+
+
 def _torch_forward(logits, labels, temperature, ignore_index, want_entropy):
+    """Chunked forward; returns (logp, entropy, None): this path's backward recomputes log_softmax."""
     out_dtype = torch.float64 if logits.dtype == torch.float64 else torch.float32
-    N = labels.numel()
     lab = labels.reshape(-1)
-    logp = torch.empty(N, dtype=out_dtype, device=logits.device)
-    ent = torch.zeros(N, dtype=out_dtype, device=logits.device)
-    lse = torch.empty(N, dtype=out_dtype, device=logits.device)
+    logp = torch.empty(lab.numel(), dtype=out_dtype, device=logits.device)
+    ent = torch.zeros_like(logp)
     for r0, chunk in _rows_view(logits):
         r1 = r0 + chunk.shape[0]
-        z = chunk.to(out_dtype)  # (c, V); no copy for fp32 logits, never written to
-        if temperature != 1.0:
-            z = z / temperature
-        log_p = torch.log_softmax(z, dim=-1)  # (c, V): one vectorized kernel, the chunk's main temporary
+        # one fused, vectorized kernel; torch.logsumexp + subtract took 2 more passes over the chunk
+        log_p = torch.log_softmax(_scaled(chunk, out_dtype, temperature), dim=-1)  # (c, V)
         y = lab[r0:r1]
         use = y != ignore_index
-        idx = torch.where(use, y, 0).long().unsqueeze(1)  # (c, 1)
-        lp_y = log_p.gather(1, idx).squeeze(1)
-        # the backward recomputes p = exp(z' - lse); lse = z'_y - log p_y needs no extra pass
-        lse[r0:r1] = z.gather(1, idx).squeeze(1) - lp_y
+        lp_y = log_p.gather(1, torch.where(use, y, 0).long().unsqueeze(1)).squeeze(1)
         logp[r0:r1] = torch.where(use, lp_y.clamp(max=0.0), 0.0)
         if want_entropy:
-            # H = -Σ p log p, p · log p in p's buffer: no third chunk-sized temporary. (A BLAS batched
-            # dot was no faster and summed 10x less accurately than torch's cascade sum at V = 2053.)
+            # H = -Σ p log p: non-negative terms, so no cancellation of logit-sized numbers; p · log p is
+            # formed in p's buffer. (A BLAS batched dot summed 10x less accurately at V = 2053.)
             h = log_p.exp().mul_(log_p).sum(-1).neg_()
             ent[r0:r1] = torch.where(use, h, 0.0)
-    return logp, ent, lse
+    return logp, ent, None
 
 
-def _torch_backward(logits, labels, grad_logp, grad_ent, lse, ent, temperature, ignore_index):
+def _torch_backward(logits, labels, grad_logp, grad_ent, ent, temperature, ignore_index):
+    """d z_j = [(onehot_j - p_j) g_lp + g_H p_j (-H - log p_j)] / T, chunk by chunk (E[z'] - z' = -H - log p)."""
+    out_dtype = ent.dtype
     grad = torch.empty(logits.shape, dtype=logits.dtype, device=logits.device)
     grad_rows = grad.view(-1, logits.shape[-1])  # (N, V), fresh and contiguous
-    out_dtype = lse.dtype
     lab = labels.reshape(-1)
     g_lp_all = grad_logp.reshape(-1).to(out_dtype)
     g_h_all = None if grad_ent is None else grad_ent.reshape(-1).to(out_dtype)
@@ -102,16 +103,15 @@ def _torch_backward(logits, labels, grad_logp, grad_ent, lse, ent, temperature, 
         r1 = r0 + chunk.shape[0]
         y = lab[r0:r1]
         use = y != ignore_index
-        g_lp = torch.where(use, g_lp_all[r0:r1], 0.0).unsqueeze(1) / temperature  # (c, 1)
-        z = chunk.to(out_dtype) / temperature  # (c, V)
-        p = torch.exp(z - lse[r0:r1].unsqueeze(1))  # (c, V)
+        g_lp = (torch.where(use, g_lp_all[r0:r1], 0.0) / temperature).unsqueeze(1)  # (c, 1)
+        log_p = torch.log_softmax(_scaled(chunk, out_dtype, temperature), dim=-1)  # (c, V), recomputed
+        p = log_p.exp()  # (c, V)
         if g_h_all is None:
             d = p.mul_(-g_lp)
         else:
-            g_h = torch.where(use, g_h_all[r0:r1], 0.0).unsqueeze(1) / temperature
-            mean_z = (lse[r0:r1] - ent[r0:r1]).unsqueeze(1)
-            # p · (g_H (E[z'] - z') - g_lp), computed in place in z's buffer
-            d = z.neg_().add_(mean_z).mul_(g_h).sub_(g_lp).mul_(p)
+            g_h = (torch.where(use, g_h_all[r0:r1], 0.0) / temperature).unsqueeze(1)
+            h = ent[r0:r1].unsqueeze(1)
+            d = log_p.neg_().sub_(h).mul_(g_h).sub_(g_lp).mul_(p)  # in log_p's buffer
         d.scatter_add_(1, torch.where(use, y, 0).long().unsqueeze(1), g_lp)
         grad_rows[r0:r1] = d
     return grad
@@ -139,13 +139,13 @@ class _TokenLogprobs(torch.autograd.Function):
         if grad_logp is None and grad_ent is None:
             return (None,) * 6
         if grad_logp is None:
-            grad_logp = torch.zeros_like(lse)
+            grad_logp = torch.zeros_like(ent)
         if backend == "triton":
             from rlaif_fast.kernels.logprobs import logprobs_backward
 
             grad = logprobs_backward(logits, labels, grad_logp, grad_ent, lse, ent, temperature, ignore_index)
         else:
-            grad = _torch_backward(logits, labels, grad_logp, grad_ent, lse, ent, temperature, ignore_index)
+            grad = _torch_backward(logits, labels, grad_logp, grad_ent, ent, temperature, ignore_index)
         return grad, None, None, None, None, None
 
 

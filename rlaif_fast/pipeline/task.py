@@ -41,7 +41,8 @@ PROMPT_WORDS = "write happy sentence about".split()
 TEMPLATE_WORDS = (
     "text summary summaries preferred which better more is a an the of and or to be given two above below "
     "response responses dialogue context explain first second answer rationale consider overall quality "
-    "helpful harmless coherence accuracy coverage task goal you are expert rate score from how good"
+    "helpful harmless coherence accuracy coverage task goal you are expert rate score from how good say "
+    "happier topic request conversation reply replies assistant person"
 ).split()
 PUNCT = [".", ",", ":", ";", "-", "=", "?", "!", "(", ")", "'", '"', "/", "[", "]", "#", "*", "_"]
 DIGITS = [str(i) for i in range(11)]

@@ -190,7 +190,10 @@ def karmarkar_karp(weights: list[int], k: int, equal_size: bool) -> list[list[in
         _, _, a = heapq.heappop(heap)
         _, _, b = heapq.heappop(heap)
         # extend the longer member list: a copy per merge would make this quadratic in the items
-        merged = [(sa + sb, ma + mb if len(ma) < 64 else (ma.extend(mb) or ma)) for (sa, ma), (sb, mb) in zip(a, reversed(b))]
+        merged = [
+            (sa + sb, ma + mb if len(ma) < 64 else (ma.extend(mb) or ma))
+            for (sa, ma), (sb, mb) in zip(a, reversed(b))
+        ]
         merged.sort(key=lambda s: -s[0])
         heapq.heappush(heap, (-(merged[0][0] - merged[-1][0]), uid, merged))
         uid += 1

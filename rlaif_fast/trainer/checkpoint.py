@@ -19,7 +19,9 @@ import torch
 
 
 def rng_state() -> dict:
-    state = {"torch": torch.get_rng_state(), "python": random.getstate(), "numpy": np.random.get_state()}
+    """Every global RNG a run may draw from (user rewards included): the legacy numpy one too."""
+    numpy_state = np.random.get_state()  # noqa: NPY002 - the global state is what user code uses
+    state = {"torch": torch.get_rng_state(), "python": random.getstate(), "numpy": numpy_state}
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state_all()
     return state
@@ -28,7 +30,7 @@ def rng_state() -> dict:
 def set_rng_state(state: dict) -> None:
     torch.set_rng_state(state["torch"])
     random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
+    np.random.set_state(state["numpy"])  # noqa: NPY002 - see rng_state
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
 
@@ -52,7 +54,9 @@ def latest_checkpoint(output_dir: str | Path) -> Path | None:
     return folder if folder.is_dir() else None
 
 
-def save_checkpoint(strategy, output_dir: str | Path, step: int, trainer_state: dict, config_json: str) -> Path:
+def save_checkpoint(
+    strategy, output_dir: str | Path, step: int, trainer_state: dict, config_json: str
+) -> Path:
     """Write step ``step`` atomically; every rank calls this (ZeRO shards are per rank)."""
     root = checkpoint_root(output_dir)
     name = f"step_{step:06d}"
@@ -79,8 +83,10 @@ def load_checkpoint(strategy, folder: Path) -> dict:
     strategy.load(str(folder))
     path = folder / f"trainer_rank{strategy.rank}.pt"
     if not path.is_file():
-        raise FileNotFoundError(f"{path} is missing: the checkpoint was written by a run with a different "
-                                "number of ranks; resume with the same world size")
+        raise FileNotFoundError(
+            f"{path} is missing: the checkpoint was written by a run with a different "
+            "number of ranks; resume with the same world size"
+        )
     state = torch.load(path, weights_only=False)
     set_rng_state(state.pop("rng"))
     return state

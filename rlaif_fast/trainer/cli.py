@@ -51,15 +51,21 @@ def _parser_for(annotation: str):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="rlaif-fast train", description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = argparse.ArgumentParser(
+        prog="rlaif-fast train",
+        description=__doc__.split("\n\n")[0],
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
     job = p.add_argument_group("job")
     job.add_argument("--policy", required=True, help="a save_pretrained folder or a llama2.c .bin checkpoint")
     job.add_argument("--tokenizer", help="tokenizer folder or llama2.c tok*.bin (default: the policy folder)")
     job.add_argument("--prompts", required=True, help=".jsonl with a 'prompt' field per line, or .txt lines")
-    job.add_argument("--reward", required=True,
-                     help="MODULE:NAME or FILE.py:NAME of a callable (prompts, completions) -> list[float]; "
-                          "a class is instantiated without arguments")
+    job.add_argument(
+        "--reward",
+        required=True,
+        help="MODULE:NAME or FILE.py:NAME of a callable (prompts, completions) -> list[float]; "
+        "a class is instantiated without arguments",
+    )
     job.add_argument("--config", help="YAML file of RLAIFConfig keys")
     job.add_argument("--config-section", help="top-level section of the YAML holding the keys (e.g. rl)")
     docs = _field_docs()
@@ -71,11 +77,17 @@ def build_parser() -> argparse.ArgumentParser:
         default = f.default if f.default is not dataclasses.MISSING else None
         help_ = f"{docs.get(f.name, '')} (default: {default})"
         if str(f.type) == "bool":
-            cfg_group.add_argument(flag, dest=f.name, action=argparse.BooleanOptionalAction,
-                                   default=argparse.SUPPRESS, help=help_)
+            cfg_group.add_argument(
+                flag,
+                dest=f.name,
+                action=argparse.BooleanOptionalAction,
+                default=argparse.SUPPRESS,
+                help=help_,
+            )
         else:
-            cfg_group.add_argument(flag, dest=f.name, type=_parser_for(str(f.type)), default=argparse.SUPPRESS,
-                                   help=help_)
+            cfg_group.add_argument(
+                flag, dest=f.name, type=_parser_for(str(f.type)), default=argparse.SUPPRESS, help=help_
+            )
     return p
 
 

@@ -138,9 +138,14 @@ class RLAIFConfig:
 
     # ---- validation: each message states the rule and the fix -----------------------------------
     def _validate_choices(self) -> None:
-        for name, choices in (("algorithm", ALGORITHMS), ("kl_in", KL_PLACES), ("kl_estimator", KL_ESTIMATORS),
-                              ("ops", OPS), ("loss_agg", LOSS_AGGS),
-                               ("optimizer", OPTIMIZERS)):
+        for name, choices in (
+            ("algorithm", ALGORITHMS),
+            ("kl_in", KL_PLACES),
+            ("kl_estimator", KL_ESTIMATORS),
+            ("ops", OPS),
+            ("loss_agg", LOSS_AGGS),
+            ("optimizer", OPTIMIZERS),
+        ):
             value = getattr(self, name)
             if value not in choices:
                 raise ValueError(f"{name}={value!r} is not supported; use one of {choices}")
@@ -150,11 +155,20 @@ class RLAIFConfig:
         if self.zero_stage not in (0, 1, 2, 3):
             raise ValueError(f"zero_stage={self.zero_stage!r}; DeepSpeed ZeRO stages are 0, 1, 2 and 3")
         if self.deepspeed_config is not None and not Path(self.deepspeed_config).is_file():
-            raise ValueError(f"deepspeed_config={self.deepspeed_config!r} is not a file; give a DeepSpeed JSON path")
+            raise ValueError(
+                f"deepspeed_config={self.deepspeed_config!r} is not a file; give a DeepSpeed JSON path"
+            )
 
     def _validate_sizes(self) -> None:
-        for name in ("batch_size", "group_size", "micro_batch_size", "ppo_epochs", "max_new_tokens",
-                     "max_prompt_len", "log_every"):
+        for name in (
+            "batch_size",
+            "group_size",
+            "micro_batch_size",
+            "ppo_epochs",
+            "max_new_tokens",
+            "max_prompt_len",
+            "log_every",
+        ):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise ValueError(f"{name}={value!r} must be an integer >= 1")
@@ -175,14 +189,23 @@ class RLAIFConfig:
                 f"mini_batch_size={self.mini_batch_size} must divide batch_size={self.batch_size}"
             )
         if self.total_steps is not None and self.total_steps < 1:
-            raise ValueError(f"total_steps={self.total_steps!r} must be >= 1 or None (one pass over the prompts)")
+            raise ValueError(
+                f"total_steps={self.total_steps!r} must be >= 1 or None (one pass over the prompts)"
+            )
         if self.save_every < 0:
             raise ValueError(f"save_every={self.save_every!r} must be >= 0 (0 saves only at the end)")
 
     def _validate_numbers(self) -> None:
         positive = ("learning_rate", "kl_target", "kl_horizon")
-        non_negative = ("weight_decay", "max_grad_norm", "kl_coef", "clip_eps", "vf_coef", "entropy_coef",
-                        "temperature")
+        non_negative = (
+            "weight_decay",
+            "max_grad_norm",
+            "kl_coef",
+            "clip_eps",
+            "vf_coef",
+            "entropy_coef",
+            "temperature",
+        )
         for name in positive + non_negative:
             value = getattr(self, name)
             if not isinstance(value, (int, float)) or not math.isfinite(value):
@@ -200,7 +223,9 @@ class RLAIFConfig:
             raise ValueError(f"value_clip_eps={self.value_clip_eps!r} must be > 0, or None to disable it")
         if self.kl_in == "loss" and self.kl_estimator == "k1":
             # k1 in the loss has zero expected gradient (TRL #4637): it would silently do nothing.
-            raise ValueError("kl_in='loss' with kl_estimator='k1' has zero expected gradient; use 'k3' (or 'k2')")
+            raise ValueError(
+                "kl_in='loss' with kl_estimator='k1' has zero expected gradient; use 'k3' (or 'k2')"
+            )
 
     # ---- construction ---------------------------------------------------------------------------
     @property
@@ -225,8 +250,12 @@ class RLAIFConfig:
         if unknown:
             import difflib
 
-            hints = [f"{k!r} (did you mean {m[0]!r}?)" if (m := difflib.get_close_matches(k, known, 1)) else repr(k)
-                     for k in unknown]
+            hints = [
+                f"{k!r} (did you mean {m[0]!r}?)"
+                if (m := difflib.get_close_matches(k, known, 1))
+                else repr(k)
+                for k in unknown
+            ]
             raise ValueError(f"unknown RLAIFConfig keys: {', '.join(hints)}; known keys: {sorted(known)}")
         return cls(**values)
 

@@ -44,8 +44,10 @@ def special_ids(tokenizer) -> tuple[int, int]:
     """(pad_id, eos_id); a tokenizer without a pad token pads with EOS, which the masks hide."""
     eos = getattr(tokenizer, "eos_token_id", None)
     if eos is None:
-        raise ValueError(f"the tokenizer {type(tokenizer).__name__} has no eos_token_id; sampling needs one "
-                         "to stop completions: set tokenizer.eos_token_id")
+        raise ValueError(
+            f"the tokenizer {type(tokenizer).__name__} has no eos_token_id; sampling needs one "
+            "to stop completions: set tokenizer.eos_token_id"
+        )
     pad = getattr(tokenizer, "pad_token_id", None)
     return (eos if pad is None else pad), eos
 
@@ -69,28 +71,48 @@ def left_pad(seqs: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Te
     ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)
     mask = torch.zeros((len(seqs), width), dtype=torch.long)
     for i, s in enumerate(seqs):
-        ids[i, width - len(s):] = torch.tensor(s, dtype=torch.long)
-        mask[i, width - len(s):] = 1
+        ids[i, width - len(s) :] = torch.tensor(s, dtype=torch.long)
+        mask[i, width - len(s) :] = 1
     return ids, mask
 
 
 @torch.no_grad()
-def sample(policy, tokenizer, prompts: list[str], *, max_new_tokens: int, temperature: float, top_p: float,
-           max_prompt_len: int, device: torch.device | str = "cpu") -> Rollouts:
-    """Sample one completion per prompt (repeat prompts for groups). Temperature 0 decodes greedily."""
+def sample(
+    policy,
+    tokenizer,
+    prompts: list[str],
+    *,
+    max_new_tokens: int,
+    temperature: float,
+    top_p: float,
+    max_prompt_len: int,
+    device: torch.device | str = "cpu",
+    synced: bool = False,
+) -> Rollouts:
+    """Sample one completion per prompt (repeat prompts for groups). Temperature 0 decodes greedily.
+
+    ``synced``: keep every rank decoding until all are done (ZeRO-3 gathers weights collectively, so a
+    rank that stopped early at EOS would leave the others waiting forever).
+    """
     pad_id, eos_id = special_ids(tokenizer)
     prompt_ids = encode_prompts(tokenizer, prompts, max_prompt_len)
     ids, mask = left_pad(prompt_ids, pad_id)
     greedy = temperature == 0
-    kwargs = dict(do_sample=not greedy, max_new_tokens=max_new_tokens, eos_token_id=eos_id,
-                  pad_token_id=pad_id, use_cache=True)
+    kwargs = dict(
+        do_sample=not greedy,
+        max_new_tokens=max_new_tokens,
+        eos_token_id=eos_id,
+        pad_token_id=pad_id,
+        use_cache=True,
+        synced_gpus=synced,
+    )
     if not greedy:
         kwargs.update(temperature=float(temperature), top_p=float(top_p), top_k=0)
     was_training = policy.training
     policy.eval()  # dropout off while sampling; the update turns it back on if the model had it on
     out = policy.generate(input_ids=ids.to(device), attention_mask=mask.to(device), **kwargs)
     policy.train(was_training)
-    new = out[:, ids.shape[1]:].cpu()  # (B, <= max_new_tokens)
+    new = out[:, ids.shape[1] :].cpu()  # (B, <= max_new_tokens)
     response_ids = []
     for row in new.tolist():
         # keep EOS (its log-prob is trained: stopping is an action), drop what generate padded after it
@@ -121,7 +143,7 @@ def _pad_right_python(prompt_ids, response_ids, pad_id, width):
         n = len(p) + len(r)
         ids[i, :n] = torch.tensor(p + r, dtype=torch.long)
         attn[i, :n] = 1
-        resp[i, len(p):n] = 1
+        resp[i, len(p) : n] = 1
     return ids, attn, resp
 
 
@@ -132,14 +154,16 @@ def _pad_right(prompt_ids, response_ids, pad_id, width, fast: bool):
         except ImportError:  # engineer D's module not there: the plain loop below is equivalent
             pad_rollouts = None
         if pad_rollouts is not None:
-            out = pad_rollouts(prompt_ids, response_ids, pad_id, padding_side="right", max_len=width,
-                               truncation="error")
+            out = pad_rollouts(
+                prompt_ids, response_ids, pad_id, padding_side="right", max_len=width, truncation="error"
+            )
             return out.input_ids, out.attention_mask, out.response_mask.long()
     return _pad_right_python(prompt_ids, response_ids, pad_id, width)
 
 
-def micro_batches(rollouts: Rollouts, rows: list[int], micro_batch_size: int, pad_id: int, *,
-                  fast: bool, batch_width: int) -> list[TrainBatch]:
+def micro_batches(
+    rollouts: Rollouts, rows: list[int], micro_batch_size: int, pad_id: int, *, fast: bool, batch_width: int
+) -> list[TrainBatch]:
     """Split ``rows`` into micro-batches of ``micro_batch_size``.
 
     fast: rows sorted by length so each micro-batch pads to its own longest rollout (padding to the
@@ -151,7 +175,7 @@ def micro_batches(rollouts: Rollouts, rows: list[int], micro_batch_size: int, pa
     order = sorted(rows, key=lambda i: lengths[i]) if fast else list(rows)
     out = []
     for start in range(0, len(order), micro_batch_size):
-        chunk = order[start:start + micro_batch_size]
+        chunk = order[start : start + micro_batch_size]
         p = [rollouts.prompt_ids[i] for i in chunk]
         r = [rollouts.response_ids[i] for i in chunk]
         width = max(lengths[i] for i in chunk) if fast else batch_width

@@ -12,8 +12,16 @@ from pathlib import Path
 
 
 class MetricsLogger:
-    def __init__(self, output_dir: str | Path, *, enabled: bool, tensorboard: bool, progress: bool,
-                 total: int, initial: int = 0):
+    def __init__(
+        self,
+        output_dir: str | Path,
+        *,
+        enabled: bool,
+        tensorboard: bool,
+        progress: bool,
+        total: int,
+        initial: int = 0,
+    ):
         self.enabled = enabled
         self.history: list[dict] = []
         self.start = time.time()
@@ -47,8 +55,9 @@ class MetricsLogger:
                     self._tb.add_scalar(k, v, step)
         if self._bar is not None:
             self._bar.update(1)
-            self._bar.set_postfix(reward=f"{metrics.get('reward', math.nan):.3f}",
-                                  kl=f"{metrics.get('kl', math.nan):.3f}")
+            self._bar.set_postfix(
+                reward=f"{metrics.get('reward', math.nan):.3f}", kl=f"{metrics.get('kl', math.nan):.3f}"
+            )
 
     def summary(self, final_step: int, stopped: str) -> dict:
         """First vs last step of the run and the totals; printed on rank 0."""
@@ -58,10 +67,15 @@ class MetricsLogger:
             for key in ("reward", "kl", "entropy", "response_len"):
                 if key in last:
                     out[f"{key}_first"], out[f"{key}_last"] = first.get(key), last[key]
-            out["tokens_per_s"] = round(sum(h.get("tokens", 0) for h in self.history) / max(
-                sum(h.get("step_seconds", 0.0) for h in self.history), 1e-9), 1)
+            out["tokens_per_s"] = round(
+                sum(h.get("tokens", 0) for h in self.history)
+                / max(sum(h.get("step_seconds", 0.0) for h in self.history), 1e-9),
+                1,
+            )
         if self.enabled:
-            lines = [f"  {k:<16} {v:.4g}" if isinstance(v, float) else f"  {k:<16} {v}" for k, v in out.items()]
+            lines = [
+                f"  {k:<16} {v:.4g}" if isinstance(v, float) else f"  {k:<16} {v}" for k, v in out.items()
+            ]
             print("rlaif-fast train summary\n" + "\n".join(lines), flush=True)
         return out
 

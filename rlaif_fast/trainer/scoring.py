@@ -46,13 +46,17 @@ class ValueModel(nn.Module):
     def from_policy(cls, policy: nn.Module) -> ValueModel:
         base = getattr(policy, "base_model", None)
         if base is None or base is policy:
-            raise TypeError(f"{type(policy).__name__} has no separate base_model trunk; build ValueModel("
-                            "backbone, hidden_size) from the policy's transformer yourself")
+            raise TypeError(
+                f"{type(policy).__name__} has no separate base_model trunk; build ValueModel("
+                "backbone, hidden_size) from the policy's transformer yourself"
+            )
         hidden = policy.config.hidden_size
         return cls(copy.deepcopy(base), hidden)
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-        hidden = self.backbone(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state  # (B, T, H)
+        hidden = self.backbone(
+            input_ids=input_ids, attention_mask=attention_mask
+        ).last_hidden_state  # (B, T, H)
         return self.head(hidden.to(self.head.weight.dtype)).squeeze(-1).float()  # (B, T)
 
 
@@ -70,7 +74,9 @@ def _reference_logprobs(model, batch: TrainBatch, temperature: float, return_ent
     return logp, ent
 
 
-def response_logprobs(model, batch: TrainBatch, *, temperature: float, fast: bool, return_entropy: bool = False):
+def response_logprobs(
+    model, batch: TrainBatch, *, temperature: float, fast: bool, return_entropy: bool = False
+):
     """(logp, entropy or None), both (b, L) in the response layout, 0 on padding."""
     temperature = temperature if temperature > 0 else 1.0
     model_logprobs = None
@@ -80,8 +86,14 @@ def response_logprobs(model, batch: TrainBatch, *, temperature: float, fast: boo
         except (ImportError, AttributeError):  # engineer C's op not there yet: the full-logits path
             model_logprobs = None
     if model_logprobs is not None:
-        out = model_logprobs(model, batch.input_ids, batch.attention_mask, batch.response_mask,
-                             temperature=temperature, return_entropy=return_entropy)
+        out = model_logprobs(
+            model,
+            batch.input_ids,
+            batch.attention_mask,
+            batch.response_mask,
+            temperature=temperature,
+            return_entropy=return_entropy,
+        )
         logp, ent = out if return_entropy else (out, None)
     else:
         logp, ent = _reference_logprobs(model, batch, temperature, return_entropy)
@@ -136,8 +148,9 @@ def advantages_and_returns(cfg, scores, logp, ref_logp, values, mask, kl_coef: f
         # the paper's objective (1 - beta) r - beta KL; PPO keeps the usual r - beta KL
         r = scores * (1.0 - kl_coef) if cfg.algorithm == "reinforce_baseline" else scores
         shaped = rl_op("kl_shaped_rewards", fast)
-        rewards, _ = shaped(r, logp, ref_logp if ref_logp is not None else logp, mask, beta_reward,
-                            cfg.kl_estimator)
+        rewards, _ = shaped(
+            r, logp, ref_logp if ref_logp is not None else logp, mask, beta_reward, cfg.kl_estimator
+        )
         lam = 1.0 if cfg.algorithm == "reinforce_baseline" else cfg.lam
         adv, returns = rl_op("gae", fast)(rewards.float(), values, mask, cfg.gamma, lam)
     else:

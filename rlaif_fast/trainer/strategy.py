@@ -33,8 +33,10 @@ def check_shardable(module: nn.Module, stage: int, name: str = "policy") -> None
                 "floating-point parameters only, e.g. not int8-quantized weights); use zero_stage<=2"
             )
         if p.is_meta:
-            raise ValueError(f"zero_stage=3 got {name} parameter {pname!r} on the meta device; materialize "
-                             "the model (or build it under deepspeed.zero.Init) before the trainer")
+            raise ValueError(
+                f"zero_stage=3 got {name} parameter {pname!r} on the meta device; materialize "
+                "the model (or build it under deepspeed.zero.Init) before the trainer"
+            )
     if hasattr(module, "ds_id") or any(hasattr(p, "ds_id") for p in module.parameters()):
         raise ValueError(f"{name} is already partitioned by DeepSpeed; pass the plain nn.Module")
 
@@ -97,8 +99,10 @@ class Strategy:
                 user = json.load(f)
             for key in ("train_micro_batch_size_per_gpu", "gradient_accumulation_steps", "train_batch_size"):
                 if key in user and user[key] != out[key]:
-                    raise ValueError(f"{cfg.deepspeed_config} sets {key}={user[key]} but the RLAIFConfig sizes "
-                                     f"give {out[key]}; drop it from the JSON (the trainer derives it)")
+                    raise ValueError(
+                        f"{cfg.deepspeed_config} sets {key}={user[key]} but the RLAIFConfig sizes "
+                        f"give {out[key]}; drop it from the JSON (the trainer derives it)"
+                    )
             out.update(user)
         return out
 
@@ -162,8 +166,11 @@ class Strategy:
         self.engine.save_checkpoint(folder, tag="state", client_state=client_state, save_latest=False)
 
     def load(self, folder: str) -> dict:
-        _, client_state = self.engine.load_checkpoint(folder, tag="state", load_optimizer_states=True,
-                                                      load_lr_scheduler_states=True)
+        _, client_state = self.engine.load_checkpoint(
+            folder, tag="state", load_optimizer_states=True, load_lr_scheduler_states=True
+        )
         if client_state is None:
-            raise FileNotFoundError(f"no DeepSpeed state in {folder}/state; is this an rlaif_fast checkpoint?")
+            raise FileNotFoundError(
+                f"no DeepSpeed state in {folder}/state; is this an rlaif_fast checkpoint?"
+            )
         return client_state

@@ -29,8 +29,9 @@ from pathlib import Path
 import torch
 
 from rlaif_fast.trainer import checkpoint as ckpt
+from rlaif_fast.trainer.checks import check_inputs, per_rank_sizes
 from rlaif_fast.trainer.config import RLAIFConfig
-from rlaif_fast.trainer.generation import micro_batches, sample, special_ids, tokenizer_vocab_size
+from rlaif_fast.trainer.generation import micro_batches, sample, special_ids
 from rlaif_fast.trainer.logging import MetricsLogger
 from rlaif_fast.trainer.scoring import advantages_and_returns, response_logprobs, stack_rows
 from rlaif_fast.trainer.update import ActorCritic, run_update
@@ -48,15 +49,17 @@ class RLAIFTrainer:
     and ppo (``ValueModel.from_policy(policy)`` builds one). Every input is checked before any compute.
     """
 
-    def __init__(self, policy, tokenizer, reward: RewardFn, config: RLAIFConfig, ref_policy=None, value_model=None):
+    def __init__(
+        self, policy, tokenizer, reward: RewardFn, config: RLAIFConfig, ref_policy=None, value_model=None
+    ):
         self.config = cfg = config
-        self._check_inputs(policy, tokenizer, reward, value_model)
+        check_inputs(cfg, policy, tokenizer, reward, value_model)
         self.tokenizer, self.reward = tokenizer, reward
         self.pad_id, _ = special_ids(tokenizer)
         from rlaif_fast.trainer.strategy import Strategy
 
         self.strategy = Strategy(cfg)
-        self.per_rank = self._per_rank_sizes()
+        self.per_rank = per_rank_sizes(cfg, self.strategy.world_size)
         torch.manual_seed(cfg.seed + self.strategy.rank)  # sampling differs across ranks, repeatably
         if ref_policy is None and cfg.kl_coef > 0:
             ref_policy = copy.deepcopy(policy)
@@ -66,8 +69,9 @@ class RLAIFTrainer:
         self.model = ActorCritic(policy, value_model)
         groups = [{"params": [p for p in policy.parameters() if p.requires_grad], "lr": cfg.learning_rate}]
         if value_model is not None:
-            groups.append({"params": list(value_model.parameters()),
-                           "lr": cfg.value_learning_rate or cfg.learning_rate})
+            groups.append(
+                {"params": list(value_model.parameters()), "lr": cfg.value_learning_rate or cfg.learning_rate}
+            )
         accum = self.per_rank["mini"] // cfg.micro_batch_size
         self.engine = self.strategy.prepare(self.model, groups, cfg.micro_batch_size, accum)
         # the fast log-probs read the output embedding outside lm_head.forward: ZeRO-3 must gather it
@@ -78,47 +82,6 @@ class RLAIFTrainer:
         if cfg.resume and (latest := ckpt.latest_checkpoint(cfg.output_dir)) is not None:
             self.load(latest)
 
-    # ---- input checks: all before any compute ------------------------------------------------------
-    def _check_inputs(self, policy, tokenizer, reward, value_model) -> None:
-        cfg = self.config
-        if not isinstance(cfg, RLAIFConfig):
-            raise TypeError(f"config must be an RLAIFConfig, got {type(cfg).__name__}; use RLAIFConfig.from_dict")
-        if not callable(reward):
-            raise TypeError(f"reward must be a callable (prompts, completions) -> list[float], got "
-                            f"{type(reward).__name__}")
-        if cfg.uses_critic and value_model is None:
-            raise ValueError(f"algorithm={cfg.algorithm!r} trains a value baseline but value_model is None; pass "
-                             "value_model=ValueModel.from_policy(policy), or use algorithm='rloo'/'grpo'")
-        if not cfg.uses_critic and value_model is not None:
-            raise ValueError(f"algorithm={cfg.algorithm!r} is critic-free but a value_model was given; drop it "
-                             "or use 'reinforce_baseline'/'ppo'")
-        if cfg.zero_stage == 3:
-            from rlaif_fast.trainer.strategy import check_shardable  # light: deepspeed loads in Strategy()
-
-            check_shardable(policy, 3, "policy")
-            if value_model is not None:
-                check_shardable(value_model, 3, "value_model")
-        n_model = policy.get_input_embeddings().num_embeddings
-        n_tok = tokenizer_vocab_size(tokenizer)
-        if n_tok > n_model:
-            raise ValueError(f"the tokenizer has {n_tok} tokens but the policy embeds only {n_model}; token ids "
-                             f">= {n_model} would index out of range: use the policy's own tokenizer or "
-                             "policy.resize_token_embeddings(len(tokenizer))")
-
-    def _per_rank_sizes(self) -> dict:
-        cfg, world = self.config, self.strategy.world_size
-        if cfg.mini_batch_size % world:
-            raise ValueError(f"mini_batch_size={cfg.mini_batch_size} must divide by the {world} ranks")
-        mini = cfg.mini_batch_size // world
-        if mini % cfg.micro_batch_size:
-            raise ValueError(f"micro_batch_size={cfg.micro_batch_size} must divide the per-rank mini-batch "
-                             f"mini_batch_size / ranks = {mini}")
-        if cfg.algorithm in ("rloo", "grpo") and mini % cfg.group_size:
-            raise ValueError(f"{cfg.algorithm} compares the samples of one prompt on one rank: the per-rank "
-                             f"mini-batch mini_batch_size / ranks = {mini} must be a multiple of group_size="
-                             f"{cfg.group_size}")
-        return {"batch": cfg.batch_size // world, "mini": mini}
-
     # ---- one RL step ------------------------------------------------------------------------------
     @property
     def policy(self):
@@ -128,23 +91,57 @@ class RLAIFTrainer:
         """Completions of ``prompts`` (this rank's list) with the sampling settings of the config."""
         cfg = self.config
         t = cfg.temperature if temperature is None else temperature
-        return sample(self.policy, self.tokenizer, list(prompts), max_new_tokens=cfg.max_new_tokens,
-                      temperature=t, top_p=cfg.top_p, max_prompt_len=cfg.max_prompt_len,
-                      device=self.strategy.device).completions
+        return sample(
+            self.policy,
+            self.tokenizer,
+            list(prompts),
+            max_new_tokens=cfg.max_new_tokens,
+            temperature=t,
+            top_p=cfg.top_p,
+            max_prompt_len=cfg.max_prompt_len,
+            device=self.strategy.device,
+            synced=self.strategy.zero_stage == 3 and self.strategy.world_size > 1,
+        ).completions
 
     def step(self, prompts: Sequence[str]) -> dict:
         """One RL step on ``prompts``: the global batch of ``batch_size // group_size`` prompts (the same list
         on every rank; rank r samples and trains on its slice). Returns the step's metrics."""
         cfg, rank = self.config, self.strategy.rank
         if len(prompts) != cfg.prompts_per_step:
-            raise ValueError(f"step() got {len(prompts)} prompts; it takes batch_size // group_size = "
-                             f"{cfg.prompts_per_step}")
+            raise ValueError(
+                f"step() got {len(prompts)} prompts; it takes batch_size // group_size = "
+                f"{cfg.prompts_per_step}"
+            )
         t0 = time.perf_counter()
         mine = [prompts[g // cfg.group_size] for g in self._my_rows(rank)]
-        rollouts = sample(self.policy, self.tokenizer, mine, max_new_tokens=cfg.max_new_tokens,
-                          temperature=cfg.temperature, top_p=cfg.top_p, max_prompt_len=cfg.max_prompt_len,
-                          device=self.strategy.device)
-        rollouts.scores = self._rewards(rollouts)
+        rollouts = sample(
+            self.policy,
+            self.tokenizer,
+            mine,
+            max_new_tokens=cfg.max_new_tokens,
+            temperature=cfg.temperature,
+            top_p=cfg.top_p,
+            max_prompt_len=cfg.max_prompt_len,
+            device=self.strategy.device,
+            synced=self.strategy.zero_stage == 3 and self.strategy.world_size > 1,
+        )
+        return self.learn(rollouts, t0=t0)
+
+    def learn(self, rollouts, *, t0: float | None = None) -> dict:
+        """Score ``rollouts`` (this rank's ``Rollouts``, e.g. sampled by another engine) and update on them.
+
+        Rows are laid out as ``step`` lays them: with several ranks, rank r holds slice r of every global
+        mini-batch. Rewards come from the reward callable unless ``rollouts.scores`` is already set.
+        """
+        cfg = self.config
+        t0 = time.perf_counter() if t0 is None else t0
+        if len(rollouts) != self.per_rank["batch"]:
+            raise ValueError(
+                f"learn() got {len(rollouts)} rollouts; each rank takes batch_size / ranks = "
+                f"{self.per_rank['batch']}"
+            )
+        if rollouts.scores is None:
+            rollouts.scores = self._rewards(rollouts)
         data = self._score(rollouts)
         batches = self._mini_batches(rollouts)
         try:
@@ -161,14 +158,19 @@ class RLAIFTrainer:
         ranks; rank r holds slice r of each, so every optimizer step sees the same rollouts at any scale."""
         cfg, world = self.config, self.strategy.world_size
         per = cfg.mini_batch_size // world
-        return [m * cfg.mini_batch_size + rank * per + j
-                for m in range(cfg.batch_size // cfg.mini_batch_size) for j in range(per)]
+        return [
+            m * cfg.mini_batch_size + rank * per + j
+            for m in range(cfg.batch_size // cfg.mini_batch_size)
+            for j in range(per)
+        ]
 
     def _rewards(self, rollouts) -> torch.Tensor:
         scores = self.reward(rollouts.prompts, rollouts.completions)
         if len(scores) != len(rollouts):
-            raise ValueError(f"the reward returned {len(scores)} scores for {len(rollouts)} completions; it must "
-                             "return one float per completion")
+            raise ValueError(
+                f"the reward returned {len(scores)} scores for {len(rollouts)} completions; it must "
+                "return one float per completion"
+            )
         scores = torch.as_tensor([float(s) for s in scores], dtype=torch.float32)
         bad = self.strategy.all_reduce((~torch.isfinite(scores)).sum().double())
         if bad > 0:
@@ -183,8 +185,14 @@ class RLAIFTrainer:
         n = len(rollouts)
         width = max(len(r) for r in rollouts.response_ids)
         parts: dict[str, list] = {"old_logp": [], "ref_logp": [], "old_values": [], "mask": []}
-        for b in micro_batches(rollouts, list(range(n)), cfg.micro_batch_size, self.pad_id, fast=fast,
-                               batch_width=max(rollouts.lengths())):
+        for b in micro_batches(
+            rollouts,
+            list(range(n)),
+            cfg.micro_batch_size,
+            self.pad_id,
+            fast=fast,
+            batch_width=max(rollouts.lengths()),
+        ):
             b = _to(b, self.strategy.device)
             # through the engine: under ZeRO-3 that is what gathers the sharded weights
             logp, _, values = self.engine(b, cfg.temperature, fast, False)
@@ -197,8 +205,16 @@ class RLAIFTrainer:
                 parts["ref_logp"].append((b.rows, ref.cpu()))
         data = {k: stack_rows(v, n, width) for k, v in parts.items() if v}
         values = data.get("old_values", torch.zeros(n, width))
-        adv, ret, kl = advantages_and_returns(cfg, rollouts.scores, data["old_logp"], data.get("ref_logp"),
-                                              values, data["mask"], self.kl_coef, self.strategy.all_reduce)
+        adv, ret, kl = advantages_and_returns(
+            cfg,
+            rollouts.scores,
+            data["old_logp"],
+            data.get("ref_logp"),
+            values,
+            data["mask"],
+            self.kl_coef,
+            self.strategy.all_reduce,
+        )
         data.update(advantages=adv, returns=ret, kl=kl)
         return data
 
@@ -207,20 +223,41 @@ class RLAIFTrainer:
         out = []
         for start in range(0, len(rollouts), mini):
             rows = list(range(start, start + mini))
-            mbs = micro_batches(rollouts, rows, cfg.micro_batch_size, self.pad_id, fast=cfg.ops == "fast",
-                                batch_width=max(rollouts.lengths()))
+            mbs = micro_batches(
+                rollouts,
+                rows,
+                cfg.micro_batch_size,
+                self.pad_id,
+                fast=cfg.ops == "fast",
+                batch_width=max(rollouts.lengths()),
+            )
             out.append([_to(b, self.strategy.device) for b in mbs])
         return out
 
     def _metrics(self, rollouts, data, stats, seconds) -> dict:
         mask = data["mask"]
-        local = torch.tensor([float(rollouts.scores.sum()), float(data["kl"].sum()), float(mask.sum()),
-                              float((-data["old_logp"] * mask).sum()), float(len(rollouts)),
-                              float(sum(rollouts.lengths()))], dtype=torch.float64)
+        local = torch.tensor(
+            [
+                float(rollouts.scores.sum()),
+                float(data["kl"].sum()),
+                float(mask.sum()),
+                float((-data["old_logp"] * mask).sum()),
+                float(len(rollouts)),
+                float(sum(rollouts.lengths())),
+            ],
+            dtype=torch.float64,
+        )
         s_reward, s_kl, tokens, s_nll, n, all_tokens = self.strategy.all_reduce(local).tolist()
-        return {"reward": s_reward / n, "kl": s_kl / n, "entropy": s_nll / max(tokens, 1.0),
-                "response_len": tokens / n, "kl_coef": self.kl_coef, "tokens": all_tokens,
-                "step_seconds": seconds, **stats}
+        return {
+            "reward": s_reward / n,
+            "kl": s_kl / n,
+            "entropy": s_nll / max(tokens, 1.0),
+            "response_len": tokens / n,
+            "kl_coef": self.kl_coef,
+            "tokens": all_tokens,
+            "step_seconds": seconds,
+            **stats,
+        }
 
     def _adapt_kl(self, kl: float) -> None:
         cfg = self.config
@@ -232,11 +269,22 @@ class RLAIFTrainer:
         folder = Path(self.config.output_dir) / "nonfinite"
         folder.mkdir(parents=True, exist_ok=True)
         path = folder / f"step_{self.global_step:06d}_rank{self.strategy.rank}.pt"
-        torch.save({"step": self.global_step, "reason": reason, "prompts": rollouts.prompts,
-                    "completions": rollouts.completions, "prompt_ids": rollouts.prompt_ids,
-                    "response_ids": rollouts.response_ids, "scores": rollouts.scores}, path)
-        raise NonFiniteError(f"step {self.global_step}: {reason}; stopped before updating the policy. "
-                             f"The batch is saved in {path}")
+        torch.save(
+            {
+                "step": self.global_step,
+                "reason": reason,
+                "prompts": rollouts.prompts,
+                "completions": rollouts.completions,
+                "prompt_ids": rollouts.prompt_ids,
+                "response_ids": rollouts.response_ids,
+                "scores": rollouts.scores,
+            },
+            path,
+        )
+        raise NonFiniteError(
+            f"step {self.global_step}: {reason}; stopped before updating the policy. "
+            f"The batch is saved in {path}"
+        )
 
     # ---- the loop ---------------------------------------------------------------------------------
     def _prompts_for_step(self, prompts: Sequence[str], step: int) -> list[str]:
@@ -245,7 +293,7 @@ class RLAIFTrainer:
         steps_per_epoch = n // per
         epoch, i = divmod(step, steps_per_epoch)
         order = torch.randperm(n, generator=torch.Generator().manual_seed(self.config.seed + epoch)).tolist()
-        return [prompts[j] for j in order[i * per:(i + 1) * per]]
+        return [prompts[j] for j in order[i * per : (i + 1) * per]]
 
     def train(self, prompts: Sequence[str], *, callback: Callable[[int, dict], None] | None = None) -> dict:
         """Run RL steps up to ``total_steps`` (default one pass over ``prompts``); returns the summary.
@@ -254,11 +302,19 @@ class RLAIFTrainer:
         """
         cfg = self.config
         if len(prompts) < cfg.prompts_per_step:
-            raise ValueError(f"{len(prompts)} prompts cannot fill one step of batch_size // group_size = "
-                             f"{cfg.prompts_per_step}; lower batch_size or add prompts")
+            raise ValueError(
+                f"{len(prompts)} prompts cannot fill one step of batch_size // group_size = "
+                f"{cfg.prompts_per_step}; lower batch_size or add prompts"
+            )
         total = cfg.total_steps or len(prompts) // cfg.prompts_per_step
-        logger = MetricsLogger(cfg.output_dir, enabled=self.strategy.is_main, tensorboard=cfg.tensorboard,
-                               progress=cfg.progress, total=total, initial=self.global_step)
+        logger = MetricsLogger(
+            cfg.output_dir,
+            enabled=self.strategy.is_main,
+            tensorboard=cfg.tensorboard,
+            progress=cfg.progress,
+            total=total,
+            initial=self.global_step,
+        )
         stopped = "completed"
         try:
             while self.global_step < total:
@@ -284,8 +340,9 @@ class RLAIFTrainer:
     # ---- persistence ------------------------------------------------------------------------------
     def save_checkpoint(self) -> Path:
         state = {"global_step": self.global_step, "kl_coef": self.kl_coef}
-        return ckpt.save_checkpoint(self.strategy, self.config.output_dir, self.global_step, state,
-                                    self.config.to_json())
+        return ckpt.save_checkpoint(
+            self.strategy, self.config.output_dir, self.global_step, state, self.config.to_json()
+        )
 
     def load(self, folder: str | Path) -> None:
         """Resume from a checkpoint folder: weights, optimizer, step, KL coefficient and RNG states."""

@@ -24,8 +24,9 @@ class ActorCritic(nn.Module):
         self.value = value_model
 
     def forward(self, batch: TrainBatch, temperature: float, fast: bool, return_entropy: bool):
-        logp, ent = response_logprobs(self.policy, batch, temperature=temperature, fast=fast,
-                                      return_entropy=return_entropy)
+        logp, ent = response_logprobs(
+            self.policy, batch, temperature=temperature, fast=fast, return_entropy=return_entropy
+        )
         values = response_values(self.value, batch) if self.value is not None else None
         return logp, ent, values
 
@@ -72,9 +73,18 @@ def micro_loss(cfg, model, batch: TrainBatch, data: dict, kl_coef: float, scale_
         pg, stats = aggregate(per_token, mask, cfg.loss_agg), {}
     else:
         pg, stats = ppo_loss_from_logprobs(
-            logp, take("old_logp"), take("advantages"), mask, entropy=ent, ref_logp=ref_logp,
-            clip_eps=cfg.clip_eps, kl_coef=kl_loss_coef, kl_estimator=cfg.kl_estimator,
-            entropy_coef=cfg.entropy_coef, loss_agg=cfg.loss_agg)
+            logp,
+            take("old_logp"),
+            take("advantages"),
+            mask,
+            entropy=ent,
+            ref_logp=ref_logp,
+            clip_eps=cfg.clip_eps,
+            kl_coef=kl_loss_coef,
+            kl_estimator=cfg.kl_estimator,
+            entropy_coef=cfg.entropy_coef,
+            loss_agg=cfg.loss_agg,
+        )
     loss = pg * scale_pg
     out = {"policy_loss": float(pg.detach()) * scale_pg}
     out.update({k: float(v) for k, v in stats.items() if k in ("clip_frac", "approx_kl")})
@@ -98,8 +108,13 @@ def run_update(cfg, strategy, model, batches: list[list[TrainBatch]], data: dict
         for mini in batches:
             accum = len(mini)
             # global units of the mini-batch: token counts cross ranks as one 2-element all-reduce
-            local = torch.tensor([sum(local_units(b.resp_mask, cfg.loss_agg) for b in mini),
-                                  sum(float(b.resp_mask.sum()) for b in mini)], dtype=torch.float64)
+            local = torch.tensor(
+                [
+                    sum(local_units(b.resp_mask, cfg.loss_agg) for b in mini),
+                    sum(float(b.resp_mask.sum()) for b in mini),
+                ],
+                dtype=torch.float64,
+            )
             units, tokens = strategy.all_reduce(local).tolist()
             sums: dict[str, float] = {}
             for b in mini:
@@ -107,7 +122,9 @@ def run_update(cfg, strategy, model, batches: list[list[TrainBatch]], data: dict
                 scale_v = float(b.resp_mask.sum()) / max(tokens, 1.0) * ranks * accum
                 loss, stats = micro_loss(cfg, model, b, data, kl_coef, scale_pg, scale_v)
                 if not torch.isfinite(loss.detach()).all():
-                    raise FloatingPointError(f"non-finite loss {float(loss)} in a micro-batch of rows {b.rows}")
+                    raise FloatingPointError(
+                        f"non-finite loss {float(loss)} in a micro-batch of rows {b.rows}"
+                    )
                 strategy.backward(loss)
                 strategy.step()  # DeepSpeed only steps the optimizer at the accumulation boundary
                 for k, v in stats.items():

@@ -29,8 +29,19 @@ def tiny_gpt2(vocab: int = 16, seed: int = 0):
     from transformers import GPT2Config, GPT2LMHeadModel
 
     torch.manual_seed(seed)
-    cfg = GPT2Config(vocab_size=vocab, n_positions=64, n_embd=32, n_layer=2, n_head=2, resid_pdrop=0.0,
-                     embd_pdrop=0.0, attn_pdrop=0.0, bos_token_id=1, eos_token_id=2, pad_token_id=0)
+    cfg = GPT2Config(
+        vocab_size=vocab,
+        n_positions=64,
+        n_embd=32,
+        n_layer=2,
+        n_head=2,
+        resid_pdrop=0.0,
+        embd_pdrop=0.0,
+        attn_pdrop=0.0,
+        bos_token_id=1,
+        eos_token_id=2,
+        pad_token_id=0,
+    )
     return GPT2LMHeadModel(cfg)
 
 
@@ -38,9 +49,19 @@ def tiny_llama(vocab: int = 16, seed: int = 0):
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(seed)
-    cfg = LlamaConfig(vocab_size=vocab, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
-                      bos_token_id=1, eos_token_id=2, pad_token_id=0, tie_word_embeddings=False)
+    cfg = LlamaConfig(
+        vocab_size=vocab,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=64,
+        bos_token_id=1,
+        eos_token_id=2,
+        pad_token_id=0,
+        tie_word_embeddings=False,
+    )
     return LlamaForCausalLM(cfg)
 
 
@@ -69,27 +90,44 @@ def vary_lengths(model, max_new_tokens: int):
             n = 1 + int((input_ids[i] * attention_mask[i]).sum()) % max_new_tokens
             if width + n - 1 < out.shape[1]:
                 out[i, width + n - 1] = CharTokenizer.eos_token_id
-                out[i, width + n:] = CharTokenizer.pad_token_id
+                out[i, width + n :] = CharTokenizer.pad_token_id
         return out
 
     model.generate = generate
     return model
 
 
-def invariance_run(steps: int = 2, **overrides) -> tuple[dict, list[dict]]:
+def invariance_run(steps: int = 2, fixed_lengths: bool = True, **overrides) -> tuple[dict, list[dict]]:
     """Train a tiny GPT-2 with a value model by plain SGD; return (full parameters, metrics per step)."""
     from rlaif_fast.trainer import RLAIFConfig, RLAIFTrainer, ValueModel
 
-    values = dict(algorithm="ppo", batch_size=8, mini_batch_size=4, micro_batch_size=2, ppo_epochs=2,
-                  max_new_tokens=6, temperature=0.0, optimizer="sgd", learning_rate=0.05, value_learning_rate=0.01, max_grad_norm=0.0,
-                  kl_coef=0.1, progress=False, tensorboard=False, output_dir="/tmp/rlaif_invariance")
+    values = dict(
+        algorithm="ppo",
+        batch_size=8,
+        mini_batch_size=4,
+        micro_batch_size=2,
+        ppo_epochs=2,
+        max_new_tokens=6,
+        temperature=0.0,
+        optimizer="sgd",
+        learning_rate=0.05,
+        value_learning_rate=0.01,
+        max_grad_norm=0.0,
+        kl_coef=0.1,
+        progress=False,
+        tensorboard=False,
+        output_dir="/tmp/rlaif_invariance",
+    )
     values.update(overrides)
     cfg = RLAIFConfig(**values)
-    policy = vary_lengths(tiny_gpt2(), cfg.max_new_tokens)
+    policy = tiny_gpt2()
+    if fixed_lengths:
+        policy = vary_lengths(policy, cfg.max_new_tokens)
     value_model = ValueModel.from_policy(policy) if cfg.uses_critic else None
     trainer = RLAIFTrainer(policy, CharTokenizer(), count_a, cfg, value_model=value_model)
-    history = [trainer.step(PROMPTS[i * cfg.prompts_per_step:(i + 1) * cfg.prompts_per_step])
-               for i in range(steps)]
+    history = [
+        trainer.step(PROMPTS[i * cfg.prompts_per_step : (i + 1) * cfg.prompts_per_step]) for i in range(steps)
+    ]
     with trainer.strategy.gathered(trainer.engine.module):
         params = {k: v.detach().clone() for k, v in trainer.engine.module.state_dict().items()}
     return params, history

@@ -1,0 +1,119 @@
+"""Evaluation as in the RLAIF paper (arXiv 2309.00267, section 3.3): win rate against the SFT policy.
+
+For each evaluation prompt both policies write one response; the AI labeler judges the pair in BOTH
+orders (``PairwiseLabeler`` averages P(policy first wins) and P(policy second wins) into a debiased
+soft label). A pair counts 1 when the debiased label prefers the policy, 0 when it prefers SFT, and 1/2
+when it is exactly 0.5 (identical responses, or a labeler that flips with the order symmetrically).
+Where the task has a ground truth, the mean ground-truth score of both policies is reported too.
+``rlaif-fast eval CONFIG.yaml [--policy DIR] [--baseline DIR]`` runs this on a finished run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+import torch
+
+EMPTY = "(empty)"  # what the labeler sees for a response that stopped at once: it cannot judge ""
+
+
+def visible(completions: Sequence[str]) -> list[str]:
+    """Completions as shown to the labeler: an empty one becomes ``(empty)`` (PairwiseLabeler rejects "")."""
+    return [c if c.strip() else EMPTY for c in completions]
+
+
+def win_rate(labels) -> float:
+    """Mean over pairs of 1 (p_a > 0.5), 0 (p_a < 0.5) or 1/2 (p_a == 0.5): ties split evenly."""
+    if not labels:
+        raise ValueError("win_rate needs at least one labeled pair")
+    return sum(1.0 if lab.p_a > 0.5 else 0.0 if lab.p_a < 0.5 else 0.5 for lab in labels) / len(labels)
+
+
+@torch.no_grad()
+def sample_completions(policy, tokenizer, prompts: Sequence[str], *, max_new_tokens: int, temperature: float,
+                       seed: int) -> list[str]:
+    """One sampled completion per prompt, with a fixed seed so two evaluations see the same randomness."""
+    from rlaif_fast.trainer.generation import sample
+
+    state = torch.random.get_rng_state()
+    torch.manual_seed(seed)
+    try:
+        out = sample(policy, tokenizer, list(prompts), max_new_tokens=max_new_tokens, temperature=temperature,
+                     top_p=1.0, max_prompt_len=256)
+    finally:
+        torch.random.set_rng_state(state)  # evaluation must not shift the training RNG stream
+    return out.completions
+
+
+def compare(labeler, prompts: Sequence[str], policy_out: Sequence[str], baseline_out: Sequence[str],
+            ground_truth: Callable[[Sequence[str], Sequence[str]], list[float]] | None = None) -> dict:
+    """Judge ``policy_out`` against ``baseline_out`` (one each per prompt) with ``labeler`` in both orders.
+
+    Returns win_rate (ties split), mean_p_policy (mean debiased soft label), position_bias (share of pairs
+    whose two orders disagreed), and, with ``ground_truth``, gt_policy / gt_baseline (mean scores) and
+    gt_win_rate (the same win rate judged by the ground truth, ties split).
+    """
+    if not (len(prompts) == len(policy_out) == len(baseline_out)):
+        raise ValueError(f"got {len(prompts)} prompts, {len(policy_out)} policy and {len(baseline_out)} "
+                         "baseline completions; give one of each per prompt")
+    labels = labeler.label(list(prompts), visible(policy_out), visible(baseline_out))
+    out = {
+        "pairs": len(labels),
+        "win_rate": win_rate(labels),
+        "mean_p_policy": sum(lab.p_a for lab in labels) / len(labels),
+        "position_bias": sum(not lab.consistent for lab in labels) / len(labels),
+    }
+    if ground_truth is not None:
+        g_pol = ground_truth(prompts, policy_out)
+        g_base = ground_truth(prompts, baseline_out)
+        out["gt_policy"] = sum(g_pol) / len(g_pol)
+        out["gt_baseline"] = sum(g_base) / len(g_base)
+        out["gt_win_rate"] = sum(1.0 if a > b else 0.0 if a < b else 0.5 for a, b in zip(g_pol, g_base)) / len(g_pol)
+    return out
+
+
+def evaluate_policy(policy, baseline, tokenizer, labeler, prompts: Sequence[str], *, max_new_tokens: int,
+                    temperature: float, seed: int, ground_truth=None) -> dict:
+    """Sample from ``policy`` and ``baseline`` on ``prompts`` (same seed), then :func:`compare` them."""
+    pol = sample_completions(policy, tokenizer, prompts, max_new_tokens=max_new_tokens,
+                             temperature=temperature, seed=seed)
+    base = sample_completions(baseline, tokenizer, prompts, max_new_tokens=max_new_tokens,
+                              temperature=temperature, seed=seed)
+    result = compare(labeler, prompts, pol, base, ground_truth)
+    result["examples"] = [{"prompt": p, "policy": a, "baseline": b} for p, a, b in list(zip(prompts, pol, base))[:5]]
+    return result
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``rlaif-fast eval CONFIG.yaml``: the last iteration's policy (or --policy) against SFT (or --baseline)."""
+    from rlaif_fast.pipeline import run as run_mod
+    from rlaif_fast.pipeline.config import RunConfig
+
+    ap = argparse.ArgumentParser(prog="rlaif-fast eval", description=__doc__.split("\n")[0])
+    ap.add_argument("config", help="the run's YAML config (its output_dir holds the policies and the labeler)")
+    ap.add_argument("--policy", help="policy directory (default: the run's last trained policy)")
+    ap.add_argument("--baseline", help="baseline policy directory (default: the run's SFT policy)")
+    ap.add_argument("--n", type=int, help="responses per policy (default: the config's eval_prompts)")
+    ap.add_argument("--out", help="write the result as JSON here too")
+    args = ap.parse_args(argv)
+    cfg = RunConfig.from_yaml(args.config)
+    run = run_mod.Run(cfg, progress=False)
+    policy_dir = Path(args.policy) if args.policy else run.latest_policy_dir()
+    baseline_dir = Path(args.baseline) if args.baseline else run.sft_dir()
+    for name, d in (("--policy", policy_dir), ("--baseline", baseline_dir)):
+        if d is None or not Path(d).is_dir():
+            raise ValueError(f"{name} directory {str(d)!r} does not exist; run `rlaif-fast run {args.config}` "
+                             "first or pass the directory")
+    n = args.n or cfg.eval_prompts
+    if n < 1:
+        raise ValueError(f"--n must be >= 1, got {n}")
+    result = run.evaluate(run_mod.load_policy(policy_dir), run_mod.load_policy(baseline_dir), n=n)
+    result.pop("examples", None)
+    text = json.dumps(result, indent=2)
+    print(text)
+    if args.out:
+        Path(args.out).write_text(text + "\n")
+    return 0

@@ -1,0 +1,407 @@
+"""``rlaif-fast run CONFIG.yaml``: the iterative RLAIF loop of Lee et al. 2023 (arXiv 2309.00267).
+
+    SFT (optional) -> for each iteration:
+        sample 2 responses per prompt from the current policy
+        -> label each pair with the AI labeler, both orders averaged (PairwiseLabeler)
+        -> distill the soft labels into a reward model (feedback: distilled)
+           or score each response directly with the labeler (feedback: direct, d-RLAIF)
+        -> RL against that reward with a KL leash to the SFT policy (RLAIFTrainer)
+        -> evaluate: win rate against SFT judged by the labeler, ground truth where the task has one
+
+Resumable per stage: every stage writes its artefact and then, last, a ``<stage>.json`` record under
+``output_dir``; a rerun skips every stage whose record exists and loads its artefact instead, and the
+RL stage continues from the trainer's latest checkpoint. ``metrics.jsonl`` is rebuilt from the records,
+so a killed run never leaves duplicated rows.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import os
+import random
+import sys
+from pathlib import Path
+
+import torch
+
+from rlaif_fast.pipeline import evaluate as ev
+from rlaif_fast.pipeline import task as T
+from rlaif_fast.pipeline.config import RunConfig
+
+# The run config owns these trainer settings (one value for sampling pairs, RL and evaluation).
+RL_OWNED = ("output_dir", "max_new_tokens", "temperature", "seed", "progress")
+RL_DEFAULTS = {"algorithm": "reinforce_baseline", "batch_size": 32, "micro_batch_size": 32, "kl_coef": 0.05,
+               "learning_rate": 1e-3, "total_steps": 60, "tensorboard": False}
+
+
+def cache_dir() -> Path:
+    """Where the demo labeler is cached: $RLAIF_FAST_CACHE, else ~/.cache/rlaif_fast."""
+    return Path(os.environ.get("RLAIF_FAST_CACHE", Path.home() / ".cache" / "rlaif_fast"))
+
+
+def write_json(path: Path, data) -> None:
+    """Write-then-rename, so a stage record exists only once its content is complete."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(data, indent=2) + "\n")
+    tmp.replace(path)
+
+
+def read_json(path: Path):
+    return json.loads(path.read_text()) if path.is_file() else None
+
+
+def load_policy(path: str | Path):
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(str(path)).eval()
+
+
+def seed_all(seed: int) -> None:
+    random.seed(seed)
+    torch.manual_seed(seed)
+
+
+class Run:
+    """One run's stages over ``cfg.output_dir``. Each ``stage_*`` method returns its record (a dict)."""
+
+    def __init__(self, cfg: RunConfig, *, progress: bool = True):
+        self.cfg, self.progress = cfg, progress
+        self.out = Path(cfg.output_dir)
+        self.rl_settings = self._rl_settings()  # validated before any model is built
+        if cfg.task is not None:
+            self.tokenizer = T.build_tokenizer()
+            split = T.prompt_split()
+            self.train_prompts, self.eval_prompts = split.train, split.eval
+            self.ground_truth = T.ground_truth_reward
+        else:
+            from transformers import AutoTokenizer
+
+            self.tokenizer = AutoTokenizer.from_pretrained(cfg.policy)
+            self.train_prompts, self.eval_prompts = _read_prompts(Path(cfg.prompts_file))
+            self.ground_truth = None
+        self._labeler = None
+        self._sft = None
+
+    def _rl_settings(self) -> dict:
+        from rlaif_fast.trainer import RLAIFConfig
+
+        clash = sorted(set(self.cfg.rl) & set(RL_OWNED))
+        if clash:
+            raise ValueError(f"rl: {clash} are set by the run config itself (one value for sampling, RL and "
+                             "evaluation); move them to the top level of the run config")
+        settings = {**RL_DEFAULTS, **self.cfg.rl}
+        RLAIFConfig.from_dict({**settings, "output_dir": str(self.out)})  # fail now, not after SFT
+        return settings
+
+    # ---- paths ------------------------------------------------------------------------------------
+    def sft_dir(self) -> Path:
+        return self.out / "sft"
+
+    def iter_dir(self, k: int) -> Path:
+        return self.out / f"iter_{k}"
+
+    def latest_policy_dir(self) -> Path | None:
+        for k in range(self.cfg.iterations, 0, -1):
+            if (self.iter_dir(k) / "rl.json").is_file():
+                return self.iter_dir(k) / "rl" / "final"
+        return self.sft_dir() if (self.out / "sft.json").is_file() else None
+
+    # ---- models -----------------------------------------------------------------------------------
+    def sft_policy(self):
+        if self._sft is None:
+            self.stage_sft()
+            self._sft = load_policy(self.sft_dir())
+        return self._sft
+
+    def labeler(self):
+        """The AI labeler: ``PairwiseLabeler`` over an ``HFBackend`` or an OpenAI-compatible endpoint."""
+        if self._labeler is None:
+            from rlaif_fast.feedback import HFBackend, OpenAICompatibleBackend, PairwiseLabeler, load_template
+
+            template = load_template(self.cfg.template)
+            kind, _, where = self.cfg.labeler.partition(":")
+            if self.cfg.labeler == "demo":
+                from rlaif_fast.pipeline.labeler_model import load_or_train_labeler
+
+                model, _ = load_or_train_labeler(template.render_pairwise, self.tokenizer, cache_dir(),
+                                                 dim=self.cfg.policy_dim, steps=self.cfg.labeler_steps,
+                                                 seed=self.cfg.seed, progress=self.progress)
+                backend = HFBackend(model, self.tokenizer, batch_size=64)
+            elif kind == "hf":
+                backend = HFBackend(where)
+            else:
+                backend = OpenAICompatibleBackend(where, self.cfg.labeler_model)
+            self._labeler = PairwiseLabeler(backend, template)
+        return self._labeler
+
+    def reward_for_direct(self):
+        from rlaif_fast.feedback import ScoreLabeler
+
+        lab = self.labeler()
+        return ScoreLabeler(lab.backend, lab.template)
+
+    # ---- stages -----------------------------------------------------------------------------------
+    def stage_sft(self) -> dict:
+        """Build (or load) the policy and fit it to the task's demonstrations; save it to ``sft/``."""
+        done = read_json(self.out / "sft.json")
+        if done is not None:
+            return done
+        from rlaif_fast.pipeline.sft import build_policy, train_sft
+
+        seed_all(self.cfg.seed)
+        if self.cfg.policy is None:
+            policy = build_policy(len(self.tokenizer), dim=self.cfg.policy_dim, layers=self.cfg.policy_layers,
+                                  seed=self.cfg.seed)
+        else:
+            policy = load_policy(self.cfg.policy)
+        losses = []
+        if self.cfg.sft_steps:
+            if self.cfg.task is None:
+                raise ValueError("sft_steps > 0 needs demonstrations, which only the embedded task has; set "
+                                 "sft_steps: 0 and give an SFT policy path as policy")
+            demos = T.sft_corpus(4096, self.cfg.seed)
+            losses = train_sft(policy, self.tokenizer, demos, steps=self.cfg.sft_steps, lr=self.cfg.sft_lr,
+                               seed=self.cfg.seed, progress=self.progress)
+        policy.save_pretrained(str(self.sft_dir()))
+        self.tokenizer.save_pretrained(str(self.sft_dir()))
+        record = {"steps": self.cfg.sft_steps, "final_loss": losses[-1] if losses else None}
+        write_json(self.out / "sft.json", record)
+        return record
+
+    def stage_label(self, k: int, policy) -> dict:
+        """Sample pairs from the current policy and label them; ``pairs.jsonl`` keeps every soft label."""
+        path = self.iter_dir(k) / "label.json"
+        done = read_json(path)
+        if done is not None:
+            return done
+        n = self.cfg.pairs_per_iteration
+        prompts = [self.train_prompts[(i + k) % len(self.train_prompts)] for i in range(n)]
+        a = ev.visible(self._sample(policy, prompts, seed=self.cfg.seed * 1000 + 2 * k))
+        b = ev.visible(self._sample(policy, prompts, seed=self.cfg.seed * 1000 + 2 * k + 1))
+        labels = self.labeler().label(prompts, a, b)
+        records = [{"context": p, "response_a": x, "response_b": y, **lab.to_dict()}
+                   for p, x, y, lab in zip(prompts, a, b, labels)]
+        record = {"pairs": n, "position_bias": sum(not r["consistent"] for r in records) / n,
+                  "mean_entropy": sum(r["entropy"] for r in records) / n}
+        if self.ground_truth is not None:
+            record.update(_alignment(records, self.ground_truth))
+        _write_jsonl(self.iter_dir(k) / "pairs.jsonl", records)
+        write_json(path, record)
+        return record
+
+    def stage_rm(self, k: int) -> dict:
+        """Distill the iteration's soft labels into a reward model initialised from the SFT policy."""
+        path = self.iter_dir(k) / "rm.json"
+        done = read_json(path)
+        if done is not None:
+            return done
+        from rlaif_fast.reward import RewardModel, RewardModelScorer, pairwise_accuracy, train_reward_model
+
+        seed_all(self.cfg.seed + k)
+        records = [r for r in _read_jsonl(self.iter_dir(k) / "pairs.jsonl") if r["response_a"] != r["response_b"]]
+        if len(records) < 2:
+            raise ValueError(f"iteration {k}: only {len(records)} pairs with two different responses; raise "
+                             "pairs_per_iteration or the temperature")
+        cut = max(1, len(records) // 5)  # last 20% held out to measure the reward model
+        train, held = records[:-cut], records[-cut:]
+        rm = RewardModel(copy.deepcopy(self.sft_policy()))
+        result = train_reward_model(rm, self.tokenizer, train, epochs=self.cfg.rm_epochs, lr=self.cfg.rm_lr,
+                                    batch_size=32, eval_pairs=held, seed=self.cfg.seed + k)
+        record = {"train_pairs": len(train), "held_out_pairs": len(held), "final_loss": result["loss"],
+                  "acc_ai_train": result["train"].get("acc_ai"), "acc_ai_held_out": result["eval"].get("acc_ai")}
+        if self.ground_truth is not None:
+            scorer = RewardModelScorer(rm, self.tokenizer)
+            ctx = [r["context"] for r in held]
+            gt_a = self.ground_truth(ctx, [r["response_a"] for r in held])
+            gt_b = self.ground_truth(ctx, [r["response_b"] for r in held])
+            keep = [i for i in range(len(held)) if gt_a[i] != gt_b[i]]
+            if keep:
+                r_a = scorer([ctx[i] for i in keep], [held[i]["response_a"] for i in keep])
+                r_b = scorer([ctx[i] for i in keep], [held[i]["response_b"] for i in keep])
+                record["acc_gt_held_out"] = pairwise_accuracy(r_a, r_b, [gt_a[i] > gt_b[i] for i in keep])
+        rm.save_pretrained(self.iter_dir(k) / "rm")
+        write_json(path, record)
+        return record
+
+    def stage_rl(self, k: int, policy, reward) -> dict:
+        """RL from the current policy against ``reward``, KL to the SFT policy; resumes from a checkpoint."""
+        path = self.iter_dir(k) / "rl.json"
+        done = read_json(path)
+        if done is not None:
+            return done
+        from rlaif_fast.trainer import RLAIFConfig, RLAIFTrainer, ValueModel
+        from rlaif_fast.trainer.checkpoint import latest_checkpoint
+
+        seed_all(self.cfg.seed + k)
+        rl_dir = self.iter_dir(k) / "rl"
+        rl_cfg = RLAIFConfig.from_dict({**self.rl_settings, "output_dir": str(rl_dir), "seed": self.cfg.seed + k,
+                                        "max_new_tokens": self.cfg.max_new_tokens,
+                                        "temperature": self.cfg.temperature, "progress": self.progress})
+        value = ValueModel.from_policy(policy) if rl_cfg.uses_critic else None
+        ref = copy.deepcopy(self.sft_policy())
+        trainer = RLAIFTrainer(policy, self.tokenizer, reward, rl_cfg, ref_policy=ref, value_model=value)
+        ckpt = latest_checkpoint(rl_dir)
+        if ckpt is not None:
+            trainer.load(ckpt)
+        summary = trainer.train(self.train_prompts)
+        if summary.get("stopped") == "interrupted":
+            raise KeyboardInterrupt
+        history = [{"iteration": k, **row} for row in summary.pop("history", [])]
+        record = {"summary": _jsonable(summary), "history": _jsonable(history)}
+        write_json(path, record)
+        return record
+
+    def stage_eval(self, k: int, policy) -> dict:
+        """Win rate of ``policy`` against SFT on the held-out prompts, and the ground truth of both."""
+        path = self.iter_dir(k) / "eval.json"
+        done = read_json(path)
+        if done is not None:
+            return done
+        record = self.evaluate(policy, self.sft_policy())
+        write_json(path, record)
+        return record
+
+    def evaluate(self, policy, baseline, n: int | None = None) -> dict:
+        n = n or self.cfg.eval_prompts
+        prompts = [self.eval_prompts[i % len(self.eval_prompts)] for i in range(n)]
+        return ev.evaluate_policy(policy, baseline, self.tokenizer, self.labeler(), prompts,
+                                  max_new_tokens=self.cfg.max_new_tokens, temperature=self.cfg.temperature,
+                                  seed=self.cfg.seed + 12345, ground_truth=self.ground_truth)
+
+    def _sample(self, policy, prompts, seed):
+        return ev.sample_completions(policy, self.tokenizer, prompts, max_new_tokens=self.cfg.max_new_tokens,
+                                     temperature=self.cfg.temperature, seed=seed)
+
+    # ---- the loop ---------------------------------------------------------------------------------
+    def run(self) -> dict:
+        """All stages in order, skipping finished ones; returns {"sft", "iterations": [...]} records."""
+        self.out.mkdir(parents=True, exist_ok=True)
+        (self.out / "config.json").write_text(json.dumps(self.cfg.to_dict(), indent=2) + "\n")
+        result = {"sft": self.stage_sft(), "iterations": []}
+        policy = copy.deepcopy(self.sft_policy())
+        for k in range(1, self.cfg.iterations + 1):
+            self._say(f"iteration {k}/{self.cfg.iterations}: sample + label {self.cfg.pairs_per_iteration} pairs")
+            it = {"iteration": k, "label": self.stage_label(k, policy)}
+            if self.cfg.feedback == "distilled":
+                self._say(f"iteration {k}: reward model")
+                it["rm"] = self.stage_rm(k)
+                from rlaif_fast.reward import RewardModel, RewardModelScorer
+
+                reward = RewardModelScorer(RewardModel.from_pretrained(self.iter_dir(k) / "rm"), self.tokenizer)
+            else:
+                reward = self.reward_for_direct()
+            self._say(f"iteration {k}: RL")
+            it["rl"] = self.stage_rl(k, policy, reward)
+            policy = load_policy(self.iter_dir(k) / "rl" / "final")
+            self._say(f"iteration {k}: evaluate")
+            it["eval"] = self.stage_eval(k, policy)
+            result["iterations"].append(it)
+            self.write_metrics(result)
+        return result
+
+    def write_metrics(self, result: dict) -> Path:
+        """metrics.jsonl from the stage records: RL rows (reward, kl, entropy, ...) then one eval row each."""
+        rows = []
+        for it in result["iterations"]:
+            rows += it["rl"]["history"]
+            ev_row = {k: v for k, v in it["eval"].items() if isinstance(v, (int, float))}
+            rows.append({"iteration": it["iteration"], "kind": "eval", **ev_row})
+        _write_jsonl(self.out / "metrics.jsonl", rows)
+        return self.out / "metrics.jsonl"
+
+    def _say(self, text: str) -> None:
+        if self.progress:
+            print(f"[rlaif-fast] {text}", file=sys.stderr, flush=True)
+
+
+def _alignment(records: list[dict], ground_truth) -> dict:
+    """The paper's alignment (binarized soft label vs the reference choice) with the ground truth as the
+    reference, over pairs the ground truth does not tie."""
+    from rlaif_fast.reward import ai_human_alignment
+
+    ctx = [r["context"] for r in records]
+    gt_a = ground_truth(ctx, [r["response_a"] for r in records])
+    gt_b = ground_truth(ctx, [r["response_b"] for r in records])
+    keep = [i for i in range(len(records)) if gt_a[i] != gt_b[i]]
+    if not keep:
+        return {"alignment": None, "alignment_pairs": 0}
+    return {"alignment": ai_human_alignment([records[i]["p_a"] for i in keep], [gt_a[i] > gt_b[i] for i in keep]),
+            "alignment_pairs": len(keep)}
+
+
+def _read_prompts(path: Path) -> tuple[list[str], list[str]]:
+    rows = _read_jsonl(path)
+    prompts = []
+    for i, row in enumerate(rows, 1):
+        if not isinstance(row, dict) or not isinstance(row.get("prompt"), str):
+            raise ValueError(f"{path}:{i}: each line needs a string field 'prompt'")
+        prompts.append(row["prompt"])
+    if len(prompts) < 2:
+        raise ValueError(f"{path} holds {len(prompts)} prompts; give at least 2 (the last 10% are for eval)")
+    cut = max(1, len(prompts) // 10)
+    return prompts[:-cut], prompts[-cut:]
+
+
+def _read_jsonl(path: Path) -> list:
+    if not path.is_file():
+        raise ValueError(f"{path} does not exist")
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def _write_jsonl(path: Path, rows: list) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    tmp.replace(path)
+
+
+def _jsonable(x):
+    if isinstance(x, dict):
+        return {str(k): _jsonable(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [_jsonable(v) for v in x]
+    if isinstance(x, (str, int, float, bool)) or x is None:
+        return x
+    if isinstance(x, torch.Tensor) and x.numel() == 1:
+        return x.item()
+    return str(x)
+
+
+def parse_overrides(pairs: list[str]) -> dict:
+    """``--set key=value`` pairs; values parse as YAML scalars (``--set iterations=2``)."""
+    import yaml
+
+    out = {}
+    for item in pairs:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise ValueError(f"--set {item!r} must look like key=value")
+        out[key] = yaml.safe_load(value)
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``rlaif-fast run CONFIG.yaml [--set key=value ...]``: run (or resume) the loop, then report."""
+    ap = argparse.ArgumentParser(prog="rlaif-fast run", description=__doc__.split("\n")[0])
+    ap.add_argument("config", help="YAML run config (see rlaif_fast/pipeline/configs/demo.yaml)")
+    ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config key")
+    ap.add_argument("--no-progress", action="store_true", help="no progress bars or stage lines")
+    args = ap.parse_args(argv)
+    cfg = RunConfig.from_yaml(args.config, parse_overrides(args.set))
+    return finish(cfg, progress=not args.no_progress)
+
+
+def finish(cfg: RunConfig, *, progress: bool) -> int:
+    """Run the loop, then write and print the report (report.md, report.json, metrics.png)."""
+    from rlaif_fast.pipeline import plots, report
+
+    run = Run(cfg, progress=progress)
+    result = run.run()
+    plots.plot_metrics(run.out / "metrics.jsonl", run.out / "metrics.png")
+    rep = report.build_report(result, cfg)
+    report.write_report(rep, run.out)
+    print(report.render_markdown(rep))
+    return 0
