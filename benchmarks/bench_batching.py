@@ -184,7 +184,9 @@ def main(argv=None) -> None:
     print(f"| fixed-size, input order | - | {waste:.1%} | {imbalance:.4f} | {steps} | - |")
 
     # smaller batches: fewer micro-batches per rank make the balance coarser
-    print("\n| rollouts | padding | max/mean rank load | steps | strategy | fixed-size padding | fixed-size load |")
+    print(
+        "\n| rollouts | padding | max/mean rank load | steps | strategy | fixed-size padding | fixed-size load |"
+    )
     print("| ---: | ---: | ---: | ---: | --- | ---: | ---: |")
     for n in (64, 256, 1024, 4096):
         small = [len(p) + len(r) for p, r in zip(*make_workload(n, seed=1))]

@@ -77,13 +77,16 @@ def test_gae_rlaif_fast_holes(benchmark):
 # ---- table --------------------------------------------------------------------------------------------
 
 
-def _times(fn, args, reps):
+CLOCKS = {"wall": time.perf_counter, "cpu": time.process_time}
+
+
+def _times(fn, args, reps, clock=time.perf_counter):
     fn(*args)  # warm-up
     out = []
     for _ in range(reps):
-        t0 = time.perf_counter()
+        t0 = clock()
         fn(*args)
-        out.append(time.perf_counter() - t0)
+        out.append(clock() - t0)
     return out
 
 
@@ -100,6 +103,12 @@ def main(argv=None) -> int:
     )
     p.add_argument("--reps", type=int, default=5)
     p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's)")
+    p.add_argument(
+        "--clock",
+        choices=sorted(CLOCKS),
+        default="wall",
+        help="cpu: process CPU time, robust when other jobs share the cores (use with --threads 1)",
+    )
     p.add_argument("--gpu", action="store_true", help="check and time the Triton kernels on CUDA instead")
     p.add_argument("--smoke", action="store_true", help="with --gpu: tiny sizes (the interpreter on CPU)")
     p.add_argument("--out", default=None, help="with --gpu: folder for rl.json")
@@ -123,9 +132,12 @@ def main(argv=None) -> int:
     # interleaved, so that load from other processes on the machine hits every contender alike
     for _ in range(a.rounds):
         for name, (fn, args, reps) in contenders.items():
-            times[name] += _times(fn, args, reps)
+            times[name] += _times(fn, args, reps, CLOCKS[a.clock])
     base_med, base_min = (f(times[next(iter(times))]) for f in (statistics.median, min))
-    print(f"GAE, CPU, B={B}, T={T}, fp32, gamma={GAMMA}, lam={LAM}, torch threads={torch.get_num_threads()}")
+    print(
+        f"GAE, CPU, B={B}, T={T}, fp32, gamma={GAMMA}, lam={LAM}, torch threads={torch.get_num_threads()}, "
+        f"{a.clock} clock"
+    )
     print("| path | median ms | min ms | speed-up (median) | speed-up (min) | max abs err vs fp64 |")
     print("| --- | ---: | ---: | ---: | ---: | ---: |")
     for name, (fn, args, _) in contenders.items():
@@ -210,38 +222,14 @@ def gpu_main(out: str | None, smoke: bool) -> int:
 # ---- bytes moved by the kernels (engineer A's instrumented interpreter) -------------------------------
 
 
-def eager_bytes(fn) -> tuple[int, int]:
-    """(loaded, stored) by the aten ops fn runs, each op reading its inputs once and writing its outputs
-    once (views are free): the bytes eager torch moves through memory, without cache reuse."""
-    from torch.utils._python_dispatch import TorchDispatchMode
-    from torch.utils._pytree import tree_leaves
-
-    def size(xs):
-        return sum(x.numel() * x.element_size() for x in tree_leaves(xs) if isinstance(x, torch.Tensor))
-
-    class Count(TorchDispatchMode):
-        loaded = stored = 0
-
-        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-            out = func(*args, **(kwargs or {}))
-            if not func.is_view:
-                Count.loaded += size((args, kwargs))
-                Count.stored += size(out)
-            return out
-
-    with Count():
-        fn()
-    return Count.loaded, Count.stored
-
-
 def bytes_main(b: int = 8, t: int = 300) -> int:
     """Bytes each kernel loads and stores vs the minimum (inputs read once, outputs written once), with
-    the eager torch ops that compute the same thing beside it."""
+    the eager torch ops that compute the same thing beside it (benchmarks/bytes_moved.py counts both)."""
     import os
     import sys
 
     sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-    from bytes_moved import count_bytes
+    from bytes_moved import count_bytes, count_eager_bytes
     from rlaif_fast.kernels import advantages as gae_kernels
     from rlaif_fast.kernels import kl as kl_kernels
 
@@ -289,7 +277,7 @@ def bytes_main(b: int = 8, t: int = 300) -> int:
         low = minimum[name]
         k = "" if kernel is None else sum(count_bytes(kernel))
         k_ratio = "" if kernel is None else f"{k / low:.3f}"
-        e = sum(eager_bytes(eager))
+        e = sum(count_eager_bytes(eager))
         print(f"| {name} | {low} | {k} | {k_ratio} | {eager_name} | {e} | {e / low:.2f} |")
     return 0
 

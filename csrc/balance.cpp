@@ -13,7 +13,6 @@
 
 #include <algorithm>
 #include <numeric>
-#include <queue>
 #include <tuple>
 #include <vector>
 
@@ -65,9 +64,9 @@ struct Set {
   int64_t sum, head, tail;  // head = tail = -1 when empty
 };
 
-// Heap order: the largest spread first, then the oldest partial solution.
+// Heap order: the largest spread first, then the oldest partial solution (lowest uid).
 struct Entry {
-  int64_t spread, uid;
+  int64_t spread, uid, slot;
   bool operator<(const Entry& o) const { return spread != o.spread ? spread < o.spread : uid > o.uid; }
 };
 
@@ -78,28 +77,29 @@ std::vector<Batch> karmarkar_karp(const std::vector<int64_t>& w, int64_t k, bool
   std::iota(order.begin(), order.end(), 0);
   std::stable_sort(order.begin(), order.end(), [&](int64_t a, int64_t b) { return w[a] > w[b]; });
   std::vector<int64_t> next(n, -1);
-  std::vector<Set> sets;  // partial solution u owns sets[u * k, (u + 1) * k), heaviest first
-  sets.reserve(static_cast<size_t>(2 * n * k));
-  std::priority_queue<Entry> heap;
+  // the partial solution in slot u owns sets[u * k, (u + 1) * k), heaviest first; a merge writes into
+  // the slot of its first parent, so memory stays n x k sets (it fits in L2 for n = 4096, k = 8)
   const int64_t rows = equal_size ? n / k : n;
+  std::vector<Set> sets(static_cast<size_t>(rows * k), Set{0, -1, -1});
+  std::vector<Entry> heap;
+  heap.reserve(rows);
   for (int64_t u = 0; u < rows; ++u) {
-    for (int64_t j = 0; j < k; ++j) {
-      if (equal_size || j == 0) {
-        const int64_t i = order[equal_size ? u * k + j : u];
-        sets.push_back({w[i], i, i});
-      } else {
-        sets.push_back({0, -1, -1});
-      }
+    for (int64_t j = 0; j < (equal_size ? k : 1); ++j) {
+      const int64_t i = order[equal_size ? u * k + j : u];
+      sets[u * k + j] = {w[i], i, i};
     }
-    heap.push({sets[u * k].sum - sets[u * k + k - 1].sum, u});
+    heap.push_back({sets[u * k].sum - sets[u * k + k - 1].sum, u, u});
   }
+  std::make_heap(heap.begin(), heap.end());
   int64_t uid = rows;
   std::vector<Set> merged(k);
   while (heap.size() > 1) {
-    const int64_t a = heap.top().uid;
-    heap.pop();
-    const int64_t b = heap.top().uid;
-    heap.pop();
+    std::pop_heap(heap.begin(), heap.end());
+    const int64_t a = heap.back().slot;
+    heap.pop_back();
+    std::pop_heap(heap.begin(), heap.end());
+    const int64_t b = heap.back().slot;
+    heap.pop_back();
     for (int64_t j = 0; j < k; ++j) {
       const Set x = sets[a * k + j];
       const Set y = sets[b * k + (k - 1 - j)];  // heaviest of a with the lightest of b
@@ -121,10 +121,11 @@ std::vector<Batch> karmarkar_karp(const std::vector<int64_t>& w, int64_t k, bool
       for (; t > 0 && merged[t - 1].sum < s.sum; --t) merged[t] = merged[t - 1];
       merged[t] = s;
     }
-    sets.insert(sets.end(), merged.begin(), merged.end());
-    heap.push({merged[0].sum - merged[k - 1].sum, uid++});
+    std::copy(merged.begin(), merged.end(), sets.begin() + a * k);
+    heap.push_back({merged[0].sum - merged[k - 1].sum, uid++, a});
+    std::push_heap(heap.begin(), heap.end());
   }
-  const int64_t root = heap.top().uid;
+  const int64_t root = heap.front().slot;
   std::vector<Batch> out(k);
   for (int64_t j = 0; j < k; ++j) {
     for (int64_t i = sets[root * k + j].head; i >= 0; i = next[i]) out[j].push_back(i);
@@ -199,7 +200,8 @@ void refine_moves(const int64_t* len, std::vector<Batch>& batches, const std::ve
         const int64_t d = len[src[pos]];
         if (d <= 0 || d >= gap) continue;
         const int64_t rest_max = pos == 0 ? len[src[1]] : len[src[0]];
-        const int64_t src_pad = static_cast<int64_t>(src.size() - 1) * rest_max - static_cast<int64_t>(src.size()) * len[src[0]];
+        const int64_t n_src = static_cast<int64_t>(src.size());
+        const int64_t src_pad = (n_src - 1) * rest_max - n_src * len[src[0]];  // its padded size change
         for (int64_t y : ranks[lo]) {
           const Batch& dst = batches[y];
           const int64_t dst_max = dst.empty() ? 0 : len[dst[0]];
@@ -218,7 +220,8 @@ void refine_moves(const int64_t* len, std::vector<Batch>& batches, const std::ve
       }
     }
     if (!found) break;
-    const auto [score, s, y] = best;
+    const auto [unused_score, s, y] = best;
+    (void)unused_score;
     Batch& src = batches[best_x];
     src.erase(std::find(src.begin(), src.end(), s));
     Batch& dst = batches[y];
@@ -284,7 +287,9 @@ py::tuple balanced_microbatches(py::handle lengths, int64_t max_tokens, int64_t 
   check_at_least("max_tokens", max_tokens, 1);
   check_at_least("num_ranks", num_ranks, 1);
   auto arr = py::array_t<int64_t, py::array::c_style | py::array::forcecast>::ensure(lengths);
-  if (!arr || arr.ndim() != 1) type_error("lengths must be a 1-D int64 array; convert with np.asarray(..., np.int64)");
+  if (!arr || arr.ndim() != 1) {
+    type_error("lengths must be a 1-D int64 array; convert with np.asarray(..., np.int64)");
+  }
   const int64_t n = arr.shape(0);
   if (n == 0) value_error("lengths is empty; pass at least one sequence length");
   const int64_t* len = arr.data();

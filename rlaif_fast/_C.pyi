@@ -43,6 +43,6 @@ def pack_rollouts(
 
 def balanced_microbatches(
     lengths: npt.NDArray[np.int64], max_tokens: int, num_ranks: int
-) -> tuple[list[list[list[int]]], list[int], int, int]:
-    """(microbatches[rank][step] -> indices, rank_tokens, padding, padded_tokens); see
-    ``rlaif_fast.batching.balanced_microbatches``."""
+) -> tuple[list[list[list[int]]], list[int], list[int], str]:
+    """(microbatches[rank][step] -> indices, rank_tokens, rank_padded_tokens, strategy) with strategy
+    "global" or "per_rank"; see ``rlaif_fast.batching.balanced_microbatches``."""

@@ -131,6 +131,26 @@ def test_pad_2d_input_and_to(impl):
     assert isinstance(moved, batching.PaddedBatch) and torch.equal(moved.position_ids, out.position_ids)
 
 
+def test_concurrent_calls_agree(impl):
+    """The C++ loops run without the GIL: calls from several threads must not share state."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    batches = [make_rollouts(10 + t, 29) for t in range(4)]
+    want = [batching.pad_rollouts(p, r, 1, padding_side="right").input_ids for p, r in batches]
+    with ThreadPoolExecutor(max_workers=4) as pool:
+        got = list(
+            pool.map(lambda pr: batching.pad_rollouts(*pr, 1, padding_side="right").input_ids, batches)
+        )
+    assert all(torch.equal(g, w) for g, w in zip(got, want))
+
+
+def test_large_token_ids_survive(impl):
+    big = 2**40 + 3  # beyond int32: ids are int64 end to end
+    out = batching.pad_rollouts([[big, 1]], [np.array([big], dtype=np.uint64)], 0)
+    assert out.input_ids.tolist() == [[big, 1, big]]
+    assert batching.pack_rollouts([[big]], [[]]).input_ids.tolist() == [[big]]
+
+
 def test_cpp_results_are_zero_copy():
     ext = extension()
     for arrays in (
@@ -252,6 +272,23 @@ def test_balance_quality_long_tailed(impl):
     assert plan.num_empty == 0
 
 
+@pytest.mark.parametrize(
+    ("lengths", "max_tokens", "strategy"),
+    [([300] * 16, 4096, "global"), ([50, 40, 30, 20, 10, 5], 100, "per_rank")],
+)
+def test_balance_picks_the_cheaper_strategy(impl, lengths, max_tokens, strategy):
+    plan = batching.balanced_microbatches(lengths, max_tokens=max_tokens, num_ranks=2)
+    check_plan(plan, lengths, max_tokens, 2)
+    assert plan.strategy == strategy
+    busiest = {
+        name: max(sum(ref.padded_size(lengths, mb) for mb in rank) for rank in make(lengths, max_tokens, 2))
+        for name, make in (("global", ref.global_plan), ("per_rank", ref.per_rank_plan))
+    }
+    assert max(plan.rank_padded_tokens) == min(busiest.values()) == busiest[strategy]
+    if strategy == "global":  # 13 + 3 sequences after the cut; single-sequence moves make it 8 + 8
+        assert plan.rank_tokens == [2400, 2400]
+
+
 def test_balance_splits_the_fullest(impl):
     # one micro-batch holds all three; two ranks need two, so the fullest is split, never emptied
     plan = batching.balanced_microbatches([10, 10, 10], max_tokens=30, num_ranks=2)
@@ -319,6 +356,9 @@ def test_bad_pad_options(impl, kwargs, error, match):
 
 
 def test_truncation_never_silent(impl):
+    out = batching.pad_rollouts([[1, 2, 3, 4, 5]], [[6, 7]], 0, max_len=4, truncation="right")
+    assert out.input_ids.tolist() == [[1, 2, 3, 4]] and out.response_lengths.tolist() == [0]
+    assert not out.response_mask.any() and out.prompt_lengths.tolist() == [4]
     out = batching.pad_rollouts([[1, 2, 3]], [[4, 5]], 0, max_len=4, truncation="right")
     assert out.input_ids.tolist() == [[1, 2, 3, 4]] and out.response_lengths.tolist() == [1]
     out = batching.pad_rollouts([[1, 2, 3]], [[4, 5]], 0, max_len=4, truncation="left")

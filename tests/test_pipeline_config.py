@@ -37,7 +37,7 @@ def test_missing_file_and_non_mapping(tmp_path):
 @pytest.mark.parametrize(
     "settings, message",
     [
-        ({"feedback": "direct"}, "d-RLAIF needs a labeler that rates 1-10"),
+        ({"feedback": "direct"}, r"\(d-RLAIF\) needs a labeler that rates 1-10"),
         ({"feedback": "bogus"}, r"feedback='bogus' is not supported"),
         ({"task": None, "prompts_file": "p.jsonl", "policy": "p"}, "labeler: demo is trained on the embedded"),
         ({"task": None, "prompts_file": None}, "no prompts_file"),

@@ -35,11 +35,11 @@ def _trainer(policy, cfg, reward=count_a, tokenizer=None):
     return RLAIFTrainer(policy, tokenizer or CharTokenizer(), reward, cfg, value_model=value_model)
 
 
-@pytest.mark.parametrize("algorithm, group_size", [("ppo", 1), ("grpo", 2)])
-def test_every_policy_parameter_changes(tmp_path, algorithm, group_size):
+def test_every_policy_parameter_changes(tmp_path):
+    """PPO on a tiny Llama (the critic-free path on the real stories260K is the last test)."""
     policy = tiny_llama()
     before = {k: v.detach().clone() for k, v in policy.named_parameters()}
-    cfg = _config(tmp_path, algorithm=algorithm, group_size=group_size, learning_rate=1e-3)
+    cfg = _config(tmp_path, algorithm="ppo", learning_rate=1e-3)
     trainer = _trainer(policy, cfg)
     for i in range(2):
         trainer.step(PROMPTS[i * cfg.prompts_per_step : (i + 1) * cfg.prompts_per_step])
@@ -58,6 +58,7 @@ def test_reward_goes_up_on_the_toy_task(tmp_path):
     lines = (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()
     assert [json.loads(x)["step"] for x in lines] == list(range(1, 9))
     assert (tmp_path / "run" / "final" / "config.json").is_file()  # save_pretrained
+    assert (tmp_path / "run" / "metrics.png").stat().st_size > 0
 
 
 @pytest.mark.parametrize("algorithm", ["ppo", "reinforce_baseline"])

@@ -51,11 +51,12 @@ class RunConfig:
     labeler_model: str | None = None
     """Model name sent to an OpenAI-compatible ``http:`` labeler (required for ``http:``)."""
 
-    labeler_steps: int = 600
+    labeler_steps: int = 300
     """Training steps of the ``demo`` labeler (ignored for a real labeler)."""
 
-    template: str = "base"
-    """Labeler prompt template: a packaged name (``base``, ``detailed``, ...) or a path to a template file."""
+    template: str = "helpfulness"
+    """Labeler prompt: a built-in name (``summarization``, ``helpfulness``, ...), a template file (a relative
+    path is read from the config's folder) or a string with ``{context}``, ``{first}``, ``{second}``."""
 
     feedback: str = "distilled"
     """``distilled``: pairwise labels -> reward model -> RL. ``direct`` (d-RLAIF): the labeler's 1-10 score."""
@@ -163,6 +164,11 @@ class RunConfig:
         data = yaml.safe_load(path.read_text()) or {}
         if not isinstance(data, dict):
             raise ValueError(f"{path} must hold a YAML mapping of settings, got {type(data).__name__}")
+        # file paths in a config are relative to the config's folder when they exist there
+        for key in ("template", "prompts_file"):
+            value = data.get(key)
+            if isinstance(value, str) and (path.parent / value).is_file():
+                data[key] = str(path.parent / value)
         return cls.from_dict({**data, **(overrides or {})})
 
     def to_dict(self) -> dict[str, Any]:

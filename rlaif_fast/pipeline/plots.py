@@ -53,6 +53,7 @@ def plot_metrics(metrics_path: str | Path, png_path: str | Path) -> Path:
             ax.axhline(0.5, color="grey", linestyle=":", linewidth=1)
             ax.set_xlabel("iteration")
             ax.set_ylim(0, 1)
+            ax.set_xticks(sorted({e["iteration"] for e in evals}))
         else:
             pts = series[name]
             ax.set_xlabel("RL step")

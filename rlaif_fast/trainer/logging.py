@@ -86,3 +86,28 @@ class MetricsLogger:
             self._tb.close()
         if self._file is not None:
             self._file.close()
+
+
+def plot_metrics(
+    history: list[dict], path: str | Path, keys=("reward", "kl", "entropy", "win_rate")
+) -> Path | None:
+    """One PNG with a panel per metric present in ``history`` (win_rate comes from the pipeline's eval)."""
+    present = [k for k in keys if any(k in h for h in history)]
+    if not present:
+        return None
+    import matplotlib
+
+    matplotlib.use("Agg")  # files only: no display on a training node
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, len(present), figsize=(4 * len(present), 3), squeeze=False)
+    for ax, key in zip(axes[0], present):
+        points = [(h["step"], h[key]) for h in history if key in h]
+        ax.plot([p[0] for p in points], [p[1] for p in points], marker=".")
+        ax.set_title(key)
+        ax.set_xlabel("step")
+        ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return Path(path)

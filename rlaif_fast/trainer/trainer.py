@@ -32,7 +32,7 @@ from rlaif_fast.trainer import checkpoint as ckpt
 from rlaif_fast.trainer.checks import check_inputs, per_rank_sizes
 from rlaif_fast.trainer.config import RLAIFConfig
 from rlaif_fast.trainer.generation import micro_batches, sample, special_ids
-from rlaif_fast.trainer.logging import MetricsLogger
+from rlaif_fast.trainer.logging import MetricsLogger, plot_metrics
 from rlaif_fast.trainer.scoring import advantages_and_returns, response_logprobs, stack_rows
 from rlaif_fast.trainer.update import ActorCritic, run_update
 
@@ -334,6 +334,8 @@ class RLAIFTrainer:
             self.save_checkpoint()
             self.save(Path(cfg.output_dir) / "final")
         summary = logger.summary(self.global_step, stopped)
+        if self.strategy.is_main and logger.history:
+            plot_metrics(logger.history, Path(cfg.output_dir) / "metrics.png")
         summary["history"] = logger.history
         return summary
 

@@ -1,0 +1,110 @@
+"""`rlaif-fast run` end to end on a tiny config, stage-wise resume, `rlaif-fast eval`, and the demo labeler."""
+
+import json
+
+import pytest
+
+from rlaif_fast import cli
+from rlaif_fast.pipeline import labeler_model as L
+from rlaif_fast.pipeline import task as T
+
+TINY = """
+output_dir: {out}
+seed: 0
+sft_steps: 20
+labeler_steps: 10
+template: {template}
+pairs_per_iteration: 12
+rm_epochs: 1
+max_new_tokens: 8
+eval_prompts: 6
+rl:
+  batch_size: 4
+  micro_batch_size: 4
+  total_steps: 2
+"""
+
+
+@pytest.fixture
+def tiny_config(tmp_path, monkeypatch):
+    from rlaif_fast.pipeline.config import packaged_config
+
+    monkeypatch.setenv("RLAIF_FAST_CACHE", str(tmp_path / "cache"))
+    template = packaged_config("demo").parent / "demo_template.yaml"
+    path = tmp_path / "tiny.yaml"
+    path.write_text(TINY.format(out=tmp_path / "out", template=template))
+    return path, tmp_path / "out"
+
+
+@pytest.mark.slow
+def test_run_end_to_end_then_resume_then_eval(tiny_config, capsys):
+    path, out = tiny_config
+    assert cli.main(["run", str(path), "--no-progress"]) == 0
+    assert "# RLAIF run report" in capsys.readouterr().out
+
+    rep = json.loads((out / "report.json").read_text())
+    for key in ("labeler_alignment", "labeler_position_bias", "rm_accuracy_ai", "win_rate_vs_sft", "gt_sft",
+                "gt_policy", "gt_improved"):
+        assert key in rep, key
+    assert 0.0 <= rep["win_rate_vs_sft"] <= 1.0 and 0.0 <= rep["labeler_position_bias"] <= 1.0
+    assert (out / "metrics.png").read_bytes()[:4] == b"\x89PNG"
+    assert "AI labeler alignment" in (out / "report.md").read_text()
+
+    pairs = [json.loads(x) for x in (out / "iter_1" / "pairs.jsonl").read_text().splitlines()]
+    assert len(pairs) == 12
+    for p in pairs:  # soft labels, averaged over both orders
+        assert 0.0 <= p["p_a"] <= 1.0 and p["p_a"] == pytest.approx((p["p_a_ab"] + p["p_a_ba"]) / 2)
+        assert p["response_a"].strip() and p["response_b"].strip()
+    rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    rl_rows = [r for r in rows if r.get("kind") != "eval"]
+    assert len(rl_rows) == 2 and all({"reward", "kl", "entropy"} <= set(r) for r in rl_rows)
+    assert [r["kind"] for r in rows if "kind" in r] == ["eval"]
+
+    # resume: finished stages are skipped (records untouched), a missing one is redone identically
+    records = ["sft.json", "iter_1/label.json", "iter_1/rm.json", "iter_1/rl.json"]
+    before = {r: (out / r).stat().st_mtime_ns for r in records}
+    first_eval = json.loads((out / "iter_1" / "eval.json").read_text())
+    (out / "iter_1" / "eval.json").unlink()
+    assert cli.main(["run", str(path), "--no-progress"]) == 0
+    assert {r: (out / r).stat().st_mtime_ns for r in records} == before
+    assert json.loads((out / "iter_1" / "eval.json").read_text()) == first_eval
+
+    # rlaif-fast eval: the final policy against SFT, and SFT against itself
+    assert cli.main(["eval", str(path), "--out", str(out / "e.json")]) == 0
+    result = json.loads((out / "e.json").read_text())
+    assert result["win_rate"] == pytest.approx(first_eval["win_rate"])
+    sft = str(out / "sft")
+    assert cli.main(["eval", str(path), "--policy", sft, "--n", "4", "--out", str(out / "self.json")]) == 0
+    same = json.loads((out / "self.json").read_text())
+    assert same["win_rate"] == 0.5 and same["gt_policy"] == same["gt_baseline"]  # same seed, same model
+
+
+def test_eval_without_a_run_says_what_to_do(tiny_config):
+    path, _ = tiny_config
+    with pytest.raises(ValueError, match="does not exist; run `rlaif-fast run"):
+        cli.main(["eval", str(path)])
+
+
+def test_demo_labeler_is_cached_and_trained_on_dense_targets(tmp_path, monkeypatch):
+    from rlaif_fast.feedback import load_template
+
+    tok = T.build_tokenizer()
+    render = load_template("helpfulness").render_pairwise
+    model, where = L.load_or_train_labeler(render, tok, tmp_path, steps=2, progress=False)
+    monkeypatch.setattr(L, "train_labeler", lambda *a, **k: pytest.fail("the cached labeler was retrained"))
+    again, where2 = L.load_or_train_labeler(render, tok, tmp_path, steps=2, progress=False)
+    assert where == where2 and (where / "config.json").is_file()
+    assert L.cache_key(render, 64, 2, 0) != L.cache_key(render, 64, 3, 0)
+
+    prompt, first, second = T.make_prompt("cat"), "the happy cat is kind .", "the cat is sad ."
+    ids = tok(render(prompt, first, second), add_special_tokens=False)["input_ids"]
+    rows = L._aux_targets(tok, ids, prompt, first, second)
+    assert rows[-1] == [2.0, -1.0, 1.0, 1.0]  # sentiment of each candidate, topic seen in each
+    assert rows[0] == [0.0, 0.0, 0.0, 0.0]
+
+
+def test_labeler_pairs_have_distinct_ground_truths_and_balanced_winners():
+    pairs = L.labeler_pairs(400, seed=0)
+    assert all(T.ground_truth(p, a) != T.ground_truth(p, b) for p, a, b, _ in pairs)
+    assert all((w == 1) == (T.ground_truth(p, a) > T.ground_truth(p, b)) for p, a, b, w in pairs)
+    assert 0.4 < sum(w == 1 for *_, w in pairs) / len(pairs) < 0.6
