@@ -13,7 +13,7 @@ Peak memory: each labeler runs in its own spawned process; the peak RSS (VmHWM, 
 /proc/self/clear_refs after the model and data are loaded) minus the RSS at that point.
 
     python benchmarks/bench_feedback.py [--pairs 256] [--threads 2]      # the table for results/feedback.md
-    pytest benchmarks/bench_feedback.py --benchmark-enable --benchmark-only  # pytest-benchmark, 32 pairs
+    pytest benchmarks/bench_feedback.py --benchmark-enable --benchmark-only  # pytest-benchmark, 8 pairs
 """
 
 from __future__ import annotations
@@ -165,7 +165,7 @@ def main() -> None:
 
 # ---- pytest-benchmark (smaller, for `make bench`) ----
 def _bench_setup():
-    model, tok, c, a, b = build(32)
+    model, tok, c, a, b = build(8)
     return model, tok, c, a, b
 
 

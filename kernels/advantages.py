@@ -12,6 +12,7 @@ Affine maps compose associatively, so the recurrence is a scan over maps
 the carried state of the chunks after it. The chunk is loaded in reversed order and scanned forward
 rather than with ``reverse=True``: triton's reverse scan has returned wrong results for non-commutative
 combines (triton-lang/triton#4362). Reads r, V, mask once and writes A, R once: the minimum bytes.
+Math in fp32 (fp64 for fp64 outputs); gamma and gamma*lam arrive as fp32 scalars on a GPU.
 """
 
 from __future__ import annotations

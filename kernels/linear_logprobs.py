@@ -21,6 +21,8 @@ the kernel as fp32 and a fp64 run would silently lose precision.
 
 from __future__ import annotations
 
+import os
+
 import torch
 import triton
 import triton.language as tl
@@ -172,6 +174,11 @@ def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
 
 
 def _blocks(hidden: torch.Tensor, V: int) -> tuple[int, int, int]:
+    """(BLOCK_N, BLOCK_V, BLOCK_H). RLAIF_FAST_LINEAR_BLOCKS="64,128,64" overrides (GPU tuning runs)."""
+    override = os.environ.get("RLAIF_FAST_LINEAR_BLOCKS")
+    if override:
+        bn, bv, bh = (int(x) for x in override.split(","))
+        return bn, bv, bh
     if hidden.is_cuda:
         return 64, 128, 64
     # the interpreter runs a program per grid point in Python: few large tiles are fastest there

@@ -62,9 +62,19 @@ def row_label_logit(row_ptr, label, use, temperature, ACC: tl.constexpr):
 
 @triton.jit
 def _logprobs_fwd_kernel(
-    logits_ptr, labels_ptr, logp_ptr, ent_ptr, lse_ptr,
-    T, V, stride_b, stride_t, temperature, ignore_index,
-    ACC: tl.constexpr, BLOCK: tl.constexpr,
+    logits_ptr,
+    labels_ptr,
+    logp_ptr,
+    ent_ptr,
+    lse_ptr,
+    T,
+    V,
+    stride_b,
+    stride_t,
+    temperature,
+    ignore_index,
+    ACC: tl.constexpr,
+    BLOCK: tl.constexpr,
 ):
     row = tl.program_id(0).to(tl.int64)
     row_ptr = logits_ptr + (row // T) * stride_b + (row % T) * stride_t
@@ -81,8 +91,18 @@ def _logprobs_fwd_kernel(
 
 @triton.jit
 def logprobs_bwd_row(
-    row_ptr, grad_row_ptr, label, use, g_lp, g_h, lse, ent, V, temperature,
-    ACC: tl.constexpr, BLOCK: tl.constexpr,
+    row_ptr,
+    grad_row_ptr,
+    label,
+    use,
+    g_lp,
+    g_h,
+    lse,
+    ent,
+    V,
+    temperature,
+    ACC: tl.constexpr,
+    BLOCK: tl.constexpr,
 ):
     """Write d logits of one row: [(onehot - p)·g_lp + g_H·p·(E[z'] - z')] / T, zero for ignored rows."""
     offs = tl.arange(0, BLOCK)
@@ -101,9 +121,22 @@ def logprobs_bwd_row(
 
 @triton.jit
 def _logprobs_bwd_kernel(
-    logits_ptr, labels_ptr, grad_logp_ptr, grad_ent_ptr, lse_ptr, ent_ptr, grad_ptr,
-    T, V, stride_b, stride_t, temperature, ignore_index,
-    HAS_GRAD_ENT: tl.constexpr, ACC: tl.constexpr, BLOCK: tl.constexpr,
+    logits_ptr,
+    labels_ptr,
+    grad_logp_ptr,
+    grad_ent_ptr,
+    lse_ptr,
+    ent_ptr,
+    grad_ptr,
+    T,
+    V,
+    stride_b,
+    stride_t,
+    temperature,
+    ignore_index,
+    HAS_GRAD_ENT: tl.constexpr,
+    ACC: tl.constexpr,
+    BLOCK: tl.constexpr,
 ):
     row = tl.program_id(0).to(tl.int64)
     row_ptr = logits_ptr + (row // T) * stride_b + (row % T) * stride_t
@@ -116,9 +149,7 @@ def _logprobs_bwd_kernel(
         g_h = tl.zeros((), ACC)
     lse = tl.load(lse_ptr + row)
     ent = tl.load(ent_ptr + row)
-    logprobs_bwd_row(
-        row_ptr, grad_ptr + row * V, label, use, g_lp, g_h, lse, ent, V, temperature, ACC, BLOCK
-    )
+    logprobs_bwd_row(row_ptr, grad_ptr + row * V, label, use, g_lp, g_h, lse, ent, V, temperature, ACC, BLOCK)
 
 
 def as_rows(logits: torch.Tensor) -> torch.Tensor:
@@ -143,6 +174,11 @@ def block_size(V: int) -> int:
     return min(triton.next_power_of_2(max(V, 1)), MAX_BLOCK)
 
 
+def num_warps(block: int) -> int:
+    """8 warps for the wide blocks of large vocabularies (16 fp32 lanes a thread at 4096), else 4."""
+    return 8 if block >= 2048 else 4
+
+
 def logprobs_forward(logits: torch.Tensor, labels: torch.Tensor, temperature: float, ignore_index: int):
     """logits (..., V), labels (...) -> (logp, entropy, lse), each (N,) fp32 with N = labels.numel()."""
     x = as_rows(logits)  # (B, T, V)
@@ -156,8 +192,20 @@ def logprobs_forward(logits: torch.Tensor, labels: torch.Tensor, temperature: fl
     if N == 0:
         return logp, ent, lse
     _logprobs_fwd_kernel[(N,)](
-        x, lab, logp, ent, lse, T, V, x.stride(0), x.stride(1), float(temperature), int(ignore_index),
-        ACC=acc_dtype(logits.dtype), BLOCK=block_size(V),
+        x,
+        lab,
+        logp,
+        ent,
+        lse,
+        T,
+        V,
+        x.stride(0),
+        x.stride(1),
+        float(temperature),
+        int(ignore_index),
+        ACC=acc_dtype(logits.dtype),
+        BLOCK=block_size(V),
+        num_warps=num_warps(block_size(V)),
     )
     return logp, ent, lse
 
@@ -183,8 +231,22 @@ def logprobs_backward(
     g_lp = grad_logp.reshape(-1).contiguous()
     g_h = grad_ent.reshape(-1).contiguous() if grad_ent is not None else g_lp  # placeholder when unused
     _logprobs_bwd_kernel[(N,)](
-        x, lab, g_lp, g_h, lse, ent, grad, T, V, x.stride(0), x.stride(1), float(temperature),
-        int(ignore_index), HAS_GRAD_ENT=grad_ent is not None, ACC=acc_dtype(logits.dtype),
+        x,
+        lab,
+        g_lp,
+        g_h,
+        lse,
+        ent,
+        grad,
+        T,
+        V,
+        x.stride(0),
+        x.stride(1),
+        float(temperature),
+        int(ignore_index),
+        HAS_GRAD_ENT=grad_ent is not None,
+        ACC=acc_dtype(logits.dtype),
         BLOCK=block_size(V),
+        num_warps=num_warps(block_size(V)),
     )
     return grad

@@ -21,7 +21,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .logprobs import acc_dtype, as_rows, block_size, row_label_logit, row_logsumexp_entropy
+from .logprobs import acc_dtype, as_rows, block_size, num_warps, row_label_logit, row_logsumexp_entropy
 
 KL_KINDS = {"k1": 0, "k2": 1, "k3": 2, "abs": 3}
 
@@ -47,11 +47,34 @@ def _kl_and_grad(d, KL_KIND: tl.constexpr):
 
 @triton.jit
 def _ppo_fwd_kernel(
-    logits_ptr, labels_ptr, old_ptr, adv_ptr, w_ptr, ref_ptr,
-    logp_ptr, ent_ptr, lse_ptr, loss_ptr, coef_ptr, log_ratio_ptr, clipped_ptr, kl_ptr,
-    T, V, stride_b, stride_t, temperature, ignore_index,
-    clip_low, clip_high, kl_coef, ent_coef,
-    HAS_REF: tl.constexpr, KL_KIND: tl.constexpr, ACC: tl.constexpr, BLOCK: tl.constexpr,
+    logits_ptr,
+    labels_ptr,
+    old_ptr,
+    adv_ptr,
+    w_ptr,
+    ref_ptr,
+    logp_ptr,
+    ent_ptr,
+    lse_ptr,
+    loss_ptr,
+    coef_ptr,
+    log_ratio_ptr,
+    clipped_ptr,
+    kl_ptr,
+    T,
+    V,
+    stride_b,
+    stride_t,
+    temperature,
+    ignore_index,
+    clip_low,
+    clip_high,
+    kl_coef,
+    ent_coef,
+    HAS_REF: tl.constexpr,
+    KL_KIND: tl.constexpr,
+    ACC: tl.constexpr,
+    BLOCK: tl.constexpr,
 ):
     row = tl.program_id(0).to(tl.int64)
     row_ptr = logits_ptr + (row // T) * stride_b + (row % T) * stride_t
@@ -119,12 +142,27 @@ def ppo_forward(
     if N == 0:
         return out
     _ppo_fwd_kernel[(N,)](
-        x, labels.reshape(-1).to(torch.int64).contiguous(), old, adv, w, ref,
+        x,
+        labels.reshape(-1).to(torch.int64).contiguous(),
+        old,
+        adv,
+        w,
+        ref,
         *out.values(),
-        T, V, x.stride(0), x.stride(1), float(temperature), int(ignore_index),
-        1.0 - float(clip_eps), 1.0 + float(clip_eps_high), float(kl_coef), float(entropy_coef),
-        HAS_REF=ref_logp is not None, KL_KIND=KL_KINDS[kl_estimator], ACC=acc_dtype(logits.dtype),
+        T,
+        V,
+        x.stride(0),
+        x.stride(1),
+        float(temperature),
+        int(ignore_index),
+        1.0 - float(clip_eps),
+        1.0 + float(clip_eps_high),
+        float(kl_coef),
+        float(entropy_coef),
+        HAS_REF=ref_logp is not None,
+        KL_KIND=KL_KINDS[kl_estimator],
+        ACC=acc_dtype(logits.dtype),
         BLOCK=block_size(V),
+        num_warps=num_warps(block_size(V)),
     )
     return out
-

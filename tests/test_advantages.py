@@ -19,7 +19,7 @@ def _gae_inputs(B, T, dtype):
 @pytest.mark.parametrize("gamma,lam", GAMMA_LAM)
 @pytest.mark.parametrize("kind", ["holes", "left", "right"])
 @pytest.mark.parametrize("T", [37, 1])
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16, torch.float64])
 def test_gae_matches_reference(backend, gamma, lam, kind, T, dtype):
     B = 5
     rewards, values = _gae_inputs(B, T, dtype)
@@ -27,7 +27,8 @@ def test_gae_matches_reference(backend, gamma, lam, kind, T, dtype):
     adv, ret = gae(rewards, values, mask, gamma, lam)
     eager = ref.gae(rewards, values, mask, gamma, lam)
     truth = ref.gae(rewards.double(), values.double(), mask, gamma, lam)
-    assert adv.dtype == torch.float32 and ret.dtype == torch.float32
+    out_dtype = torch.float64 if dtype == torch.float64 else torch.float32
+    assert adv.dtype == out_dtype and ret.dtype == out_dtype
     assert_tolerance(adv, eager[0], truth[0], dtype=dtype, name=f"{backend}/advantages")
     assert_tolerance(ret, eager[1], truth[1], dtype=dtype, name=f"{backend}/returns")
     assert (adv[~mask] == 0).all() and (ret[~mask] == 0).all()
@@ -43,6 +44,16 @@ def test_gae_long_rows(backend, kind):
     truth = ref.gae(rewards.double(), values.double(), mask, 1.0, 0.95)
     assert_tolerance(adv, eager[0], truth[0], name=f"{backend}/advantages")
     assert_tolerance(ret, eager[1], truth[1], name=f"{backend}/returns")
+
+
+def test_gae_non_contiguous_inputs(backend):
+    # slices such as values[:, :-1] (the value head's extra position) or a transposed layout
+    rewards, values = torch.randn(5, 38)[:, :-1], torch.randn(38, 5).t()[:, 1:]
+    mask = make_mask(5, 38, "holes")[:, 1:]
+    assert not (rewards.is_contiguous() or values.is_contiguous() or mask.is_contiguous())
+    adv, ret = gae(rewards, values, mask, 0.9, 0.8)
+    want = gae(rewards.contiguous(), values.contiguous(), mask.contiguous(), 0.9, 0.8)
+    assert torch.equal(adv, want[0]) and torch.equal(ret, want[1])
 
 
 def test_gae_masking_convention():

@@ -129,3 +129,29 @@ def test_bad_backend_arguments():
         OpenAICompatibleBackend("http://127.0.0.1:1/v1", "m", on_error="skip")
     with pytest.raises(ValueError, match="unknown injected failures"):
         CompletionServer(torch.nn.Linear(1, 1), None, failures=["404"])
+
+
+def test_label_job_over_http_counts_failures_and_resumes(server, tmp_path, monkeypatch):
+    from rlaif_fast.feedback import LabelJobConfig, run_label_job
+
+    monkeypatch.setenv("TEST_LABELER_KEY", KEY)
+    inp = tmp_path / "in.jsonl"
+    rows = [{"context": f"Question {i}?", "response_a": f"yes {i}", "response_b": "no"} for i in range(5)]
+    inp.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    cfg = LabelJobConfig(
+        input=str(inp),
+        out=str(tmp_path / "out.jsonl"),
+        labeler=server.url,
+        model="tiny",
+        api_key_env="TEST_LABELER_KEY",
+        max_retries=0,
+        batch_size=2,
+        progress=False,
+    )
+    server.inject("500")  # one request (one order of one pair) fails with no retry left
+    first = run_label_job(cfg)
+    assert first["failed"] == 1 and first["new"] == 4
+    lines = (tmp_path / "out.jsonl").read_text().splitlines()
+    assert len(lines) == 4 and all(0 <= json.loads(x)["p_a"] <= 1 for x in lines)  # no partial record
+    second = run_label_job(cfg)  # the rerun labels only the failed pair
+    assert second["new"] == 1 and second["skipped_done"] == 4 and second["labeled"] == 5

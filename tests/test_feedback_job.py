@@ -226,12 +226,20 @@ def test_make_backend_specs(shared_data, monkeypatch):
     from rlaif_fast.feedback import OpenAICompatibleBackend, PairwiseLabeler, make_backend
 
     monkeypatch.setenv("MY_KEY", "sk-from-env")
-    cfg = LabelJobConfig(input="a.jsonl", out="b.jsonl", labeler="http://127.0.0.1:9/v1", api_key_env="MY_KEY")
+    cfg = LabelJobConfig(
+        input="a.jsonl", out="b.jsonl", labeler="http://127.0.0.1:9/v1", api_key_env="MY_KEY"
+    )
     http = make_backend(cfg.labeler, cfg)
-    assert isinstance(http, OpenAICompatibleBackend) and http.on_error == "nan" and http._api_key == "sk-from-env"
+    assert (
+        isinstance(http, OpenAICompatibleBackend)
+        and http.on_error == "nan"
+        and http._api_key == "sk-from-env"
+    )
     llama = make_backend(f"llama2c:{shared_data / 'stories260K' / 'stories260K.bin'}")
     assert isinstance(llama, HFBackend) and llama.max_length == 512
-    (lab,) = PairwiseLabeler(llama, "summarization").label(["Tom had a ball."], ["Tom had a ball."], ["A cat."])
+    (lab,) = PairwiseLabeler(llama, "summarization").label(
+        ["Tom had a ball."], ["Tom had a ball."], ["A cat."]
+    )
     assert 0.0 <= lab.p_a <= 1.0
     with pytest.raises(ValueError, match="need an existing llama2.c .bin"):
         make_backend(f"llama2c:{shared_data}")

@@ -88,6 +88,24 @@ def test_kl_penalty_gradcheck(backend, estimator):
     assert torch.autograd.gradcheck(lambda a, b: kl_penalty(a, b, estimator), (logp, ref_logp))
 
 
+def test_non_contiguous_inputs(backend):
+    # log-probs are usually sliced out of a longer [B, T + 1] tensor
+    full_logp, full_ref = _logps((3, 38), torch.float32)
+    logp, ref_logp = full_logp[:, :-1].requires_grad_(), full_ref.t().contiguous().t()[:, 1:]
+    assert not (logp.is_contiguous() or ref_logp.is_contiguous())
+    out = kl_penalty(logp, ref_logp, "k3")
+    out.backward(torch.ones_like(out))
+    want = ref.kl_penalty(logp.detach().double(), ref_logp.double(), "k3")
+    assert torch.allclose(out.double(), want, atol=1e-6)
+    assert torch.allclose(logp.grad.double(), -torch.expm1(ref_logp.double() - logp.detach().double()))
+    mask, scores = make_mask(3, 37, "left")[:, :], torch.randn(6)[::2]
+    got = kl_shaped_rewards(scores, logp.detach(), ref_logp, mask, 0.1)
+    want = kl_shaped_rewards(
+        scores.contiguous(), logp.detach().contiguous(), ref_logp.contiguous(), mask, 0.1
+    )
+    assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
+
+
 def test_kl_penalty_k3_is_nonnegative(backend):
     logp, ref_logp = _logps((4, 37), torch.float32, spread=3.0)
     assert (kl_penalty(logp, ref_logp, "k3") >= 0).all()

@@ -201,3 +201,24 @@ def test_linear_ppo_policy_loss_matches_float64(backend, dtype):
         assert abs(stats[k].item() - t_stats[k].item()) < 1e-2, k
     for name, o, e, t in zip(["d hidden", "d weight", "d bias"], ours_in, eager_in, truth_in):
         assert_tolerance(o.grad, e.grad, t.grad, atol=_atol(dtype, t.grad), name=name)
+
+
+@pytest.mark.slow
+def test_gpu_benchmark_script_smoke_mode(tmp_path):
+    """benchmarks/gpu/bench_linear.py --smoke: every code path of the lent-GPU script, on CPU."""
+    import json
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    script = Path(__file__).resolve().parent.parent / "benchmarks" / "gpu" / "bench_linear.py"
+    proc = subprocess.run(
+        [sys.executable, str(script), "--smoke", "--out", str(tmp_path)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    result = json.loads((tmp_path / "linear.json").read_text())
+    assert result["correctness"]["ok"]
+    assert result["timing"]["ours"]["fwd_bwd_ms"] > 0

@@ -176,6 +176,15 @@ def test_stories260k_matches_reference(backend, shared_data):
     assert (lp[0, 1:].double() - want).abs().max().item() < 1e-4
 
 
+def test_all_masked_batch_gives_zeros_and_a_gradient(backend):
+    model = _llama()
+    ids = torch.randint(1, 157, (2, 6))
+    lp, ent = model_logprobs(model, ids, torch.ones_like(ids), torch.zeros_like(ids), return_entropy=True)
+    assert lp.shape == (2, 6) and (lp == 0).all() and (ent == 0).all()
+    (lp.sum() + ent.sum()).backward()  # connected to the graph: an all-masked micro-batch must not crash
+    assert (model.lm_head.weight.grad == 0).all()
+
+
 def test_bad_inputs_name_the_value():
     model = _llama()
     ids = torch.randint(0, 157, (2, 5))

@@ -39,7 +39,10 @@ def test_missing_file_and_non_mapping(tmp_path):
     [
         ({"feedback": "direct"}, r"\(d-RLAIF\) needs a labeler that rates 1-10"),
         ({"feedback": "bogus"}, r"feedback='bogus' is not supported"),
-        ({"task": None, "prompts_file": "p.jsonl", "policy": "p"}, "labeler: demo is trained on the embedded"),
+        (
+            {"task": None, "prompts_file": "p.jsonl", "policy": "p"},
+            "labeler: demo is trained on the embedded",
+        ),
         ({"task": None, "prompts_file": None}, "no prompts_file"),
         ({"prompts_file": "p.jsonl"}, "both set"),
         ({"task": None, "prompts_file": "p.jsonl", "labeler": "hf:x"}, "needs a policy path"),
@@ -74,3 +77,13 @@ def test_run_validates_trainer_settings_before_sft(tmp_path):
     with pytest.raises(ValueError, match="algoritm"):
         Run(cfg, progress=False)
     assert not (tmp_path / "out").exists()  # nothing was computed or written
+
+
+def test_labeler_url_forms():
+    from rlaif_fast.pipeline.run import labeler_url
+
+    assert labeler_url("http://127.0.0.1:8000") == "http://127.0.0.1:8000"
+    assert labeler_url("http:https://api.example/v1") == "https://api.example/v1"
+    RunConfig(labeler="https://api.example", labeler_model="m")  # accepted
+    with pytest.raises(ValueError, match="names no URL"):
+        RunConfig(labeler="http:", labeler_model="m")

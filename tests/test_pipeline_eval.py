@@ -74,7 +74,11 @@ def test_identical_and_empty_responses_are_ties():
 def test_win_rate_splits_ties():
     from rlaif_fast.feedback import pair_label_from_orders
 
-    labels = [pair_label_from_orders(0.9, 0.1), pair_label_from_orders(0.2, 0.8), pair_label_from_orders(0.6, 0.6)]
+    labels = [
+        pair_label_from_orders(0.9, 0.1),
+        pair_label_from_orders(0.2, 0.8),
+        pair_label_from_orders(0.6, 0.6),
+    ]
     assert [lab.p_a for lab in labels] == pytest.approx([0.9, 0.2, 0.5])
     assert ev.win_rate(labels) == pytest.approx((1 + 0 + 0.5) / 3)
     with pytest.raises(ValueError, match="at least one"):

@@ -14,8 +14,10 @@ def _write(path, rows):
 def test_plot_file_is_produced_from_two_iterations(tmp_path):
     rows = []
     for it in (1, 2):
-        rows += [{"iteration": it, "step": s, "reward": 0.1 * s, "kl": 0.01 * s, "entropy": 3.0 - 0.1 * s}
-                 for s in range(1, 6)]
+        rows += [
+            {"iteration": it, "step": s, "reward": 0.1 * s, "kl": 0.01 * s, "entropy": 3.0 - 0.1 * s}
+            for s in range(1, 6)
+        ]
         rows.append({"iteration": it, "kind": "eval", "win_rate": 0.5 + 0.1 * it, "gt_policy": 0.3})
     _write(tmp_path / "metrics.jsonl", rows)
     series, evals = plots.read_metrics(tmp_path / "metrics.jsonl")

@@ -43,8 +43,15 @@ def test_run_end_to_end_then_resume_then_eval(tiny_config, capsys):
     assert "# RLAIF run report" in capsys.readouterr().out
 
     rep = json.loads((out / "report.json").read_text())
-    for key in ("labeler_alignment", "labeler_position_bias", "rm_accuracy_ai", "win_rate_vs_sft", "gt_sft",
-                "gt_policy", "gt_improved"):
+    for key in (
+        "labeler_alignment",
+        "labeler_position_bias",
+        "rm_accuracy_ai",
+        "win_rate_vs_sft",
+        "gt_sft",
+        "gt_policy",
+        "gt_improved",
+    ):
         assert key in rep, key
     assert 0.0 <= rep["win_rate_vs_sft"] <= 1.0 and 0.0 <= rep["labeler_position_bias"] <= 1.0
     assert (out / "metrics.png").read_bytes()[:4] == b"\x89PNG"

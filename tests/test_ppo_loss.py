@@ -58,7 +58,7 @@ def test_from_logprobs_matches_reference(loss_agg, kl_estimator):
 def test_from_logprobs_gradcheck():
     logp, ent, b = per_token_batch(B=2, T=5)
     for agg in LOSS_AGGS:
-        fn = lambda lp, h: ppo_loss_from_logprobs(
+        fn = lambda lp, h, agg=agg: ppo_loss_from_logprobs(
             lp,
             b["old_logp"],
             b["advantages"],
@@ -276,3 +276,20 @@ def test_policy_loss_and_value_loss_bad_inputs():
         value_loss(z, z, z, z, clip_eps=-0.5)
     with pytest.raises(ValueError, match=r"returns has shape \(3,\)"):
         value_loss(z, z, torch.zeros(3), z)
+
+
+def test_gpu_benchmark_script_smoke(tmp_path, capsys):
+    # the lent-GPU script runs its every path at tiny sizes on CPU, so it cannot rot between GPU sessions
+    import importlib.util
+    import json
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parent.parent / "benchmarks" / "gpu" / "bench_ops.py"
+    spec = importlib.util.spec_from_file_location("bench_ops", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    assert module.main(["--smoke", "--out", str(tmp_path)]) == 0
+    results = json.loads((tmp_path / "ops.json").read_text())["results"]
+    assert [r["V"] for r in results] == [257, 1000]
+    assert all(r["max_abs_err_logp"] < 1e-3 and r["ppo_fwd_bwd"]["ms"] > 0 for r in results)
+    assert "| 1000 |" in capsys.readouterr().out

@@ -164,3 +164,11 @@ def test_torch_path_never_allocates_a_full_fp32_copy(monkeypatch):
     assert peak_memory(forward_backward) < N * V * 2 + full_fp32 / 8
     # and the yardstick really would have failed: eager allocates the full fp32 copy
     assert peak_memory(lambda: torch.log_softmax(logits.float(), -1)) >= full_fp32
+
+
+def test_bench_cli_prints_a_table(capsys):
+    from rlaif_fast.cli import main
+
+    assert main(["bench", "--n", "16", "--vocab", "100", "--repeat", "1", "--grad"]) == 0
+    out = capsys.readouterr().out
+    assert "rlaif_fast (torch path)" in out and "eager torch" in out

@@ -112,3 +112,35 @@ def test_zero3_refuses_a_model_it_cannot_shard(monkeypatch):
     )
     with pytest.raises(ValueError, match="zero_stage=3 cannot shard policy parameter 'lm_head.qweight'"):
         RLAIFTrainer(policy, CharTokenizer(), count_a, _cfg(algorithm="rloo", group_size=2, zero_stage=3))
+
+
+def _strategy_without_dist(cfg, world_size=2):
+    from rlaif_fast.trainer.strategy import Strategy
+
+    s = Strategy.__new__(Strategy)  # only the config logic: no process group
+    s.config, s.world_size = cfg, world_size
+    return s
+
+
+def test_deepspeed_config_from_rlaif_config_and_user_json(tmp_path):
+    cfg = _cfg(zero_stage=2, batch_size=8, micro_batch_size=2, max_grad_norm=0.5)
+    ds = _strategy_without_dist(cfg).ds_config(micro_batch_size=2, grad_accum=2)
+    assert ds["zero_optimization"] == {"stage": 2} and ds["train_batch_size"] == 8
+    assert ds["gradient_clipping"] == 0.5 and ds["bf16"] == {"enabled": False}  # CPU: no bf16
+    user = tmp_path / "ds.json"
+    user.write_text('{"zero_optimization": {"stage": 3, "stage3_param_persistence_threshold": 0}}')
+    ds = _strategy_without_dist(_cfg(deepspeed_config=str(user))).ds_config(2, 2)
+    assert ds["zero_optimization"]["stage"] == 3  # the user's JSON wins
+    user.write_text('{"train_batch_size": 1024}')
+    with pytest.raises(ValueError, match="sets train_batch_size=1024 but the RLAIFConfig sizes give 8"):
+        _strategy_without_dist(_cfg(deepspeed_config=str(user))).ds_config(2, 2)
+
+
+def test_per_rank_sizes_must_split_over_ranks():
+    from rlaif_fast.trainer.checks import per_rank_sizes
+
+    assert per_rank_sizes(_cfg(batch_size=8, micro_batch_size=2), 2) == {"batch": 4, "mini": 4}
+    with pytest.raises(ValueError, match="micro_batch_size=3 must divide the per-rank mini-batch"):
+        per_rank_sizes(_cfg(batch_size=8, micro_batch_size=3), 2)
+    with pytest.raises(ValueError, match="must be a multiple of group_size=4"):
+        per_rank_sizes(_cfg(algorithm="grpo", group_size=4, batch_size=8, micro_batch_size=2), 4)

@@ -35,7 +35,9 @@ class LabelJobConfig:
     )
     out: str = field(metadata={"help": "output preferences JSONL (appended to; resumable)"})
     labeler: str = field(
-        metadata={"help": "hf:LOCAL_MODEL_DIR, llama2c:MODEL.bin (tok512.bin beside it) or http://HOST:PORT/v1"}
+        metadata={
+            "help": "hf:LOCAL_MODEL_DIR, llama2c:MODEL.bin (tok512.bin beside it) or http://HOST:PORT/v1"
+        }
     )
     template: str = field(
         default="summarization", metadata={"help": "built-in name, template file or string"}

@@ -68,7 +68,7 @@ def discounted_reverse_cumsum(x: torch.Tensor, c: float, chunk: int = _CHUNK) ->
             torch.tensor(c, dtype=x.dtype, device=x.device),
             torch.arange(K, 0, -1, device=x.device, dtype=x.dtype),
         )  # c^(K - t)
-        local = torch.addcmul(local, after[:, :, None], reach)
+        local.addcmul_(after[:, :, None], reach)  # in place: a fresh 1 MB buffer costs more than the op
     return local.view(B, nC * K)[:, :T]
 
 
@@ -88,16 +88,20 @@ def _gae_torch(rewards, values, valid, gamma, lam, out_dtype, chunk=_CHUNK):
     if _has_holes(valid):
         # compact: valid tokens to the front of the row in order, the rest to a scratch column T (all
         # zeros land there), so each row is right-padded and the discount is the same at every step
-        dest = torch.where(valid, valid.cumsum(1) - 1, T)  # (B, T)
-        r_c = r.new_zeros(B, T + 1).scatter_(1, dest, r)
-        v_c = v.new_zeros(B, T + 1).scatter_(1, dest, v)
-        delta = (r_c[:, :T] - v_c[:, :T]).add_(v_c[:, 1:], alpha=gamma)  # 0 past each row's count
-        adv = discounted_reverse_cumsum(delta, gamma * lam, chunk)
-        adv = torch.cat([adv, adv.new_zeros(B, 1)], dim=1).gather(1, dest)  # scratch column: 0
+        # dest = cumsum - 1 at valid tokens, T elsewhere, in int32 arithmetic on the uint8 view and one
+        # cast: bool -> int64 cumsum, where() and masked_fill_ cost 10x more on CPU (measured)
+        u = valid.view(torch.uint8)
+        dest = u.cumsum(1, dtype=torch.int32).sub_(T + 1).mul_(u).add_(T).long()  # (B, T)
+        width = -(-(T + 1) // chunk) * chunk  # room for the scratch column, a whole number of chunks
+        r_c = r.new_zeros(B, width).scatter_(1, dest, r)
+        v_c = v.new_zeros(B, width).scatter_(1, dest, v)
+        delta = r_c.sub_(v_c)  # 0 past each row's count, the scratch column included
+        delta[:, :-1].add_(v_c[:, 1:], alpha=gamma)
+        adv = discounted_reverse_cumsum(delta, gamma * lam, chunk).gather(1, dest)  # scratch column: 0
     else:
         # contiguous rows: the next token is the next valid one or padding (value 0). Masked positions
         # before a left-padded row get garbage, but nothing flows from them to the valid tokens.
-        delta = r - v
+        delta = r.sub_(v)  # in place on our own masked copy (allocation, not math, dominates here)
         delta[:, :-1].add_(v[:, 1:], alpha=gamma)
         adv = discounted_reverse_cumsum(delta, gamma * lam, chunk).mul_(m)
     return adv, adv + v

@@ -9,6 +9,7 @@ a torch path chunked over tokens whose extra memory is O(chunk·V), never O(N·V
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import torch
@@ -26,12 +27,17 @@ def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
+@dataclasses.dataclass(frozen=True)
 class _Knobs:
     """The scalar settings of one call, shared by forward, backward and both backends."""
 
-    def __init__(self, temperature, ignore_index, entropy, softcap, scale, chunk, backend):
-        self.temperature, self.ignore_index, self.entropy = temperature, ignore_index, entropy
-        self.softcap, self.scale, self.chunk, self.backend = softcap, scale, chunk, backend
+    temperature: float
+    ignore_index: int
+    entropy: bool
+    softcap: float | None
+    scale: float
+    chunk: int | None
+    backend: str
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -254,6 +260,8 @@ def linear_token_logprobs(
     if h2.stride(-1) != 1:
         h2 = h2.contiguous()
     w = weight if weight.stride(-1) == 1 else weight.contiguous()
+    if h2.shape[0] == 0:
+        backend = "torch"  # no tokens (an all-masked micro-batch): no kernel launch over an empty grid
     k = _Knobs(
         float(temperature), int(ignore_index), bool(return_entropy), None if softcap is None else float(softcap),
         1.0 if logit_scale is None else float(logit_scale), chunk_size, backend,

@@ -106,14 +106,18 @@ def _torch_backward(logits, labels, grad_logp, grad_ent, ent, temperature, ignor
         g_lp = (torch.where(use, g_lp_all[r0:r1], 0.0) / temperature).unsqueeze(1)  # (c, 1)
         log_p = torch.log_softmax(_scaled(chunk, out_dtype, temperature), dim=-1)  # (c, V), recomputed
         p = log_p.exp()  # (c, V)
+        # same-dtype gradient: the last multiply writes straight into it, saving a copy pass
+        out = grad_rows[r0:r1] if grad.dtype == out_dtype else None
         if g_h_all is None:
-            d = p.mul_(-g_lp)
+            d = torch.mul(p, -g_lp, out=out) if out is not None else p.mul_(-g_lp)
         else:
             g_h = (torch.where(use, g_h_all[r0:r1], 0.0) / temperature).unsqueeze(1)
-            h = ent[r0:r1].unsqueeze(1)
-            d = log_p.neg_().sub_(h).mul_(g_h).sub_(g_lp).mul_(p)  # in log_p's buffer
+            # p · (-g_H log p - g_H H - g_lp): two in-place passes over log_p, then the multiply by p
+            log_p.mul_(-g_h).add_(-g_h * ent[r0:r1].unsqueeze(1) - g_lp)
+            d = torch.mul(log_p, p, out=out) if out is not None else log_p.mul_(p)
         d.scatter_add_(1, torch.where(use, y, 0).long().unsqueeze(1), g_lp)
-        grad_rows[r0:r1] = d
+        if out is None:
+            grad_rows[r0:r1] = d
     return grad
 
 

@@ -104,8 +104,9 @@ class RunConfig:
             if value < (1 if name in positive_ints else 0):
                 raise ValueError(f"{name} must be >= {1 if name in positive_ints else 0}, got {value}")
         if self.pairs_per_iteration < 2:
-            raise ValueError(f"pairs_per_iteration must be >= 2 to train or check anything, got "
-                             f"{self.pairs_per_iteration}")
+            raise ValueError(
+                f"pairs_per_iteration must be >= 2 to train or check anything, got {self.pairs_per_iteration}"
+            )
         for name in ("sft_lr", "rm_lr", "temperature"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
@@ -113,32 +114,47 @@ class RunConfig:
 
     def _check_task(self):
         if self.task is not None and self.task not in EMBEDDED_TASKS:
-            raise ValueError(f"task={self.task!r} is not an embedded task; use one of {EMBEDDED_TASKS} or "
-                             "task: null with prompts_file")
+            raise ValueError(
+                f"task={self.task!r} is not an embedded task; use one of {EMBEDDED_TASKS} or "
+                "task: null with prompts_file"
+            )
         if self.task is not None and self.prompts_file is not None:
-            raise ValueError(f"task={self.task!r} and prompts_file={self.prompts_file!r} both set; the "
-                             "embedded task brings its own prompts: set task: null to use a prompts file")
+            raise ValueError(
+                f"task={self.task!r} and prompts_file={self.prompts_file!r} both set; the "
+                "embedded task brings its own prompts: set task: null to use a prompts file"
+            )
         if self.task is None and self.prompts_file is None:
             raise ValueError("task is null but no prompts_file is given; set one of them")
         if self.task is None and self.policy is None:
-            raise ValueError("a user task (task: null) needs a policy path: the config-built policy only "
-                             "speaks the embedded task's language")
+            raise ValueError(
+                "a user task (task: null) needs a policy path: the config-built policy only "
+                "speaks the embedded task's language"
+            )
 
     def _check_labeler(self):
         kind = self.labeler.split(":", 1)[0]
+        kind = "http" if kind == "https" else kind
         if self.labeler != "demo" and kind not in ("hf", "http"):
             raise ValueError(f"labeler={self.labeler!r}; use 'demo', 'hf:PATH' or 'http:URL'")
-        if kind in ("hf", "http") and not self.labeler.split(":", 1)[1]:
-            raise ValueError(f"labeler={self.labeler!r} names no {'path' if kind == 'hf' else 'URL'} after ':'")
+        if kind in ("hf", "http") and not self.labeler.split(":", 1)[1].strip("/"):
+            raise ValueError(
+                f"labeler={self.labeler!r} names no {'path' if kind == 'hf' else 'URL'} after ':'"
+            )
         if self.labeler == "demo" and self.task is None:
-            raise ValueError("labeler: demo is trained on the embedded task's ground truth, which a user task "
-                             "(task: null) does not have; point labeler at hf:PATH or http:URL")
+            raise ValueError(
+                "labeler: demo is trained on the embedded task's ground truth, which a user task "
+                "(task: null) does not have; point labeler at hf:PATH or http:URL"
+            )
         if kind == "http" and not self.labeler_model:
-            raise ValueError(f"labeler={self.labeler!r} is an HTTP endpoint: set labeler_model to the model "
-                             "name the server expects")
+            raise ValueError(
+                f"labeler={self.labeler!r} is an HTTP endpoint: set labeler_model to the model "
+                "name the server expects"
+            )
         if self.feedback == "direct" and self.labeler == "demo":
-            raise ValueError("feedback: direct (d-RLAIF) needs a labeler that rates 1-10, but the demo labeler "
-                             "is trained only for pairwise '1'/'2' answers; use feedback: distilled")
+            raise ValueError(
+                "feedback: direct (d-RLAIF) needs a labeler that rates 1-10, but the demo labeler "
+                "is trained only for pairwise '1'/'2' answers; use feedback: distilled"
+            )
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> RunConfig:

@@ -33,8 +33,10 @@ def main(argv: list[str] | None = None) -> int:
     status = finish(cfg, progress=not args.no_progress)
     seconds = time.perf_counter() - t0
     rep = json.loads((Path(cfg.output_dir) / "report.json").read_text())
-    print(f"demo finished in {seconds:.0f} s; report in {cfg.output_dir}/report.md, plot in "
-          f"{cfg.output_dir}/metrics.png")
+    print(
+        f"demo finished in {seconds:.0f} s; report in {cfg.output_dir}/report.md, plot in "
+        f"{cfg.output_dir}/metrics.png"
+    )
     if status == 0 and not rep.get("gt_improved", False):
         print(f"ground-truth score did NOT improve ({rep.get('gt_sft')} -> {rep.get('gt_policy')})")
         return 1

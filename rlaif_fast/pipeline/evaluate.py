@@ -33,23 +33,36 @@ def win_rate(labels) -> float:
 
 
 @torch.no_grad()
-def sample_completions(policy, tokenizer, prompts: Sequence[str], *, max_new_tokens: int, temperature: float,
-                       seed: int) -> list[str]:
+def sample_completions(
+    policy, tokenizer, prompts: Sequence[str], *, max_new_tokens: int, temperature: float, seed: int
+) -> list[str]:
     """One sampled completion per prompt, with a fixed seed so two evaluations see the same randomness."""
     from rlaif_fast.trainer.generation import sample
 
     state = torch.random.get_rng_state()
     torch.manual_seed(seed)
     try:
-        out = sample(policy, tokenizer, list(prompts), max_new_tokens=max_new_tokens, temperature=temperature,
-                     top_p=1.0, max_prompt_len=256)
+        out = sample(
+            policy,
+            tokenizer,
+            list(prompts),
+            max_new_tokens=max_new_tokens,
+            temperature=temperature,
+            top_p=1.0,
+            max_prompt_len=256,
+        )
     finally:
         torch.random.set_rng_state(state)  # evaluation must not shift the training RNG stream
     return out.completions
 
 
-def compare(labeler, prompts: Sequence[str], policy_out: Sequence[str], baseline_out: Sequence[str],
-            ground_truth: Callable[[Sequence[str], Sequence[str]], list[float]] | None = None) -> dict:
+def compare(
+    labeler,
+    prompts: Sequence[str],
+    policy_out: Sequence[str],
+    baseline_out: Sequence[str],
+    ground_truth: Callable[[Sequence[str], Sequence[str]], list[float]] | None = None,
+) -> dict:
     """Judge ``policy_out`` against ``baseline_out`` (one each per prompt) with ``labeler`` in both orders.
 
     Returns win_rate (ties split), mean_p_policy (mean debiased soft label), position_bias (share of pairs
@@ -57,8 +70,10 @@ def compare(labeler, prompts: Sequence[str], policy_out: Sequence[str], baseline
     gt_win_rate (the same win rate judged by the ground truth, ties split).
     """
     if not (len(prompts) == len(policy_out) == len(baseline_out)):
-        raise ValueError(f"got {len(prompts)} prompts, {len(policy_out)} policy and {len(baseline_out)} "
-                         "baseline completions; give one of each per prompt")
+        raise ValueError(
+            f"got {len(prompts)} prompts, {len(policy_out)} policy and {len(baseline_out)} "
+            "baseline completions; give one of each per prompt"
+        )
     labels = labeler.label(list(prompts), visible(policy_out), visible(baseline_out))
     out = {
         "pairs": len(labels),
@@ -71,19 +86,35 @@ def compare(labeler, prompts: Sequence[str], policy_out: Sequence[str], baseline
         g_base = ground_truth(prompts, baseline_out)
         out["gt_policy"] = sum(g_pol) / len(g_pol)
         out["gt_baseline"] = sum(g_base) / len(g_base)
-        out["gt_win_rate"] = sum(1.0 if a > b else 0.0 if a < b else 0.5 for a, b in zip(g_pol, g_base)) / len(g_pol)
+        out["gt_win_rate"] = sum(
+            1.0 if a > b else 0.0 if a < b else 0.5 for a, b in zip(g_pol, g_base)
+        ) / len(g_pol)
     return out
 
 
-def evaluate_policy(policy, baseline, tokenizer, labeler, prompts: Sequence[str], *, max_new_tokens: int,
-                    temperature: float, seed: int, ground_truth=None) -> dict:
+def evaluate_policy(
+    policy,
+    baseline,
+    tokenizer,
+    labeler,
+    prompts: Sequence[str],
+    *,
+    max_new_tokens: int,
+    temperature: float,
+    seed: int,
+    ground_truth=None,
+) -> dict:
     """Sample from ``policy`` and ``baseline`` on ``prompts`` (same seed), then :func:`compare` them."""
-    pol = sample_completions(policy, tokenizer, prompts, max_new_tokens=max_new_tokens,
-                             temperature=temperature, seed=seed)
-    base = sample_completions(baseline, tokenizer, prompts, max_new_tokens=max_new_tokens,
-                              temperature=temperature, seed=seed)
+    pol = sample_completions(
+        policy, tokenizer, prompts, max_new_tokens=max_new_tokens, temperature=temperature, seed=seed
+    )
+    base = sample_completions(
+        baseline, tokenizer, prompts, max_new_tokens=max_new_tokens, temperature=temperature, seed=seed
+    )
     result = compare(labeler, prompts, pol, base, ground_truth)
-    result["examples"] = [{"prompt": p, "policy": a, "baseline": b} for p, a, b in list(zip(prompts, pol, base))[:5]]
+    result["examples"] = [
+        {"prompt": p, "policy": a, "baseline": b} for p, a, b in list(zip(prompts, pol, base))[:5]
+    ]
     return result
 
 
@@ -93,7 +124,9 @@ def main(argv: list[str] | None = None) -> int:
     from rlaif_fast.pipeline.config import RunConfig
 
     ap = argparse.ArgumentParser(prog="rlaif-fast eval", description=__doc__.split("\n")[0])
-    ap.add_argument("config", help="the run's YAML config (its output_dir holds the policies and the labeler)")
+    ap.add_argument(
+        "config", help="the run's YAML config (its output_dir holds the policies and the labeler)"
+    )
     ap.add_argument("--policy", help="policy directory (default: the run's last trained policy)")
     ap.add_argument("--baseline", help="baseline policy directory (default: the run's SFT policy)")
     ap.add_argument("--n", type=int, help="responses per policy (default: the config's eval_prompts)")
@@ -105,8 +138,10 @@ def main(argv: list[str] | None = None) -> int:
     baseline_dir = Path(args.baseline) if args.baseline else run.sft_dir()
     for name, d in (("--policy", policy_dir), ("--baseline", baseline_dir)):
         if d is None or not Path(d).is_dir():
-            raise ValueError(f"{name} directory {str(d)!r} does not exist; run `rlaif-fast run {args.config}` "
-                             "first or pass the directory")
+            raise ValueError(
+                f"{name} directory {str(d)!r} does not exist; run `rlaif-fast run {args.config}` "
+                "first or pass the directory"
+            )
     n = args.n or cfg.eval_prompts
     if n < 1:
         raise ValueError(f"--n must be >= 1, got {n}")

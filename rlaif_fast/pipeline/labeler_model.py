@@ -60,14 +60,33 @@ def build_labeler_model(vocab_size: int, dim: int, max_positions: int, seed: int
     from transformers import GPT2Config, GPT2LMHeadModel
 
     torch.manual_seed(seed)
-    cfg = GPT2Config(vocab_size=vocab_size, n_positions=max_positions, n_embd=dim, n_layer=2, n_head=4,
-                     resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, bos_token_id=2, eos_token_id=3,
-                     pad_token_id=0)
+    cfg = GPT2Config(
+        vocab_size=vocab_size,
+        n_positions=max_positions,
+        n_embd=dim,
+        n_layer=2,
+        n_head=4,
+        resid_pdrop=0.0,
+        embd_pdrop=0.0,
+        attn_pdrop=0.0,
+        bos_token_id=2,
+        eos_token_id=3,
+        pad_token_id=0,
+    )
     return GPT2LMHeadModel(cfg)
 
 
-def train_labeler(render: Render, tokenizer, *, dim: int = 64, steps: int = 600, batch_size: int = 32,
-                  lr: float = 3e-3, seed: int = 0, progress: bool = True):
+def train_labeler(
+    render: Render,
+    tokenizer,
+    *,
+    dim: int = 64,
+    steps: int = 600,
+    batch_size: int = 32,
+    lr: float = 3e-3,
+    seed: int = 0,
+    progress: bool = True,
+):
     """Train the labeler LM on rendered pairwise prompts; returns the model in eval mode.
 
     Loss: next-token cross-entropy (over the full vocabulary, as for any LM) of the answer token "1"/"2"
@@ -76,6 +95,8 @@ def train_labeler(render: Render, tokenizer, *, dim: int = 64, steps: int = 600,
     """
     import torch
     from tqdm.auto import tqdm
+
+    from rlaif_fast.pipeline.sft import warmup_linear
 
     examples = labeler_pairs(steps * batch_size // 2 + batch_size, seed)
     enc, aux, answers = [], [], []
@@ -91,7 +112,7 @@ def train_labeler(render: Render, tokenizer, *, dim: int = 64, steps: int = 600,
     model.train()
     params = list(model.parameters()) + list(aux_head.parameters())
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
-    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=steps, pct_start=0.1)
+    sched = warmup_linear(opt, steps)
     gen = torch.Generator().manual_seed(seed)
     bar = tqdm(range(steps), desc="labeler LM", disable=not progress, leave=False)
     for _ in bar:
@@ -113,8 +134,16 @@ def train_labeler(render: Render, tokenizer, *, dim: int = 64, steps: int = 600,
     return model.eval()
 
 
-def load_or_train_labeler(render: Render, tokenizer, cache_dir: str | Path, *, dim: int = 64,
-                          steps: int = 600, seed: int = 0, progress: bool = True):
+def load_or_train_labeler(
+    render: Render,
+    tokenizer,
+    cache_dir: str | Path,
+    *,
+    dim: int = 64,
+    steps: int = 600,
+    seed: int = 0,
+    progress: bool = True,
+):
     """The cached labeler for this template and size, training and saving it on first use."""
     from transformers import GPT2LMHeadModel
 

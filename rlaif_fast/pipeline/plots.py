@@ -10,8 +10,12 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-PANELS = (("reward", "reward (RL reward model)"), ("kl", "KL(pi || pi_SFT) per sequence"),
-          ("entropy", "entropy proxy (mean NLL per token)"), ("win_rate", "win rate vs SFT (AI labeler)"))
+PANELS = (
+    ("reward", "reward (RL reward model)"),
+    ("kl", "KL(pi || pi_SFT) per sequence"),
+    ("entropy", "entropy estimate (mean -log p of sampled tokens)"),
+    ("win_rate", "win rate vs SFT (AI labeler)"),
+)
 
 
 def read_metrics(path: str | Path) -> tuple[dict[str, list[tuple[float, float]]], list[dict]]:

@@ -83,12 +83,17 @@ def render_markdown(rep: dict) -> str:
     ]
     if "gt_improved" in rep:
         lines.append(f"| ground truth improved | {_fmt(rep['gt_improved'])} |")
-    lines += ["", "| iteration | alignment | position bias | RM acc (AI) | RM acc (gt) | RL steps | win rate | gt |",
-              "| --- | --- | --- | --- | --- | --- | --- | --- |"]
+    lines += [
+        "",
+        "| iteration | alignment | position bias | RM acc (AI) | RM acc (gt) | RL steps | win rate | gt |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- |",
+    ]
     for r in rep["per_iteration"]:
-        lines.append(f"| {r['iteration']} | {_fmt(r['alignment'], True)} | {_fmt(r['position_bias'], True)} | "
-                     f"{_fmt(r['rm_accuracy_ai'], True)} | {_fmt(r['rm_accuracy_gt'], True)} | {r['rl_steps']} | "
-                     f"{_fmt(r['win_rate'], True)} | {_fmt(r['gt_policy'])} |")
+        lines.append(
+            f"| {r['iteration']} | {_fmt(r['alignment'], True)} | {_fmt(r['position_bias'], True)} | "
+            f"{_fmt(r['rm_accuracy_ai'], True)} | {_fmt(r['rm_accuracy_gt'], True)} | {r['rl_steps']} | "
+            f"{_fmt(r['win_rate'], True)} | {_fmt(r['gt_policy'])} |"
+        )
     if rep["examples"]:
         lines += ["", "Samples on held-out prompts (policy / SFT):", ""]
         for e in rep["examples"]:

@@ -27,13 +27,21 @@ from pathlib import Path
 import torch
 
 from rlaif_fast.pipeline import evaluate as ev
+from rlaif_fast.pipeline import files
 from rlaif_fast.pipeline import task as T
 from rlaif_fast.pipeline.config import RunConfig
 
 # The run config owns these trainer settings (one value for sampling pairs, RL and evaluation).
 RL_OWNED = ("output_dir", "max_new_tokens", "temperature", "seed", "progress")
-RL_DEFAULTS = {"algorithm": "reinforce_baseline", "batch_size": 32, "micro_batch_size": 32, "kl_coef": 0.05,
-               "learning_rate": 1e-3, "total_steps": 60, "tensorboard": False}
+RL_DEFAULTS = {
+    "algorithm": "reinforce_baseline",
+    "batch_size": 32,
+    "micro_batch_size": 32,
+    "kl_coef": 0.05,
+    "learning_rate": 1e-3,
+    "total_steps": 60,
+    "tensorboard": False,
+}
 
 
 def cache_dir() -> Path:
@@ -41,22 +49,16 @@ def cache_dir() -> Path:
     return Path(os.environ.get("RLAIF_FAST_CACHE", Path.home() / ".cache" / "rlaif_fast"))
 
 
-def write_json(path: Path, data) -> None:
-    """Write-then-rename, so a stage record exists only once its content is complete."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(data, indent=2) + "\n")
-    tmp.replace(path)
-
-
-def read_json(path: Path):
-    return json.loads(path.read_text()) if path.is_file() else None
-
-
 def load_policy(path: str | Path):
     from transformers import AutoModelForCausalLM
 
     return AutoModelForCausalLM.from_pretrained(str(path)).eval()
+
+
+def labeler_url(spec: str) -> str:
+    """``http://host:port`` as given, or the URL after the ``http:`` prefix (``http:https://host``)."""
+    rest = spec.partition(":")[2]
+    return rest if rest.startswith(("http://", "https://")) else spec
 
 
 def seed_all(seed: int) -> None:
@@ -80,7 +82,7 @@ class Run:
             from transformers import AutoTokenizer
 
             self.tokenizer = AutoTokenizer.from_pretrained(cfg.policy)
-            self.train_prompts, self.eval_prompts = _read_prompts(Path(cfg.prompts_file))
+            self.train_prompts, self.eval_prompts = files.read_prompts(Path(cfg.prompts_file))
             self.ground_truth = None
         self._labeler = None
         self._sft = None
@@ -90,8 +92,10 @@ class Run:
 
         clash = sorted(set(self.cfg.rl) & set(RL_OWNED))
         if clash:
-            raise ValueError(f"rl: {clash} are set by the run config itself (one value for sampling, RL and "
-                             "evaluation); move them to the top level of the run config")
+            raise ValueError(
+                f"rl: {clash} are set by the run config itself (one value for sampling, RL and "
+                "evaluation); move them to the top level of the run config"
+            )
         settings = {**RL_DEFAULTS, **self.cfg.rl}
         RLAIFConfig.from_dict({**settings, "output_dir": str(self.out)})  # fail now, not after SFT
         return settings
@@ -126,14 +130,20 @@ class Run:
             if self.cfg.labeler == "demo":
                 from rlaif_fast.pipeline.labeler_model import load_or_train_labeler
 
-                model, _ = load_or_train_labeler(template.render_pairwise, self.tokenizer, cache_dir(),
-                                                 dim=self.cfg.policy_dim, steps=self.cfg.labeler_steps,
-                                                 seed=self.cfg.seed, progress=self.progress)
+                model, _ = load_or_train_labeler(
+                    template.render_pairwise,
+                    self.tokenizer,
+                    cache_dir(),
+                    dim=self.cfg.policy_dim,
+                    steps=self.cfg.labeler_steps,
+                    seed=self.cfg.seed,
+                    progress=self.progress,
+                )
                 backend = HFBackend(model, self.tokenizer, batch_size=64)
             elif kind == "hf":
                 backend = HFBackend(where)
             else:
-                backend = OpenAICompatibleBackend(where, self.cfg.labeler_model)
+                backend = OpenAICompatibleBackend(labeler_url(self.cfg.labeler), self.cfg.labeler_model)
             self._labeler = PairwiseLabeler(backend, template)
         return self._labeler
 
@@ -146,35 +156,48 @@ class Run:
     # ---- stages -----------------------------------------------------------------------------------
     def stage_sft(self) -> dict:
         """Build (or load) the policy and fit it to the task's demonstrations; save it to ``sft/``."""
-        done = read_json(self.out / "sft.json")
+        done = files.read_json(self.out / "sft.json")
         if done is not None:
             return done
         from rlaif_fast.pipeline.sft import build_policy, train_sft
 
         seed_all(self.cfg.seed)
         if self.cfg.policy is None:
-            policy = build_policy(len(self.tokenizer), dim=self.cfg.policy_dim, layers=self.cfg.policy_layers,
-                                  seed=self.cfg.seed)
+            policy = build_policy(
+                len(self.tokenizer),
+                dim=self.cfg.policy_dim,
+                layers=self.cfg.policy_layers,
+                seed=self.cfg.seed,
+            )
         else:
             policy = load_policy(self.cfg.policy)
         losses = []
         if self.cfg.sft_steps:
             if self.cfg.task is None:
-                raise ValueError("sft_steps > 0 needs demonstrations, which only the embedded task has; set "
-                                 "sft_steps: 0 and give an SFT policy path as policy")
+                raise ValueError(
+                    "sft_steps > 0 needs demonstrations, which only the embedded task has; set "
+                    "sft_steps: 0 and give an SFT policy path as policy"
+                )
             demos = T.sft_corpus(4096, self.cfg.seed)
-            losses = train_sft(policy, self.tokenizer, demos, steps=self.cfg.sft_steps, lr=self.cfg.sft_lr,
-                               seed=self.cfg.seed, progress=self.progress)
+            losses = train_sft(
+                policy,
+                self.tokenizer,
+                demos,
+                steps=self.cfg.sft_steps,
+                lr=self.cfg.sft_lr,
+                seed=self.cfg.seed,
+                progress=self.progress,
+            )
         policy.save_pretrained(str(self.sft_dir()))
         self.tokenizer.save_pretrained(str(self.sft_dir()))
         record = {"steps": self.cfg.sft_steps, "final_loss": losses[-1] if losses else None}
-        write_json(self.out / "sft.json", record)
+        files.write_json(self.out / "sft.json", record)
         return record
 
     def stage_label(self, k: int, policy) -> dict:
         """Sample pairs from the current policy and label them; ``pairs.jsonl`` keeps every soft label."""
         path = self.iter_dir(k) / "label.json"
-        done = read_json(path)
+        done = files.read_json(path)
         if done is not None:
             return done
         n = self.cfg.pairs_per_iteration
@@ -182,36 +205,60 @@ class Run:
         a = ev.visible(self._sample(policy, prompts, seed=self.cfg.seed * 1000 + 2 * k))
         b = ev.visible(self._sample(policy, prompts, seed=self.cfg.seed * 1000 + 2 * k + 1))
         labels = self.labeler().label(prompts, a, b)
-        records = [{"context": p, "response_a": x, "response_b": y, **lab.to_dict()}
-                   for p, x, y, lab in zip(prompts, a, b, labels)]
-        record = {"pairs": n, "position_bias": sum(not r["consistent"] for r in records) / n,
-                  "mean_entropy": sum(r["entropy"] for r in records) / n}
+        records = [
+            {"context": p, "response_a": x, "response_b": y, **lab.to_dict()}
+            for p, x, y, lab in zip(prompts, a, b, labels)
+        ]
+        record = {
+            "pairs": n,
+            "position_bias": sum(not r["consistent"] for r in records) / n,
+            "mean_entropy": sum(r["entropy"] for r in records) / n,
+        }
         if self.ground_truth is not None:
             record.update(_alignment(records, self.ground_truth))
-        _write_jsonl(self.iter_dir(k) / "pairs.jsonl", records)
-        write_json(path, record)
+        files.write_jsonl(self.iter_dir(k) / "pairs.jsonl", records)
+        files.write_json(path, record)
         return record
 
     def stage_rm(self, k: int) -> dict:
         """Distill the iteration's soft labels into a reward model initialised from the SFT policy."""
         path = self.iter_dir(k) / "rm.json"
-        done = read_json(path)
+        done = files.read_json(path)
         if done is not None:
             return done
         from rlaif_fast.reward import RewardModel, RewardModelScorer, pairwise_accuracy, train_reward_model
 
         seed_all(self.cfg.seed + k)
-        records = [r for r in _read_jsonl(self.iter_dir(k) / "pairs.jsonl") if r["response_a"] != r["response_b"]]
+        records = [
+            r
+            for r in files.read_jsonl(self.iter_dir(k) / "pairs.jsonl")
+            if r["response_a"] != r["response_b"]
+        ]
         if len(records) < 2:
-            raise ValueError(f"iteration {k}: only {len(records)} pairs with two different responses; raise "
-                             "pairs_per_iteration or the temperature")
+            raise ValueError(
+                f"iteration {k}: only {len(records)} pairs with two different responses; raise "
+                "pairs_per_iteration or the temperature"
+            )
         cut = max(1, len(records) // 5)  # last 20% held out to measure the reward model
         train, held = records[:-cut], records[-cut:]
         rm = RewardModel(copy.deepcopy(self.sft_policy()))
-        result = train_reward_model(rm, self.tokenizer, train, epochs=self.cfg.rm_epochs, lr=self.cfg.rm_lr,
-                                    batch_size=32, eval_pairs=held, seed=self.cfg.seed + k)
-        record = {"train_pairs": len(train), "held_out_pairs": len(held), "final_loss": result["loss"],
-                  "acc_ai_train": result["train"].get("acc_ai"), "acc_ai_held_out": result["eval"].get("acc_ai")}
+        result = train_reward_model(
+            rm,
+            self.tokenizer,
+            train,
+            epochs=self.cfg.rm_epochs,
+            lr=self.cfg.rm_lr,
+            batch_size=32,
+            eval_pairs=held,
+            seed=self.cfg.seed + k,
+        )
+        record = {
+            "train_pairs": len(train),
+            "held_out_pairs": len(held),
+            "final_loss": result["loss"],
+            "acc_ai_train": result["train"].get("acc_ai"),
+            "acc_ai_held_out": result["eval"].get("acc_ai"),
+        }
         if self.ground_truth is not None:
             scorer = RewardModelScorer(rm, self.tokenizer)
             ctx = [r["context"] for r in held]
@@ -223,13 +270,13 @@ class Run:
                 r_b = scorer([ctx[i] for i in keep], [held[i]["response_b"] for i in keep])
                 record["acc_gt_held_out"] = pairwise_accuracy(r_a, r_b, [gt_a[i] > gt_b[i] for i in keep])
         rm.save_pretrained(self.iter_dir(k) / "rm")
-        write_json(path, record)
+        files.write_json(path, record)
         return record
 
     def stage_rl(self, k: int, policy, reward) -> dict:
         """RL from the current policy against ``reward``, KL to the SFT policy; resumes from a checkpoint."""
         path = self.iter_dir(k) / "rl.json"
-        done = read_json(path)
+        done = files.read_json(path)
         if done is not None:
             return done
         from rlaif_fast.trainer import RLAIFConfig, RLAIFTrainer, ValueModel
@@ -237,9 +284,16 @@ class Run:
 
         seed_all(self.cfg.seed + k)
         rl_dir = self.iter_dir(k) / "rl"
-        rl_cfg = RLAIFConfig.from_dict({**self.rl_settings, "output_dir": str(rl_dir), "seed": self.cfg.seed + k,
-                                        "max_new_tokens": self.cfg.max_new_tokens,
-                                        "temperature": self.cfg.temperature, "progress": self.progress})
+        rl_cfg = RLAIFConfig.from_dict(
+            {
+                **self.rl_settings,
+                "output_dir": str(rl_dir),
+                "seed": self.cfg.seed + k,
+                "max_new_tokens": self.cfg.max_new_tokens,
+                "temperature": self.cfg.temperature,
+                "progress": self.progress,
+            }
+        )
         value = ValueModel.from_policy(policy) if rl_cfg.uses_critic else None
         ref = copy.deepcopy(self.sft_policy())
         trainer = RLAIFTrainer(policy, self.tokenizer, reward, rl_cfg, ref_policy=ref, value_model=value)
@@ -250,30 +304,44 @@ class Run:
         if summary.get("stopped") == "interrupted":
             raise KeyboardInterrupt
         history = [{"iteration": k, **row} for row in summary.pop("history", [])]
-        record = {"summary": _jsonable(summary), "history": _jsonable(history)}
-        write_json(path, record)
+        record = {"summary": files.jsonable(summary), "history": files.jsonable(history)}
+        files.write_json(path, record)
         return record
 
     def stage_eval(self, k: int, policy) -> dict:
         """Win rate of ``policy`` against SFT on the held-out prompts, and the ground truth of both."""
         path = self.iter_dir(k) / "eval.json"
-        done = read_json(path)
+        done = files.read_json(path)
         if done is not None:
             return done
         record = self.evaluate(policy, self.sft_policy())
-        write_json(path, record)
+        files.write_json(path, record)
         return record
 
     def evaluate(self, policy, baseline, n: int | None = None) -> dict:
         n = n or self.cfg.eval_prompts
         prompts = [self.eval_prompts[i % len(self.eval_prompts)] for i in range(n)]
-        return ev.evaluate_policy(policy, baseline, self.tokenizer, self.labeler(), prompts,
-                                  max_new_tokens=self.cfg.max_new_tokens, temperature=self.cfg.temperature,
-                                  seed=self.cfg.seed + 12345, ground_truth=self.ground_truth)
+        return ev.evaluate_policy(
+            policy,
+            baseline,
+            self.tokenizer,
+            self.labeler(),
+            prompts,
+            max_new_tokens=self.cfg.max_new_tokens,
+            temperature=self.cfg.temperature,
+            seed=self.cfg.seed + 12345,
+            ground_truth=self.ground_truth,
+        )
 
     def _sample(self, policy, prompts, seed):
-        return ev.sample_completions(policy, self.tokenizer, prompts, max_new_tokens=self.cfg.max_new_tokens,
-                                     temperature=self.cfg.temperature, seed=seed)
+        return ev.sample_completions(
+            policy,
+            self.tokenizer,
+            prompts,
+            max_new_tokens=self.cfg.max_new_tokens,
+            temperature=self.cfg.temperature,
+            seed=seed,
+        )
 
     # ---- the loop ---------------------------------------------------------------------------------
     def run(self) -> dict:
@@ -283,14 +351,18 @@ class Run:
         result = {"sft": self.stage_sft(), "iterations": []}
         policy = copy.deepcopy(self.sft_policy())
         for k in range(1, self.cfg.iterations + 1):
-            self._say(f"iteration {k}/{self.cfg.iterations}: sample + label {self.cfg.pairs_per_iteration} pairs")
+            self._say(
+                f"iteration {k}/{self.cfg.iterations}: sample + label {self.cfg.pairs_per_iteration} pairs"
+            )
             it = {"iteration": k, "label": self.stage_label(k, policy)}
             if self.cfg.feedback == "distilled":
                 self._say(f"iteration {k}: reward model")
                 it["rm"] = self.stage_rm(k)
                 from rlaif_fast.reward import RewardModel, RewardModelScorer
 
-                reward = RewardModelScorer(RewardModel.from_pretrained(self.iter_dir(k) / "rm"), self.tokenizer)
+                reward = RewardModelScorer(
+                    RewardModel.from_pretrained(self.iter_dir(k) / "rm"), self.tokenizer
+                )
             else:
                 reward = self.reward_for_direct()
             self._say(f"iteration {k}: RL")
@@ -309,7 +381,7 @@ class Run:
             rows += it["rl"]["history"]
             ev_row = {k: v for k, v in it["eval"].items() if isinstance(v, (int, float))}
             rows.append({"iteration": it["iteration"], "kind": "eval", **ev_row})
-        _write_jsonl(self.out / "metrics.jsonl", rows)
+        files.write_jsonl(self.out / "metrics.jsonl", rows)
         return self.out / "metrics.jsonl"
 
     def _say(self, text: str) -> None:
@@ -328,46 +400,10 @@ def _alignment(records: list[dict], ground_truth) -> dict:
     keep = [i for i in range(len(records)) if gt_a[i] != gt_b[i]]
     if not keep:
         return {"alignment": None, "alignment_pairs": 0}
-    return {"alignment": ai_human_alignment([records[i]["p_a"] for i in keep], [gt_a[i] > gt_b[i] for i in keep]),
-            "alignment_pairs": len(keep)}
-
-
-def _read_prompts(path: Path) -> tuple[list[str], list[str]]:
-    rows = _read_jsonl(path)
-    prompts = []
-    for i, row in enumerate(rows, 1):
-        if not isinstance(row, dict) or not isinstance(row.get("prompt"), str):
-            raise ValueError(f"{path}:{i}: each line needs a string field 'prompt'")
-        prompts.append(row["prompt"])
-    if len(prompts) < 2:
-        raise ValueError(f"{path} holds {len(prompts)} prompts; give at least 2 (the last 10% are for eval)")
-    cut = max(1, len(prompts) // 10)
-    return prompts[:-cut], prompts[-cut:]
-
-
-def _read_jsonl(path: Path) -> list:
-    if not path.is_file():
-        raise ValueError(f"{path} does not exist")
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-
-
-def _write_jsonl(path: Path, rows: list) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    tmp.replace(path)
-
-
-def _jsonable(x):
-    if isinstance(x, dict):
-        return {str(k): _jsonable(v) for k, v in x.items()}
-    if isinstance(x, (list, tuple)):
-        return [_jsonable(v) for v in x]
-    if isinstance(x, (str, int, float, bool)) or x is None:
-        return x
-    if isinstance(x, torch.Tensor) and x.numel() == 1:
-        return x.item()
-    return str(x)
+    return {
+        "alignment": ai_human_alignment([records[i]["p_a"] for i in keep], [gt_a[i] > gt_b[i] for i in keep]),
+        "alignment_pairs": len(keep),
+    }
 
 
 def parse_overrides(pairs: list[str]) -> dict:

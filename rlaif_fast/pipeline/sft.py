@@ -17,9 +17,19 @@ def build_policy(vocab_size: int, *, dim: int = 64, layers: int = 2, max_positio
     from transformers import GPT2Config, GPT2LMHeadModel
 
     torch.manual_seed(seed)
-    cfg = GPT2Config(vocab_size=vocab_size, n_positions=max_positions, n_embd=dim, n_layer=layers,
-                     n_head=4, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, bos_token_id=2,
-                     eos_token_id=3, pad_token_id=0)
+    cfg = GPT2Config(
+        vocab_size=vocab_size,
+        n_positions=max_positions,
+        n_embd=dim,
+        n_layer=layers,
+        n_head=4,
+        resid_pdrop=0.0,
+        embd_pdrop=0.0,
+        attn_pdrop=0.0,
+        bos_token_id=2,
+        eos_token_id=3,
+        pad_token_id=0,
+    )
     return GPT2LMHeadModel(cfg)
 
 
@@ -45,8 +55,25 @@ def sft_batch(tokenizer, pairs: Sequence[tuple[str, str]]):
     return ids, mask, labels
 
 
-def train_sft(policy, tokenizer, pairs: Sequence[tuple[str, str]], *, steps: int, lr: float = 3e-3,
-              batch_size: int = 32, seed: int = 0, progress: bool = True) -> list[float]:
+def warmup_linear(opt, steps: int, warmup: float = 0.1):
+    """Linear warm-up over the first 10% of ``steps``, then linear decay to 0; defined for any steps >= 1."""
+    up = max(1, int(warmup * steps))
+    return torch.optim.lr_scheduler.LambdaLR(
+        opt, lambda i: (i + 1) / up if i < up else max(0.0, (steps - i) / max(1, steps - up))
+    )
+
+
+def train_sft(
+    policy,
+    tokenizer,
+    pairs: Sequence[tuple[str, str]],
+    *,
+    steps: int,
+    lr: float = 3e-3,
+    batch_size: int = 32,
+    seed: int = 0,
+    progress: bool = True,
+) -> list[float]:
     """Fit ``policy`` to (prompt, completion) demonstrations with next-token cross-entropy on the
     completion; returns the loss per step. Batches are drawn with replacement from a seeded generator."""
     from tqdm.auto import tqdm
@@ -55,7 +82,7 @@ def train_sft(policy, tokenizer, pairs: Sequence[tuple[str, str]], *, steps: int
         raise ValueError("SFT got no (prompt, completion) pairs; set sft_steps: 0 to skip SFT")
     policy.train()
     opt = torch.optim.AdamW(policy.parameters(), lr=lr, weight_decay=0.0)
-    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=max(steps, 1), pct_start=0.1)
+    sched = warmup_linear(opt, steps)
     gen = torch.Generator().manual_seed(seed)
     losses = []
     for _ in tqdm(range(steps), desc="SFT", disable=not progress, leave=False):

@@ -97,7 +97,9 @@ def ground_truth(prompt: str, completion: str) -> float:
 def ground_truth_reward(prompts: Sequence[str], completions: Sequence[str]) -> list[float]:
     """The ground truth as a reward callable ``(prompts, completions) -> list[float]`` (for evaluation)."""
     if len(prompts) != len(completions):
-        raise ValueError(f"got {len(prompts)} prompts but {len(completions)} completions; pass one per prompt")
+        raise ValueError(
+            f"got {len(prompts)} prompts but {len(completions)} completions; pass one per prompt"
+        )
     return [ground_truth(p, c) for p, c in zip(prompts, completions)]
 
 
@@ -156,8 +158,19 @@ def sft_corpus(n: int, seed: int) -> list[tuple[str, str]]:
 def vocabulary() -> list[str]:
     """Every token of the toy language, special tokens first (ids 0..3), deduplicated in a fixed order."""
     seen: dict[str, None] = {}
-    for group in (SPECIAL, PUNCT, DIGITS, TOPICS, POSITIVE, NEGATIVE, NEUTRAL_ADJ, VERBS, FUNCTION,
-                  PROMPT_WORDS, TEMPLATE_WORDS):
+    for group in (
+        SPECIAL,
+        PUNCT,
+        DIGITS,
+        TOPICS,
+        POSITIVE,
+        NEGATIVE,
+        NEUTRAL_ADJ,
+        VERBS,
+        FUNCTION,
+        PROMPT_WORDS,
+        TEMPLATE_WORDS,
+    ):
         for w in group:
             seen.setdefault(w, None)
     return list(seen)

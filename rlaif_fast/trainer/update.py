@@ -123,7 +123,7 @@ def run_update(cfg, strategy, model, batches: list[list[TrainBatch]], data: dict
                 loss, stats = micro_loss(cfg, model, b, data, kl_coef, scale_pg, scale_v)
                 if not torch.isfinite(loss.detach()).all():
                     raise FloatingPointError(
-                        f"non-finite loss {float(loss)} in a micro-batch of rows {b.rows}"
+                        f"non-finite loss {float(loss.detach())} in a micro-batch of rows {b.rows}"
                     )
                 strategy.backward(loss)
                 strategy.step()  # DeepSpeed only steps the optimizer at the accumulation boundary
