@@ -1,7 +1,7 @@
 """Triton kernels for per-token log-probs and entropy from logits, and their launchers.
 
-Forward: one program per row, looping over the vocabulary in blocks with an online max / sum-exp / Σ e·z
-in fp32, so a row of any length is read exactly once and never spills registers. The temperature is
+Forward: one program per row, looping over the vocabulary in blocks with an online max / sum-exp /
+Σ e·(z - max) in fp32, so a row of any length is read exactly once and never spills registers. The temperature is
 applied in fp32 inside the kernel (dividing bf16 logits before the kernel widens the train/rollout gap).
 Per row it writes logp (clamped <= 0), the entropy, and the logsumexp the backward needs.
 

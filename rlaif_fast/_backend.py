@@ -51,7 +51,9 @@ def select_backend(tensor: torch.Tensor, impl: str | None = None) -> str:
         return "triton" if tensor.is_cuda and triton_available() else "torch"
     if choice == "triton":
         if not triton_available():
-            raise RuntimeError("the triton backend was requested but triton does not import; pip install triton")
+            raise RuntimeError(
+                "the triton backend was requested but triton does not import; pip install triton"
+            )
         if not tensor.is_cuda and not triton_interpreted():
             raise RuntimeError(
                 "the triton backend on CPU tensors needs the interpreter: set TRITON_INTERPRET=1 "

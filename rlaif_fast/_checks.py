@@ -10,15 +10,23 @@ FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
 INT_DTYPES = (torch.int64, torch.int32, torch.int16, torch.int8, torch.uint8)
 
 
-def check_tensor(name: str, x, *, dtypes: Iterable[torch.dtype] | None = None, ndim: int | None = None,
-                 min_ndim: int | None = None) -> torch.Tensor:
+def check_tensor(
+    name: str,
+    x,
+    *,
+    dtypes: Iterable[torch.dtype] | None = None,
+    ndim: int | None = None,
+    min_ndim: int | None = None,
+) -> torch.Tensor:
     if not isinstance(x, torch.Tensor):
         raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
     if dtypes is not None:
         dtypes = tuple(dtypes)
         if x.dtype not in dtypes:
             allowed = ", ".join(str(d).replace("torch.", "") for d in dtypes)
-            raise TypeError(f"{name} has dtype {str(x.dtype).replace('torch.', '')}; expected one of: {allowed}")
+            raise TypeError(
+                f"{name} has dtype {str(x.dtype).replace('torch.', '')}; expected one of: {allowed}"
+            )
     if ndim is not None and x.dim() != ndim:
         raise ValueError(f"{name} must have {ndim} dimensions, got shape {tuple(x.shape)}")
     if min_ndim is not None and x.dim() < min_ndim:
@@ -43,7 +51,9 @@ def check_same_shape(**tensors: torch.Tensor) -> None:
     k0, v0 = items[0]
     for k, v in items[1:]:
         if v.shape != v0.shape:
-            raise ValueError(f"{k} has shape {tuple(v.shape)} but {k0} has shape {tuple(v0.shape)}; they must match")
+            raise ValueError(
+                f"{k} has shape {tuple(v.shape)} but {k0} has shape {tuple(v0.shape)}; they must match"
+            )
 
 
 def check_same_device(**tensors: torch.Tensor) -> None:

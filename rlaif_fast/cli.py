@@ -11,12 +11,24 @@ import sys
 
 # subcommand -> (module, function, one-line help)
 COMMANDS = {
-    "demo": ("rlaif_fast.pipeline.demo", "main", "run the whole RLAIF loop offline on the embedded default task"),
+    "demo": (
+        "rlaif_fast.pipeline.demo",
+        "main",
+        "run the whole RLAIF loop offline on the embedded default task",
+    ),
     "label": ("rlaif_fast.feedback.job", "main", "label preference pairs with an AI labeler (resumable)"),
     "train-rm": ("rlaif_fast.reward.train", "main", "distill AI soft labels into a reward model"),
     "train": ("rlaif_fast.trainer.cli", "main", "RL-train a policy (REINFORCE / PPO / RLOO / GRPO)"),
-    "eval": ("rlaif_fast.pipeline.evaluate", "main", "win rate of a policy against SFT, judged by the labeler"),
-    "run": ("rlaif_fast.pipeline.run", "main", "the iterative loop from a YAML config: sample, label, RM, RL, eval"),
+    "eval": (
+        "rlaif_fast.pipeline.evaluate",
+        "main",
+        "win rate of a policy against SFT, judged by the labeler",
+    ),
+    "run": (
+        "rlaif_fast.pipeline.run",
+        "main",
+        "the iterative loop from a YAML config: sample, label, RM, RL, eval",
+    ),
     "bench": ("rlaif_fast.bench", "main", "print a CPU benchmark table of the ops"),
 }
 

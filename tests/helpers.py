@@ -26,7 +26,9 @@ def assert_tolerance(ours, eager, truth, *, atol: float | None = None, dtype=Non
     truth = truth.detach().double()
     err_ours = (ours.detach().double() - truth).abs()
     err_eager = (eager.detach().double() - truth).abs()
-    assert torch.isfinite(ours.detach().double()).all() == torch.isfinite(truth).all(), f"{name}: non-finite values"
+    assert torch.isfinite(ours.detach().double()).all() == torch.isfinite(truth).all(), (
+        f"{name}: non-finite values"
+    )
     m_ours = err_ours.max().item() if err_ours.numel() else 0.0
     m_eager = err_eager.max().item() if err_eager.numel() else 0.0
     assert m_ours <= m_eager + atol, (
@@ -46,12 +48,19 @@ def run_torchrun(script: str | Path, *args: str, nproc: int = 2, timeout: float 
     Raises AssertionError with both streams when it fails, so the test log shows every rank's error.
     """
     cmd = [
-        sys.executable, "-m", "torch.distributed.run",
-        f"--nproc_per_node={nproc}", "--nnodes=1",
-        f"--master_addr=127.0.0.1", f"--master_port={free_port()}",
-        str(script), *args,
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        f"--nproc_per_node={nproc}",
+        "--nnodes=1",
+        "--master_addr=127.0.0.1",
+        f"--master_port={free_port()}",
+        str(script),
+        *args,
     ]
     full_env = {**os.environ, "OMP_NUM_THREADS": "1", **(env or {})}
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=full_env)
-    assert proc.returncode == 0, f"torchrun failed ({proc.returncode})\nSTDOUT:\n{proc.stdout}\nSTDERR:\n{proc.stderr}"
+    assert proc.returncode == 0, (
+        f"torchrun failed ({proc.returncode})\nSTDOUT:\n{proc.stdout}\nSTDERR:\n{proc.stderr}"
+    )
     return proc

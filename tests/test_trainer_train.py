@@ -48,6 +48,27 @@ def test_every_policy_parameter_changes(tmp_path):
     assert not unchanged, f"parameters that did not change: {unchanged}"
 
 
+@pytest.mark.parametrize(
+    "variant",
+    [
+        dict(algorithm="grpo", group_size=4, kl_in="loss", kl_estimator="k3", entropy_coef=0.01),
+        dict(algorithm="reinforce_baseline", kl_in="loss", kl_estimator="k3", loss_agg="seq-mean-token-mean"),
+        dict(
+            algorithm="ppo", adaptive_kl=True, kl_target=0.01, kl_horizon=100, ppo_epochs=2, mini_batch_size=4
+        ),
+        dict(algorithm="rloo", group_size=2, loss_agg="seq-mean-token-sum", ops="reference"),
+    ],
+)
+def test_algorithm_variants_take_finite_steps(tmp_path, variant):
+    trainer = _trainer(tiny_gpt2(), _config(tmp_path, **variant))
+    first = trainer.step(PROMPTS[: trainer.config.prompts_per_step])
+    second = trainer.step(PROMPTS[: trainer.config.prompts_per_step])
+    for m in (first, second):
+        assert all(v == v and abs(v) < 1e6 for v in m.values()), m
+    if variant.get("adaptive_kl"):  # KL above target: the controller raises the coefficient
+        assert second["kl_coef"] > first["kl_coef"] == 0.05
+
+
 def test_reward_goes_up_on_the_toy_task(tmp_path):
     """REINFORCE with baseline (the paper's) learns to write 'a' for the rule reward."""
     cfg = _config(tmp_path, total_steps=8)
