@@ -19,4 +19,6 @@ for script in benchmarks/gpu/bench_ops.py benchmarks/gpu/bench_linear.py; do
   echo "== $script $*"
   "$PY" "$script" --out "$OUT" "$@" || status=1
 done
+echo "== benchmarks/bench_gae.py --gpu"
+if [ "${1:-}" != "--smoke" ]; then "$PY" benchmarks/bench_gae.py --gpu --out "$OUT" || status=1; fi
 exit $status

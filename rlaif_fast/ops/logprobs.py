@@ -121,36 +121,53 @@ def _torch_backward(logits, labels, grad_logp, grad_ent, ent, temperature, ignor
     return grad
 
 
-class _TokenLogprobs(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, logits, labels, temperature, ignore_index, backend, want_entropy):
-        if backend == "triton":
-            from rlaif_fast.kernels.logprobs import logprobs_forward
+class _TorchTokenLogprobs(torch.autograd.Function):
+    """CPU path: chunked torch forward; the backward recomputes log_softmax chunk by chunk."""
 
-            logp, ent, lse = logprobs_forward(logits, labels, temperature, ignore_index)
-        else:
-            logp, ent, lse = _torch_forward(logits, labels, temperature, ignore_index, want_entropy)
-        ctx.save_for_backward(logits, labels, lse, ent)
-        ctx.args = (temperature, ignore_index, backend)
-        ctx.set_materialize_grads(False)
-        shape = labels.shape
-        return logp.view(shape), ent.view(shape)
+    @staticmethod
+    def forward(ctx, logits, labels, temperature, ignore_index, want_entropy):
+        logp, ent, _ = _torch_forward(logits, labels, temperature, ignore_index, want_entropy)
+        ctx.save_for_backward(logits, labels, ent)
+        ctx.args = (temperature, ignore_index)
+        ctx.set_materialize_grads(False)  # an unused entropy arrives as None: its term is skipped
+        return logp.view(labels.shape), ent.view(labels.shape)
 
     @staticmethod
     def backward(ctx, grad_logp, grad_ent):
-        logits, labels, lse, ent = ctx.saved_tensors
-        temperature, ignore_index, backend = ctx.args
+        logits, labels, ent = ctx.saved_tensors
         if grad_logp is None and grad_ent is None:
-            return (None,) * 6
-        if grad_logp is None:
-            grad_logp = torch.zeros_like(ent)
-        if backend == "triton":
-            from rlaif_fast.kernels.logprobs import logprobs_backward
+            return (None,) * 5
+        grad_logp = torch.zeros_like(ent) if grad_logp is None else grad_logp
+        grad = _torch_backward(logits, labels, grad_logp, grad_ent, ent, *ctx.args)
+        return grad, None, None, None, None
 
-            grad = logprobs_backward(logits, labels, grad_logp, grad_ent, lse, ent, temperature, ignore_index)
-        else:
-            grad = _torch_backward(logits, labels, grad_logp, grad_ent, ent, temperature, ignore_index)
-        return grad, None, None, None, None, None
+
+class _TritonTokenLogprobs(torch.autograd.Function):
+    """Triton path: one read of the logits forward; one read and one write of d logits backward."""
+
+    @staticmethod
+    def forward(ctx, logits, labels, temperature, ignore_index, want_entropy):
+        from rlaif_fast.kernels.logprobs import logprobs_forward
+
+        logp, ent, lse = logprobs_forward(logits, labels, temperature, ignore_index)
+        ctx.save_for_backward(logits, labels, lse, ent)
+        ctx.args = (temperature, ignore_index)
+        ctx.set_materialize_grads(False)
+        return logp.view(labels.shape), ent.view(labels.shape)
+
+    @staticmethod
+    def backward(ctx, grad_logp, grad_ent):
+        from rlaif_fast.kernels.logprobs import logprobs_backward
+
+        logits, labels, lse, ent = ctx.saved_tensors
+        if grad_logp is None and grad_ent is None:
+            return (None,) * 5
+        grad_logp = torch.zeros_like(ent) if grad_logp is None else grad_logp
+        grad = logprobs_backward(logits, labels, grad_logp, grad_ent, lse, ent, *ctx.args)
+        return grad, None, None, None, None
+
+
+_FUNCTIONS = {"torch": _TorchTokenLogprobs, "triton": _TritonTokenLogprobs}
 
 
 def token_logprobs(
@@ -183,5 +200,5 @@ def token_logprobs(
         return reference(
             logits, labels, temperature=temperature, ignore_index=ignore_index, return_entropy=return_entropy
         )
-    logp, ent = _TokenLogprobs.apply(logits, labels, temperature, ignore_index, backend, return_entropy)
+    logp, ent = _FUNCTIONS[backend].apply(logits, labels, temperature, ignore_index, return_entropy)
     return (logp, ent) if return_entropy else logp

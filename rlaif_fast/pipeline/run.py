@@ -300,13 +300,20 @@ class Run:
         ckpt = latest_checkpoint(rl_dir)
         if ckpt is not None:
             trainer.load(ckpt)
-        summary = trainer.train(self.train_prompts)
+        summary = trainer.train(self._rl_prompts(rl_cfg))
         if summary.get("stopped") == "interrupted":
             raise KeyboardInterrupt
         history = [{"iteration": k, **row} for row in summary.pop("history", [])]
         record = {"summary": files.jsonable(summary), "history": files.jsonable(history)}
         files.write_json(path, record)
         return record
+
+    def _rl_prompts(self, rl_cfg) -> list[str]:
+        """The training prompts, repeated until one pass covers ``total_steps`` (the embedded task has few
+        prompts; each repeat is sampled afresh, so repeats are new rollouts, not copies)."""
+        need = rl_cfg.prompts_per_step * (rl_cfg.total_steps or 1)
+        reps = max(1, -(-need // len(self.train_prompts)))
+        return list(self.train_prompts) * reps
 
     def stage_eval(self, k: int, policy) -> dict:
         """Win rate of ``policy`` against SFT on the held-out prompts, and the ground truth of both."""
