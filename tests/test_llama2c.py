@@ -105,3 +105,14 @@ def test_bad_paths_raise(tmp_path):
     bad.write_bytes(b"24ka" + b"\0" * 64)
     with pytest.raises(ValueError, match="version-1"):
         load_llama2c(bad)
+
+
+def test_tokenizer_save_and_reload(stories, tmp_path):
+    from rlaif_fast.models import Llama2cTokenizer
+
+    _, tok, ref = stories
+    tok.save_pretrained(tmp_path)
+    again = Llama2cTokenizer.from_pretrained(tmp_path)
+    text = ref["greedy_text"].lstrip(" ")
+    assert again(text).input_ids == tok(text).input_ids == ref["greedy_tokens_from_bos"]
+    assert again.pad_token_id == tok.pad_token_id == 0

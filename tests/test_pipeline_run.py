@@ -115,3 +115,16 @@ def test_labeler_pairs_have_distinct_ground_truths_and_balanced_winners():
     assert all(T.ground_truth(p, a) != T.ground_truth(p, b) for p, a, b, _ in pairs)
     assert all((w == 1) == (T.ground_truth(p, a) > T.ground_truth(p, b)) for p, a, b, w in pairs)
     assert 0.4 < sum(w == 1 for *_, w in pairs) / len(pairs) < 0.6
+
+
+def test_resume_refuses_an_output_dir_made_with_another_config(tmp_path):
+    from rlaif_fast.pipeline.config import RunConfig
+    from rlaif_fast.pipeline.run import Run
+
+    out = tmp_path / "out"
+    out.mkdir()
+    old = RunConfig(output_dir=str(out), iterations=1).to_dict()
+    (out / "config.json").write_text(json.dumps(old))
+    with pytest.raises(ValueError, match=r"different config \(changed: iterations\)"):
+        Run(RunConfig(output_dir=str(out), iterations=2), progress=False).run()
+    assert sorted(p.name for p in out.iterdir()) == ["config.json"]  # nothing computed

@@ -353,8 +353,7 @@ class Run:
     # ---- the loop ---------------------------------------------------------------------------------
     def run(self) -> dict:
         """All stages in order, skipping finished ones; returns {"sft", "iterations": [...]} records."""
-        self.out.mkdir(parents=True, exist_ok=True)
-        (self.out / "config.json").write_text(json.dumps(self.cfg.to_dict(), indent=2) + "\n")
+        self._check_same_config()
         result = {"sft": self.stage_sft(), "iterations": []}
         policy = copy.deepcopy(self.sft_policy())
         for k in range(1, self.cfg.iterations + 1):
@@ -380,6 +379,19 @@ class Run:
             result["iterations"].append(it)
             self.write_metrics(result)
         return result
+
+    def _check_same_config(self) -> None:
+        """Resuming reuses finished stages, so it is only sound under the config that made them."""
+        path = self.out / "config.json"
+        current = json.loads(json.dumps(self.cfg.to_dict()))
+        previous = files.read_json(path)
+        if previous is not None and previous != current:
+            keys = sorted(k for k in set(previous) | set(current) if previous.get(k) != current.get(k))
+            raise ValueError(
+                f"{self.out} holds a run made with a different config (changed: {', '.join(keys)}); "
+                "resuming would mix the two. Use a new output_dir, or delete the old one"
+            )
+        files.write_json(path, current)
 
     def write_metrics(self, result: dict) -> Path:
         """metrics.jsonl from the stage records: RL rows (reward, kl, entropy, ...) then one eval row each."""

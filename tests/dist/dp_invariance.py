@@ -1,4 +1,5 @@
-"""Run under torchrun with 2 ranks: ZeRO-2 and ZeRO-3 training of the toy task; rank 0 saves the results.
+"""Run under torchrun with 2 ranks: ZeRO-2 and ZeRO-3 training of the toy task (greedy rollouts), then one
+ZeRO-3 step with real sampling (ranks reach EOS at different times); rank 0 saves the results.
 
 torchrun --nproc_per_node=2 tests/dist/dp_invariance.py OUT_DIR
 """
@@ -19,7 +20,9 @@ def main(out: str) -> None:
             torch.save({"params": params, "history": history}, Path(out) / f"zero{stage}.pt")
         torch.distributed.barrier()
     # real sampling under ZeRO-3: ranks stop at EOS at different times; generate must stay in lockstep
-    _, history = invariance_run(steps=1, fixed_lengths=False, zero_stage=3, temperature=1.0, max_new_tokens=12)
+    _, history = invariance_run(
+        steps=1, fixed_lengths=False, zero_stage=3, temperature=1.0, max_new_tokens=12
+    )
     if torch.distributed.get_rank() == 0:
         torch.save({"history": history}, Path(out) / "zero3_sampled.pt")
 
