@@ -213,7 +213,7 @@ def linear_logprobs_fwd(hidden, weight, bias, labels, *, temperature, ignore_ind
         hidden, weight, bias if bias is not None else weight, _params(hidden, scale, softcap, temperature),
         labels, logp, ent, lse, h_full, N, V, H, hidden.stride(0), weight.stride(0), ignore_index,
         HAS_BIAS=bias is not None, HAS_CAP=softcap is not None, ENTROPY=entropy,
-        ACC=_TL_ACC.get(acc, tl.float32), PRECISION="ieee", UPCAST=_upcast(hidden), BLOCK_N=bn, BLOCK_V=bv, BLOCK_H=bh,
+        ACC=_TL_ACC.get(acc, tl.float32), PRECISION="ieee", UPCAST=_upcast(hidden), BLOCK_N=bn, BLOCK_V=bv, BLOCK_H=bh, num_warps=8,
     )  # fmt: skip
     return logp, (ent if entropy else None), lse, (h_full if entropy else None)
 
@@ -238,6 +238,6 @@ def linear_logprobs_bwd(hidden, weight, bias, labels, lse, h_full, grad_logp, gr
         N, V, H, hidden.stride(0), weight.stride(0), ignore_index,
         HAS_BIAS=bias is not None, HAS_CAP=softcap is not None, ENTROPY=entropy,
         ACC=_TL_ACC.get(acc, tl.float32), PRECISION="ieee", UPCAST=_upcast(hidden), NEED_DH=need_dh, NEED_DW=need_dw, NEED_DB=need_db,
-        BLOCK_N=bn, BLOCK_V=bv, BLOCK_H=bh,
+        BLOCK_N=bn, BLOCK_V=bv, BLOCK_H=bh, num_warps=8,
     )  # fmt: skip
     return (dh if need_dh else None), (dw if need_dw else None), (db if need_db else None)
