@@ -206,3 +206,18 @@ def test_stories260k_real_model_trains(shared_data, tmp_path):
     after = dict(trainer.policy.named_parameters())
     unchanged = [k for k, v in before.items() if torch.equal(v, after[k].detach())]
     assert not unchanged, f"parameters that did not change: {unchanged}"
+
+
+@pytest.mark.parametrize("disable", [True, False])
+def test_dropout_is_disabled_by_default(tmp_path, disable):
+    """With dropout on, two forwards of the same batch differ and the PPO ratio of an unchanged policy
+    is not 1; the trainer zeroes every dropout rate unless told not to."""
+    policy = tiny_gpt2()
+    for m in policy.modules():
+        if isinstance(m, torch.nn.Dropout):
+            m.p = 0.5
+    trainer = _trainer(policy, _config(tmp_path, algorithm="rloo", group_size=2, disable_dropout=disable))
+    model = trainer.policy.train()
+    ids = torch.randint(3, 16, (2, 12))
+    same = torch.equal(model(ids).logits, model(ids).logits)
+    assert same is disable

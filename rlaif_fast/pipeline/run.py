@@ -38,8 +38,8 @@ RL_DEFAULTS = {
     "batch_size": 32,
     "micro_batch_size": 32,
     "kl_coef": 0.05,
-    "learning_rate": 1e-3,
-    "total_steps": 60,
+    "learning_rate": 5e-4,
+    "total_steps": 40,
     "tensorboard": False,
 }
 
@@ -303,7 +303,7 @@ class Run:
         summary = trainer.train(self._rl_prompts(rl_cfg))
         if summary.get("stopped") == "interrupted":
             raise KeyboardInterrupt
-        history = [{"iteration": k, **row} for row in summary.pop("history", [])]
+        history = [{"iteration": k, **row} for row in _rl_history(rl_dir, summary.pop("history", []))]
         record = {"summary": files.jsonable(summary), "history": files.jsonable(history)}
         files.write_json(path, record)
         return record
@@ -406,6 +406,18 @@ class Run:
     def _say(self, text: str) -> None:
         if self.progress:
             print(f"[rlaif-fast] {text}", file=sys.stderr, flush=True)
+
+
+def _rl_history(rl_dir: Path, in_memory: list[dict]) -> list[dict]:
+    """Every RL step's metrics, also across a resume: the trainer appends to ``metrics.jsonl``, and steps
+    logged after the last checkpoint of a killed run appear twice, so the last row of each step wins."""
+    path = rl_dir / "metrics.jsonl"
+    if not path.is_file():
+        return in_memory
+    by_step = {}
+    for row in files.read_jsonl(path):
+        by_step[row.get("step")] = row
+    return [by_step[s] for s in sorted(by_step, key=lambda s: (s is None, s))]
 
 
 def _alignment(records: list[dict], ground_truth) -> dict:

@@ -101,6 +101,10 @@ class RLAIFConfig:
     """Weight of the entropy bonus (subtracted from the loss)."""
     whiten_advantages: bool = True
     """Whiten advantages over the whole batch (all ranks) before the update."""
+    disable_dropout: bool = True
+    """Set every dropout probability of the policy and value model to 0 before training. With dropout on,
+    the log-probs at sampling, scoring and update time differ, and the PPO ratio of an unchanged policy
+    is not 1. False keeps the model's dropout as it is."""
     loss_agg: str = "token-mean"
     """Loss aggregation: token-mean (over all response tokens of the batch) or seq-mean-token-mean."""
 

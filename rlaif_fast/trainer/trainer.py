@@ -39,6 +39,18 @@ from rlaif_fast.trainer.update import ActorCritic, run_update
 RewardFn = Callable[[list[str], list[str]], Sequence[float]]
 
 
+def _disable_dropout(module) -> None:
+    """p = 0 in every dropout layer (the trainer's default, as TRL and OpenRLHF do for RL)."""
+    if module is None:
+        return
+    for m in module.modules():
+        if isinstance(m, torch.nn.modules.dropout._DropoutNd):
+            m.p = 0.0
+        # attention implementations that take the rate as a float (Llama, Qwen) rather than a module
+        if isinstance(getattr(m, "attention_dropout", None), float):
+            m.attention_dropout = 0.0
+
+
 class NonFiniteError(FloatingPointError):
     """A reward or loss was NaN/inf; the message names the step and the file holding the batch."""
 
@@ -66,6 +78,9 @@ class RLAIFTrainer:
         self.ref = ref_policy
         if self.ref is not None:
             self.ref.eval().requires_grad_(False).to(self.strategy.device)
+        if cfg.disable_dropout:
+            for module in (policy, value_model):
+                _disable_dropout(module)
         self.model = ActorCritic(policy, value_model)
         groups = [{"params": [p for p in policy.parameters() if p.requires_grad], "lr": cfg.learning_rate}]
         if value_model is not None:
