@@ -221,3 +221,21 @@ def test_dropout_is_disabled_by_default(tmp_path, disable):
     ids = torch.randint(3, 16, (2, 12))
     same = torch.equal(model(ids).logits, model(ids).logits)
     assert same is disable
+
+
+def test_cli_reward_loads_a_train_rm_directory(tmp_path):
+    """`rlaif-fast train --reward DIR` takes the output of `rlaif-fast train-rm` as the reward."""
+    from transformers import GPT2Config, GPT2Model
+
+    from rlaif_fast.reward import RewardModel, RewardModelScorer
+    from rlaif_fast.trainer.cli import load_callable
+
+    backbone = GPT2Model(GPT2Config(vocab_size=40, n_positions=32, n_embd=16, n_layer=1, n_head=2))
+    RewardModel(backbone).save_pretrained(tmp_path / "rm")
+    hf_char_tokenizer().save_pretrained(str(tmp_path / "rm"))
+    scorer = load_callable(str(tmp_path / "rm"))
+    assert isinstance(scorer, RewardModelScorer)
+    scores = scorer(["ab", "b"], ["aaa", "c"])
+    assert len(scores) == 2 and all(isinstance(x, float) for x in scores)
+    with pytest.raises(ValueError, match="reward-model directory"):
+        load_callable(str(tmp_path))

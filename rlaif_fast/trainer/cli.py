@@ -63,7 +63,7 @@ def build_parser() -> argparse.ArgumentParser:
     job.add_argument(
         "--reward",
         required=True,
-        help="MODULE:NAME or FILE.py:NAME of a callable (prompts, completions) -> list[float]; "
+        help="a reward-model directory from `rlaif-fast train-rm`, or MODULE:NAME or FILE.py:NAME of a callable (prompts, completions) -> list[float]; "
         "a class is instantiated without arguments",
     )
     job.add_argument("--config", help="YAML file of RLAIFConfig keys")
@@ -92,9 +92,21 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def load_callable(spec: str):
-    """``pkg.module:name`` or ``path/to/file.py:name``."""
+    """The reward: a directory saved by ``rlaif-fast train-rm`` (a distilled reward model and its
+    tokenizer), ``pkg.module:name`` or ``path/to/file.py:name``."""
+    from rlaif_fast.reward.model import HEAD_FILE
+
+    if (Path(spec) / HEAD_FILE).is_file():
+        from transformers import AutoTokenizer
+
+        from rlaif_fast.reward import RewardModel, RewardModelScorer
+
+        return RewardModelScorer(RewardModel.from_pretrained(spec), AutoTokenizer.from_pretrained(spec))
     if ":" not in spec:
-        raise ValueError(f"--reward {spec!r} must look like MODULE:NAME or FILE.py:NAME")
+        raise ValueError(
+            f"--reward {spec!r} must be a reward-model directory saved by `rlaif-fast train-rm`, "
+            "MODULE:NAME or FILE.py:NAME"
+        )
     where, name = spec.rsplit(":", 1)
     if where.endswith(".py"):
         path = Path(where)
