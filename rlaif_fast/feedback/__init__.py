@@ -10,7 +10,7 @@
 Names resolve lazily: ``import rlaif_fast.feedback`` imports neither transformers nor an HTTP stack.
 """
 
-import importlib
+from rlaif_fast._lazy import lazy_exports
 
 _EXPORTS = {
     "Template": "templates",
@@ -33,17 +33,4 @@ _EXPORTS = {
 }
 
 
-def __getattr__(name):
-    module = _EXPORTS.get(name)
-    if module is None:
-        raise AttributeError(f"module 'rlaif_fast.feedback' has no attribute {name!r}")
-    value = getattr(importlib.import_module(f"rlaif_fast.feedback.{module}"), name)
-    globals()[name] = value
-    return value
-
-
-def __dir__():
-    return sorted(set(globals()) | set(_EXPORTS))
-
-
-__all__ = sorted(_EXPORTS)
+__getattr__, __dir__, __all__ = lazy_exports(__name__, _EXPORTS, globals())

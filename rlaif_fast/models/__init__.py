@@ -3,7 +3,7 @@
 Names resolve lazily: importing ``rlaif_fast.models`` does not import transformers.
 """
 
-import importlib
+from rlaif_fast._lazy import lazy_exports
 
 _EXPORTS = {
     "load_llama2c": "llama2c",
@@ -11,17 +11,4 @@ _EXPORTS = {
 }
 
 
-def __getattr__(name):
-    module = _EXPORTS.get(name)
-    if module is None:
-        raise AttributeError(f"module 'rlaif_fast.models' has no attribute {name!r}")
-    value = getattr(importlib.import_module(f"rlaif_fast.models.{module}"), name)
-    globals()[name] = value
-    return value
-
-
-def __dir__():
-    return sorted(set(globals()) | set(_EXPORTS))
-
-
-__all__ = sorted(_EXPORTS)
+__getattr__, __dir__, __all__ = lazy_exports(__name__, _EXPORTS, globals())

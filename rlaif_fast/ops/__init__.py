@@ -3,7 +3,7 @@
 Names resolve lazily so that ``import rlaif_fast.ops`` never imports triton, transformers or deepspeed.
 """
 
-import importlib
+from rlaif_fast._lazy import lazy_exports
 
 _EXPORTS = {
     # per-token log-probs and entropy from logits (one pass over [N, V])
@@ -27,17 +27,4 @@ _EXPORTS = {
 }
 
 
-def __getattr__(name):
-    module = _EXPORTS.get(name)
-    if module is None:
-        raise AttributeError(f"module 'rlaif_fast.ops' has no attribute {name!r}")
-    value = getattr(importlib.import_module(f"rlaif_fast.ops.{module}"), name)
-    globals()[name] = value
-    return value
-
-
-def __dir__():
-    return sorted(set(globals()) | set(_EXPORTS))
-
-
-__all__ = sorted(_EXPORTS)
+__getattr__, __dir__, __all__ = lazy_exports(__name__, _EXPORTS, globals())

@@ -9,7 +9,7 @@
 Names resolve lazily: importing this package does not import deepspeed or transformers.
 """
 
-import importlib
+from rlaif_fast._lazy import lazy_exports
 
 _EXPORTS = {
     "RLAIFConfig": "config",
@@ -20,17 +20,4 @@ _EXPORTS = {
 }
 
 
-def __getattr__(name):
-    module = _EXPORTS.get(name)
-    if module is None:
-        raise AttributeError(f"module 'rlaif_fast.trainer' has no attribute {name!r}")
-    value = getattr(importlib.import_module(f"rlaif_fast.trainer.{module}"), name)
-    globals()[name] = value
-    return value
-
-
-def __dir__():
-    return sorted(set(globals()) | set(_EXPORTS))
-
-
-__all__ = sorted(_EXPORTS)
+__getattr__, __dir__, __all__ = lazy_exports(__name__, _EXPORTS, globals())
