@@ -87,3 +87,12 @@ def test_labeler_url_forms():
     RunConfig(labeler="https://api.example", labeler_model="m")  # accepted
     with pytest.raises(ValueError, match="names no URL"):
         RunConfig(labeler="http:", labeler_model="m")
+
+
+def test_real_llm_example_config_is_valid():
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parent.parent / "examples" / "rlaif_real_llm.yaml"
+    cfg = RunConfig.from_yaml(path)
+    assert cfg.task is None and cfg.labeler.startswith("http") and cfg.labeler_model
+    assert cfg.rl["algorithm"] == "reinforce_baseline"

@@ -128,3 +128,60 @@ def test_resume_refuses_an_output_dir_made_with_another_config(tmp_path):
     with pytest.raises(ValueError, match=r"different config \(changed: iterations\)"):
         Run(RunConfig(output_dir=str(out), iterations=2), progress=False).run()
     assert sorted(p.name for p in out.iterdir()) == ["config.json"]  # nothing computed
+
+
+@pytest.mark.slow
+def test_demo_command_checks_its_promise(tmp_path, monkeypatch, capsys):
+    """`rlaif-fast demo` on shrunken settings: it exits 0 exactly when the ground truth improved."""
+    monkeypatch.setenv("RLAIF_FAST_CACHE", str(tmp_path / "cache"))
+    small = [
+        "sft_steps=20",
+        "labeler_steps=10",
+        "pairs_per_iteration=12",
+        "rm_epochs=1",
+        "iterations=1",
+        "eval_prompts=6",
+        "max_new_tokens=8",
+        "rl={batch_size: 4, micro_batch_size: 4, total_steps: 2}",
+    ]
+    argv = ["demo", "--no-progress", "--out", str(tmp_path / "demo")]
+    for s in small:
+        argv += ["--set", s]
+    status = cli.main(argv)
+    rep = json.loads((tmp_path / "demo" / "report.json").read_text())
+    assert status == (0 if rep["gt_improved"] else 1)
+    assert "demo finished in" in capsys.readouterr().out
+
+
+def test_set_overrides_parse_as_yaml_and_reject_garbage():
+    from rlaif_fast.pipeline.run import parse_overrides
+
+    assert parse_overrides(["iterations=2", "template=a=b", "rl={kl_coef: 0.1}"]) == {
+        "iterations": 2,
+        "template": "a=b",
+        "rl": {"kl_coef": 0.1},
+    }
+    with pytest.raises(ValueError, match="must look like key=value"):
+        parse_overrides(["iterations"])
+
+
+@pytest.mark.slow
+def test_ctrl_c_during_rl_saves_then_the_rerun_continues(tiny_config, monkeypatch):
+    from rlaif_fast.trainer.trainer import RLAIFTrainer
+
+    path, out = tiny_config
+    real_step = RLAIFTrainer.step
+
+    def interrupted_step(self, prompts):
+        if self.global_step == 1:  # Ctrl-C during the second RL step
+            raise KeyboardInterrupt
+        return real_step(self, prompts)
+
+    monkeypatch.setattr(RLAIFTrainer, "step", interrupted_step)
+    assert cli.main(["run", str(path), "--no-progress"]) == 130
+    assert not (out / "iter_1" / "rl.json").exists()
+    assert list((out / "iter_1" / "rl").glob("**/*"))  # the trainer's checkpoint is there
+    monkeypatch.setattr(RLAIFTrainer, "step", real_step)
+    assert cli.main(["run", str(path), "--no-progress"]) == 0
+    history = json.loads((out / "iter_1" / "rl.json").read_text())["history"]
+    assert [row["step"] for row in history] == [1, 2]  # step 1 kept from before, step 2 run after

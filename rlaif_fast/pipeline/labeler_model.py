@@ -50,7 +50,7 @@ def labeler_pairs(n: int, seed: int) -> list[tuple[str, str, str, int]]:
 def cache_key(render: Render, dim: int, steps: int, seed: int) -> str:
     """Hash of what determines the trained labeler; the template enters through one rendered example."""
     probe = render("<context>", "<first>", "<second>")
-    blob = json.dumps([probe, T.vocabulary(), dim, steps, seed, "v1"])
+    blob = json.dumps([probe, T.vocabulary(), dim, steps, seed, "v2"])
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
@@ -107,7 +107,8 @@ def train_labeler(
             aux.append(_aux_targets(tokenizer, ids, prompt, first, second))
             answers.append(answer)
     answer_ids = {k: _answer_token(tokenizer, str(k)) for k in (1, 2)}
-    model = build_labeler_model(len(tokenizer), dim, max(len(x) for x in enc) + 8, seed)
+    # room for policy responses longer than the training sentences (positions past training are untrained)
+    model = build_labeler_model(len(tokenizer), dim, max(128, max(len(x) for x in enc) + 32), seed)
     aux_head = torch.nn.Linear(dim, 4)  # dropped after training
     model.train()
     params = list(model.parameters()) + list(aux_head.parameters())

@@ -11,7 +11,7 @@ import json
 from pathlib import Path
 
 PANELS = (
-    ("reward", "reward (RL reward model)"),
+    ("reward", "reward (each iteration's reward model)"),
     ("kl", "KL(pi || pi_SFT) per sequence"),
     ("entropy", "entropy estimate (mean -log p of sampled tokens)"),
     ("win_rate", "win rate vs SFT (AI labeler)"),

@@ -8,6 +8,13 @@
         -> RL against that reward with a KL leash to the SFT policy (RLAIFTrainer)
         -> evaluate: win rate against SFT judged by the labeler, ground truth where the task has one
 
+How this departs from the paper: the paper runs one round (label SFT samples once, train the reward
+model once, RL once); here every iteration labels fresh samples of the current policy, so later reward
+models see the text RL actually produces, while the KL anchor and the win-rate baseline stay the SFT
+policy. The reward model starts from the SFT policy's weights. Pairs whose two responses are identical
+are labeled (they count in the position-bias and alignment numbers) but not used to train the reward
+model: their label is 0.5 by construction and carries no signal.
+
 Resumable per stage: every stage writes its artefact and then, last, a ``<stage>.json`` record under
 ``output_dir``; a rerun skips every stage whose record exists and loads its artefact instead, and the
 RL stage continues from the trainer's latest checkpoint. ``metrics.jsonl`` is rebuilt from the records,
@@ -167,6 +174,7 @@ class Run:
                 len(self.tokenizer),
                 dim=self.cfg.policy_dim,
                 layers=self.cfg.policy_layers,
+                max_positions=max(64, 32 + self.cfg.max_new_tokens),  # prompts are ~10 tokens
                 seed=self.cfg.seed,
             )
         else:
@@ -466,7 +474,14 @@ def finish(cfg: RunConfig, *, progress: bool) -> int:
     from rlaif_fast.pipeline import plots, report
 
     run = Run(cfg, progress=progress)
-    result = run.run()
+    try:
+        result = run.run()
+    except KeyboardInterrupt:
+        print(
+            f"interrupted; finished stages are saved in {run.out}: rerun the same command to resume",
+            file=sys.stderr,
+        )
+        return 130
     plots.plot_metrics(run.out / "metrics.jsonl", run.out / "metrics.png")
     rep = report.build_report(result, cfg)
     report.write_report(rep, run.out)
