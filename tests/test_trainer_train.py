@@ -239,3 +239,29 @@ def test_cli_reward_loads_a_train_rm_directory(tmp_path):
     assert len(scores) == 2 and all(isinstance(x, float) for x in scores)
     with pytest.raises(ValueError, match="reward-model directory"):
         load_callable(str(tmp_path))
+
+
+def test_ctrl_c_mid_step_finishes_the_step_then_resumes_exactly(tmp_path):
+    """A real SIGINT in the middle of step 3 (while its rewards are computed): the step completes, the
+    checkpoint is step 3, and the resumed run matches an uninterrupted one from step 4 on."""
+    import os
+    import signal
+
+    full = _trainer(tiny_gpt2(), _config(tmp_path / "a", total_steps=5)).train(PROMPTS)["history"]
+    calls = {"n": 0}
+
+    def reward_with_ctrl_c(prompts, completions):
+        calls["n"] += 1
+        if calls["n"] == 3:
+            os.kill(os.getpid(), signal.SIGINT)
+        return count_a(prompts, completions)
+
+    first = _trainer(tiny_gpt2(), _config(tmp_path / "b", total_steps=5), reward=reward_with_ctrl_c)
+    summary = first.train(PROMPTS)
+    assert summary["stopped"] == "interrupted"
+    assert (tmp_path / "b" / "run" / "checkpoints" / "latest").read_text() == "step_000003"
+    resumed = _trainer(tiny_gpt2(), _config(tmp_path / "b", total_steps=5, resume=True)).train(PROMPTS)
+    assert [h["step"] for h in resumed["history"]] == [4, 5]
+    for want, got in zip(full[3:], resumed["history"]):
+        for k in ("reward", "kl", "entropy", "policy_loss"):
+            assert got[k] == pytest.approx(want[k], rel=1e-5, abs=1e-7), (k, want["step"])

@@ -22,6 +22,9 @@ from __future__ import annotations
 
 import copy
 import math
+import signal
+import sys
+import threading
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -49,6 +52,36 @@ def _disable_dropout(module) -> None:
         # attention implementations that take the rate as a float (Llama, Qwen) rather than a module
         if isinstance(getattr(m, "attention_dropout", None), float):
             m.attention_dropout = 0.0
+
+
+class _GracefulInterrupt:
+    """The first Ctrl-C (SIGINT) asks the loop to stop after the current step, so the checkpoint it
+    writes is consistent (a step cut in half would leave weights or RNG between two steps); the second
+    one interrupts at once. Only the main thread can install a signal handler; elsewhere it is inert."""
+
+    def __init__(self):
+        self.requested = False
+        self._previous = None
+
+    def _handler(self, signum, frame):
+        if self.requested:
+            raise KeyboardInterrupt
+        self.requested = True
+        print(
+            "\nCtrl-C: stopping after this step and saving a checkpoint (press again to abort now)",
+            file=sys.stderr,
+            flush=True,
+        )
+
+    def __enter__(self):
+        if threading.current_thread() is threading.main_thread():
+            self._previous = signal.signal(signal.SIGINT, self._handler)
+        return self
+
+    def __exit__(self, *exc):
+        if self._previous is not None:
+            signal.signal(signal.SIGINT, self._previous)
+        return False
 
 
 class NonFiniteError(FloatingPointError):
@@ -332,15 +365,22 @@ class RLAIFTrainer:
         )
         stopped = "completed"
         try:
-            while self.global_step < total:
-                metrics = self.step(self._prompts_for_step(prompts, self.global_step))
-                if self.global_step % cfg.log_every == 0:
-                    logger.log(self.global_step, metrics)
-                if callback is not None:
-                    callback(self.global_step, metrics)
-                if cfg.save_every and self.global_step % cfg.save_every == 0:
-                    self.save_checkpoint()
+            with _GracefulInterrupt() as interrupt:
+                while self.global_step < total:
+                    metrics = self.step(self._prompts_for_step(prompts, self.global_step))
+                    if self.global_step % cfg.log_every == 0:
+                        logger.log(self.global_step, metrics)
+                    if callback is not None:
+                        callback(self.global_step, metrics)
+                    if cfg.save_every and self.global_step % cfg.save_every == 0:
+                        self.save_checkpoint()
+                    # every rank must stop after the same step, or the others hang in a collective
+                    flag = torch.tensor([float(interrupt.requested)], device=self.strategy.device)
+                    if self.strategy.all_reduce(flag).item() > 0:
+                        raise KeyboardInterrupt
         except KeyboardInterrupt:
+            # Raised at a step boundary (the first Ctrl-C waits for the step to finish), so the
+            # checkpoint is exactly the state an uninterrupted run has after global_step steps.
             stopped = "interrupted"
             self.save_checkpoint()
         finally:
