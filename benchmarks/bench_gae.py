@@ -90,6 +90,17 @@ def _times(fn, args, reps, clock=time.perf_counter):
     return out
 
 
+def _load_module(path: str):
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("advantages_against", path)
+    if spec is None:
+        raise ValueError(f"--against {path!r} is not a Python file; give the path of a .py copy")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
 def _max_err(fn, args):
     r, v, m = args
     truth, _ = ref.gae(r.double(), v.double(), m, GAMMA, LAM)
@@ -108,6 +119,13 @@ def main(argv=None) -> int:
         choices=sorted(CLOCKS),
         default="wall",
         help="cpu: process CPU time, robust when other jobs share the cores (use with --threads 1)",
+    )
+    p.add_argument(
+        "--against",
+        default=None,
+        metavar="FILE",
+        help="also time the _gae_torch of another copy of rlaif_fast/ops/advantages.py (before/after: "
+        "git show HEAD:rlaif_fast/ops/advantages.py > /tmp/adv_head.py)",
     )
     p.add_argument("--gpu", action="store_true", help="check and time the Triton kernels on CUDA instead")
     p.add_argument("--smoke", action="store_true", help="with --gpu: tiny sizes (the interpreter on CPU)")
@@ -128,6 +146,14 @@ def main(argv=None) -> int:
     }
     for k in (16, 64, 128):
         contenders[f"  same, chunk K={k}"] = (lambda r, v, m, k=k: ours(r, v, m, chunk=k), right, a.reps)
+    if a.against:
+        other = _load_module(a.against)
+        for kind, args in (("right-padded", right), ("holes", holes)):
+            contenders[f"{a.against}, {kind}"] = (
+                lambda r, v, m: other._gae_torch(r, v, m != 0, GAMMA, LAM, torch.float32),
+                args,
+                a.reps,
+            )
     times = {name: [] for name in contenders}
     # interleaved, so that load from other processes on the machine hits every contender alike
     for _ in range(a.rounds):

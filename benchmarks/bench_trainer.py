@@ -11,6 +11,7 @@ other's allocator high-water mark.
 
     python benchmarks/bench_trainer.py                    # both modes side by side, markdown table
     python benchmarks/bench_trainer.py --mode fast --json # one mode, one JSON line (used by the table)
+    python benchmarks/bench_trainer.py --max-tokens 3840  # adds fast with token-budget micro-batches
     python -m pytest benchmarks/bench_trainer.py --benchmark-enable --benchmark-only   # small size
 """
 
@@ -80,7 +81,15 @@ def _rss_kib(field: str) -> int:
 
 
 def run_mode(
-    mode: str, n=64, vocab=32000, hidden=256, layers=4, hi=448, micro=8, out_dir="/tmp/bench_trainer"
+    mode: str,
+    n=64,
+    vocab=32000,
+    hidden=256,
+    layers=4,
+    hi=448,
+    micro=8,
+    max_tokens=None,
+    out_dir="/tmp/bench_trainer",
 ):
     from rlaif_fast.trainer import RLAIFConfig, RLAIFTrainer
 
@@ -90,6 +99,7 @@ def run_mode(
         group_size=4,
         batch_size=n,
         micro_batch_size=micro,
+        max_tokens_per_microbatch=max_tokens,
         ops=mode,
         learning_rate=1e-5,
         progress=False,
@@ -110,7 +120,7 @@ def run_mode(
     peak = _rss_kib("VmHWM") - base
     params = sum(p.numel() for p in policy.parameters())
     return {
-        "mode": mode,
+        "mode": mode if max_tokens is None else f"{mode}, max_tokens_per_microbatch={max_tokens}",
         "params": params,
         "tokens": tokens,
         "seconds": seconds,
@@ -122,10 +132,14 @@ def run_mode(
 
 def table(args) -> str:
     rows = {}
-    for mode in ("reference", "fast"):
+    runs = [("reference", []), ("fast", [])]
+    if args.max_tokens is not None:
+        runs.append(("budget", ["--max-tokens", str(args.max_tokens)]))
+    for name, extra in runs:
+        mode = "fast" if name == "budget" else name
         cmd = [sys.executable, __file__, "--mode", mode, "--json", "--n", str(args.n), "--hi", str(args.hi)]
-        out = subprocess.run(cmd, capture_output=True, text=True, check=True, env={**os.environ})
-        rows[mode] = json.loads(out.stdout.strip().splitlines()[-1])
+        out = subprocess.run(cmd + extra, capture_output=True, text=True, check=True, env={**os.environ})
+        rows[name] = json.loads(out.stdout.strip().splitlines()[-1])
     ref, fast = rows["reference"], rows["fast"]
     lines = [
         f"policy {fast['params'] / 1e6:.1f}M params, {args.n} rollouts, {fast['tokens']} tokens, "
@@ -134,7 +148,7 @@ def table(args) -> str:
         "| mode | step s | tokens/s | peak extra MiB |",
         "| --- | --- | --- | --- |",
     ]
-    for r in (ref, fast):
+    for r in rows.values():
         lines.append(
             f"| {r['mode']} | {r['seconds']:.2f} | {r['tokens_per_s']:.0f} | {r['peak_extra_mib']:.0f} |"
         )
@@ -170,9 +184,14 @@ def main(argv=None) -> int:
     p.add_argument("--json", action="store_true")
     p.add_argument("--n", type=int, default=64)
     p.add_argument("--hi", type=int, default=448)
+    p.add_argument(
+        "--max-tokens",
+        type=int,
+        help="also run fast with max_tokens_per_microbatch=N (token-budget micro-batches, 1 rank)",
+    )
     args = p.parse_args(argv)
     if args.mode:
-        print(json.dumps(run_mode(args.mode, n=args.n, hi=args.hi)))
+        print(json.dumps(run_mode(args.mode, n=args.n, hi=args.hi, max_tokens=args.max_tokens)))
     else:
         print(table(args))
     return 0

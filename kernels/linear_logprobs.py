@@ -15,6 +15,11 @@ recompute z, then
 then d hidden += du·W and d W += duᵀ·h tile by tile over H with fp32 atomics, d bias += Σ_n du.
 FLOPs: 2·N·H·V forward, 6·N·H·V backward (recompute + two products).
 
+The GEMM backward (``linear_logprobs_bwd_gemm``) does the same arithmetic with no atomics on d hidden /
+d weight: per token chunk, cuBLAS recomputes U = h·Wᵀ with an fp32 output, one Triton epilogue
+(``_dlogits_kernel``, sharing ``_transform`` and ``_grad_logits`` with the kernel above) turns U into
+dU in the matmul dtype, and cuBLAS finishes with d hidden = dU·W and d W += dUᵀ·h (beta = 1, fp32).
+
 Scalars (scale, cap, T) arrive as a small tensor in the accumulation dtype: a Python float would reach
 the kernel as fp32 and a fp64 run would silently lose precision.
 """
@@ -55,6 +60,13 @@ def _logits_tile(h_ptr, w_ptr, b_ptr, params_ptr, rows, row_ok, cols, col_ok, H,
         if UPCAST:
             a, b = a.to(ACC), b.to(ACC)
         acc = tl.dot(a, b, acc, input_precision=PRECISION, out_dtype=ACC)  # (BLOCK_N, BLOCK_V)
+    return _transform(acc, b_ptr, params_ptr, cols, col_ok, HAS_BIAS, HAS_CAP, ACC, BLOCK_N, BLOCK_V)
+
+
+@triton.jit
+def _transform(acc, b_ptr, params_ptr, cols, col_ok, HAS_BIAS: tl.constexpr, HAS_CAP: tl.constexpr,
+               ACC: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr):  # fmt: skip
+    """h·Wᵀ (BLOCK_N, BLOCK_V) -> z and t = tanh(scale·u / cap) (zeros without a cap)."""
     if HAS_BIAS:
         acc += tl.load(b_ptr + cols, mask=col_ok, other=0.0).to(ACC)[None, :]
     scale = tl.load(params_ptr)
@@ -75,7 +87,8 @@ def _fwd_kernel(h_ptr, w_ptr, b_ptr, params_ptr, labels_ptr, logp_ptr, ent_ptr, 
                 N, V, H, stride_h, stride_w, ignore_index,
                 HAS_BIAS: tl.constexpr, HAS_CAP: tl.constexpr, ENTROPY: tl.constexpr, ACC: tl.constexpr,
                 PRECISION: tl.constexpr, UPCAST: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr,
-                BLOCK_H: tl.constexpr):  # fmt: skip
+                BLOCK_H: tl.constexpr, FROM_PRODUCTS: tl.constexpr = False):  # fmt: skip
+    # FROM_PRODUCTS: h_ptr holds the (N, V) products h·Wᵀ of a library GEMM (row stride stride_h)
     rows = tl.program_id(0).to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
     row_ok = rows < N
     y = tl.load(labels_ptr + rows, mask=row_ok, other=ignore_index).to(tl.int64)
@@ -86,8 +99,13 @@ def _fwd_kernel(h_ptr, w_ptr, b_ptr, params_ptr, labels_ptr, logp_ptr, ent_ptr, 
     for v0 in range(0, V, BLOCK_V):
         cols = v0 + tl.arange(0, BLOCK_V).to(tl.int64)
         col_ok = cols < V
-        z, t = _logits_tile(h_ptr, w_ptr, b_ptr, params_ptr, rows, row_ok, cols, col_ok, H, stride_h, stride_w,
-                            HAS_BIAS, HAS_CAP, ACC, PRECISION, UPCAST, BLOCK_N, BLOCK_V, BLOCK_H)  # fmt: skip
+        if FROM_PRODUCTS:
+            ok = row_ok[:, None] & col_ok[None, :]
+            acc = tl.load(h_ptr + rows[:, None] * stride_h + cols[None, :], mask=ok, other=0.0).to(ACC)
+            z, t = _transform(acc, b_ptr, params_ptr, cols, col_ok, HAS_BIAS, HAS_CAP, ACC, BLOCK_N, BLOCK_V)
+        else:
+            z, t = _logits_tile(h_ptr, w_ptr, b_ptr, params_ptr, rows, row_ok, cols, col_ok, H, stride_h, stride_w,
+                                HAS_BIAS, HAS_CAP, ACC, PRECISION, UPCAST, BLOCK_N, BLOCK_V, BLOCK_H)  # fmt: skip
         z_in = tl.where(col_ok[None, :], z, 0.0)
         z = tl.where(col_ok[None, :], z, float("-inf"))
         m_new = tl.maximum(m, tl.max(z, axis=1))
@@ -111,17 +129,9 @@ def _fwd_kernel(h_ptr, w_ptr, b_ptr, params_ptr, labels_ptr, logp_ptr, ent_ptr, 
 
 
 @triton.jit
-def _bwd_kernel(h_ptr, w_ptr, b_ptr, params_ptr, labels_ptr, lse_ptr, hfull_ptr, glp_ptr, gent_ptr,
-                dh_ptr, dw_ptr, db_ptr, N, V, H, stride_h, stride_w, ignore_index,
-                HAS_BIAS: tl.constexpr, HAS_CAP: tl.constexpr, ENTROPY: tl.constexpr, ACC: tl.constexpr,
-                PRECISION: tl.constexpr, UPCAST: tl.constexpr, NEED_DH: tl.constexpr, NEED_DW: tl.constexpr, NEED_DB: tl.constexpr,
-                BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_H: tl.constexpr):  # fmt: skip
-    rows = tl.program_id(0).to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
-    cols = tl.program_id(1).to(tl.int64) * BLOCK_V + tl.arange(0, BLOCK_V)
-    row_ok = rows < N
-    col_ok = cols < V
-    z, t = _logits_tile(h_ptr, w_ptr, b_ptr, params_ptr, rows, row_ok, cols, col_ok, H, stride_h, stride_w,
-                        HAS_BIAS, HAS_CAP, ACC, PRECISION, UPCAST, BLOCK_N, BLOCK_V, BLOCK_H)  # fmt: skip
+def _grad_logits(z, t, params_ptr, labels_ptr, lse_ptr, hfull_ptr, glp_ptr, gent_ptr, rows, row_ok, cols, col_ok,
+                 ignore_index, HAS_CAP: tl.constexpr, ENTROPY: tl.constexpr, ACC: tl.constexpr):  # fmt: skip
+    """d loss / d u of one (rows, cols) tile, u = h·Wᵀ + b, from z and t = tanh(scale·u / cap)."""
     y = tl.load(labels_ptr + rows, mask=row_ok, other=ignore_index).to(tl.int64)
     keep = row_ok & (y != ignore_index)
     lse = tl.load(lse_ptr + rows, mask=row_ok, other=0.0)
@@ -136,6 +146,23 @@ def _bwd_kernel(h_ptr, w_ptr, b_ptr, params_ptr, labels_ptr, lse_ptr, hfull_ptr,
     du = dz * (tl.load(params_ptr) / tl.load(params_ptr + 2))
     if HAS_CAP:
         du = du * (1.0 - t * t)
+    return tl.where(row_ok[:, None] & col_ok[None, :], du, 0.0)
+
+
+@triton.jit
+def _bwd_kernel(h_ptr, w_ptr, b_ptr, params_ptr, labels_ptr, lse_ptr, hfull_ptr, glp_ptr, gent_ptr,
+                dh_ptr, dw_ptr, db_ptr, N, V, H, stride_h, stride_w, ignore_index,
+                HAS_BIAS: tl.constexpr, HAS_CAP: tl.constexpr, ENTROPY: tl.constexpr, ACC: tl.constexpr,
+                PRECISION: tl.constexpr, UPCAST: tl.constexpr, NEED_DH: tl.constexpr, NEED_DW: tl.constexpr, NEED_DB: tl.constexpr,
+                BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_H: tl.constexpr):  # fmt: skip
+    rows = tl.program_id(0).to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
+    cols = tl.program_id(1).to(tl.int64) * BLOCK_V + tl.arange(0, BLOCK_V)
+    row_ok = rows < N
+    col_ok = cols < V
+    z, t = _logits_tile(h_ptr, w_ptr, b_ptr, params_ptr, rows, row_ok, cols, col_ok, H, stride_h, stride_w,
+                        HAS_BIAS, HAS_CAP, ACC, PRECISION, UPCAST, BLOCK_N, BLOCK_V, BLOCK_H)  # fmt: skip
+    du = _grad_logits(z, t, params_ptr, labels_ptr, lse_ptr, hfull_ptr, glp_ptr, gent_ptr, rows, row_ok, cols,
+                      col_ok, ignore_index, HAS_CAP, ENTROPY, ACC)  # fmt: skip
     if NEED_DB:
         tl.atomic_add(db_ptr + cols, tl.sum(du, axis=0), mask=col_ok)
     du_in = du.to(h_ptr.dtype.element_ty)  # the input dtype feeds the tensor cores; products stay fp32
@@ -164,6 +191,26 @@ def _bwd_kernel(h_ptr, w_ptr, b_ptr, params_ptr, labels_ptr, lse_ptr, hfull_ptr,
                 a = a.to(ACC)
             dw = tl.dot(tl.trans(du_in), a, input_precision=PRECISION, out_dtype=ACC)  # (BLOCK_V, BLOCK_H)
             tl.atomic_add(dw_ptr + cols[:, None] * H + ks[None, :], dw, mask=col_ok[:, None] & k_ok[None, :])
+
+
+@triton.jit
+def _dlogits_kernel(u_ptr, dz_ptr, db_ptr, b_ptr, params_ptr, labels_ptr, lse_ptr, hfull_ptr, glp_ptr, gent_ptr,
+                    C, V, ignore_index, HAS_BIAS: tl.constexpr, HAS_CAP: tl.constexpr, ENTROPY: tl.constexpr,
+                    NEED_DB: tl.constexpr, ACC: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr):  # fmt: skip
+    """The GEMM backward's epilogue: h·Wᵀ of one chunk (C, V) in the accumulation dtype -> d u (C, V) in
+    the matmul dtype, one read and one write per element; d bias += Σ_rows d u with fp32 atomics."""
+    rows = tl.program_id(0).to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
+    cols = tl.program_id(1).to(tl.int64) * BLOCK_V + tl.arange(0, BLOCK_V)
+    row_ok = rows < C
+    col_ok = cols < V
+    ok = row_ok[:, None] & col_ok[None, :]
+    acc = tl.load(u_ptr + rows[:, None] * V + cols[None, :], mask=ok, other=0.0).to(ACC)
+    z, t = _transform(acc, b_ptr, params_ptr, cols, col_ok, HAS_BIAS, HAS_CAP, ACC, BLOCK_N, BLOCK_V)
+    du = _grad_logits(z, t, params_ptr, labels_ptr, lse_ptr, hfull_ptr, glp_ptr, gent_ptr, rows, row_ok, cols,
+                      col_ok, ignore_index, HAS_CAP, ENTROPY, ACC)  # fmt: skip
+    if NEED_DB:
+        tl.atomic_add(db_ptr + cols, tl.sum(du, axis=0), mask=col_ok)
+    tl.store(dz_ptr + rows[:, None] * V + cols[None, :], du.to(dz_ptr.dtype.element_ty), mask=ok)
 
 
 _TL_ACC = {torch.float64: tl.float64}
@@ -241,3 +288,115 @@ def linear_logprobs_bwd(hidden, weight, bias, labels, lse, h_full, grad_logp, gr
         BLOCK_N=bn, BLOCK_V=bv, BLOCK_H=bh, num_warps=8,
     )  # fmt: skip
     return (dh if need_dh else None), (dw if need_dw else None), (db if need_db else None)
+
+
+# Tokens per chunk C = 2^28 / V (2092 at V = 128256): the chunk holds C·V fp32 logits + C·V d logits in
+# the matmul dtype (1 GiB + 0.5 GiB in bf16, vs 6 GiB for full fp32 logits at N = 8192). C sets the
+# arithmetic intensity of d W += dUᵀ·h, which reads and writes the (V, H) fp32 d W once per chunk:
+# 2·V·C·H FLOPs over 8·V·H bytes ≈ C / 4 FLOP/byte (462 here with dU and h read too), above an H100's
+# ~295 (989 TFLOP/s over 3.35 TB/s); at C = 1046 it would sit near the ridge. benchmarks/gpu/bench_linear.py --chunks sweeps it.
+_GEMM_CHUNK_ELEMS = 1 << 28
+
+
+# Which cuBLAS routes this process could not take (torch versions differ in their ``out_dtype`` support):
+# each fallback is correct but slower, and benchmarks/gpu/bench_linear.py prints this set.
+GEMM_FALLBACKS: set[str] = set()
+
+
+def _mm_acc(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """a @ b in the accumulation dtype. On CUDA, bf16 / fp16 operands stay on the tensor cores and cuBLAS
+    writes its fp32 accumulator out (``out_dtype``): no bf16 rounding of the logits before the softmax.
+    CPU has no ``out_dtype`` kernel: upcast there (exact — a product of two bf16 / fp16 values fits fp32)."""
+    acc = _acc_dtype(a.dtype)
+    if a.is_cuda and a.dtype != acc and "mm out_dtype" not in GEMM_FALLBACKS:
+        try:
+            return torch.mm(a, b, out_dtype=acc)
+        except (RuntimeError, TypeError):
+            GEMM_FALLBACKS.add("mm out_dtype")
+    return torch.mm(a.to(acc), b.to(acc))
+
+
+def _addmm_acc_(out: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:
+    """out += a @ b with out in the accumulation dtype (d weight summed over chunks in fp32)."""
+    if a.is_cuda and a.dtype != out.dtype and "addmm out_dtype" not in GEMM_FALLBACKS:
+        try:  # cuBLAS beta = 1 into the fp32 accumulator: one pass over out, no temporary
+            torch.addmm(out, a, b, out_dtype=out.dtype, out=out)
+            return
+        except (RuntimeError, TypeError):  # older torch: self must share the operands' dtype
+            GEMM_FALLBACKS.add("addmm out_dtype")
+    out.add_(_mm_acc(a, b))  # a (V, H) fp32 temporary and one more pass over out
+
+
+def linear_logprobs_fwd_gemm(hidden, weight, bias, labels, *, temperature, ignore_index, entropy, softcap, scale,
+                             chunk=None):  # fmt: skip
+    """``linear_logprobs_fwd`` from a library GEMM per token chunk: U = h_c·Wᵀ (fp32 out), then
+    ``_fwd_kernel`` with FROM_PRODUCTS reads U once (the online log-sum-exp, entropy and label pick).
+    Costs 8 bytes of traffic per logit that the fused forward does not move; buys cuBLAS's matmul."""
+    N, H = hidden.shape
+    V = weight.shape[0]
+    acc = _acc_dtype(hidden.dtype)
+    logp = torch.empty(N, dtype=acc, device=hidden.device)
+    lse = torch.empty_like(logp)
+    ent = torch.empty_like(logp) if entropy else logp
+    h_full = torch.empty_like(logp) if entropy else logp
+    params = _params(hidden, scale, softcap, temperature)
+    bn, bv = (4, 1024) if hidden.is_cuda else (32, 1024)
+    w_mm = weight if hidden.is_cuda else weight.to(acc)
+    step = chunk or max(1, _GEMM_CHUNK_ELEMS // max(V, 1))
+    for s in range(0, N, step):
+        e = min(s + step, N)
+        u = _mm_acc(hidden[s:e], w_mm.T)  # (C, V) in the accumulation dtype
+        _fwd_kernel[(triton.cdiv(e - s, bn),)](
+            u, u, bias if bias is not None else u, params, labels[s:e], logp[s:e], ent[s:e], lse[s:e],
+            h_full[s:e], e - s, V, V, V, V, ignore_index,
+            HAS_BIAS=bias is not None, HAS_CAP=softcap is not None, ENTROPY=entropy,
+            ACC=_TL_ACC.get(acc, tl.float32), PRECISION="ieee", UPCAST=False, BLOCK_N=bn, BLOCK_V=bv, BLOCK_H=16,
+            FROM_PRODUCTS=True, num_warps=4,
+        )  # fmt: skip
+        del u  # before the next chunk's product exists
+    return logp, (ent if entropy else None), lse, (h_full if entropy else None)
+
+
+def linear_logprobs_bwd_gemm(hidden, weight, bias, labels, lse, h_full, grad_logp, grad_ent, *, temperature,
+                             ignore_index, softcap, scale, chunk=None, need_dh=True, need_dw=True,
+                             need_db=True):  # fmt: skip
+    """The same gradients as ``linear_logprobs_bwd`` from three library GEMMs per token chunk and one
+    Triton epilogue, no atomics on d hidden / d weight:
+
+        U = h_c·Wᵀ (fp32 out)  ->  dU = _dlogits_kernel(U) (matmul dtype)  ->  dh_c = dU·W,  dW += dUᵀ·h_c
+
+    Returns d hidden (N, H) in the input dtype (one rounding of an fp32-accumulated product over all V),
+    d weight (V, H) and d bias (V,) in the accumulation dtype; None where not needed."""
+    N, H = hidden.shape
+    V = weight.shape[0]
+    acc = _acc_dtype(hidden.dtype)
+    need_db = need_db and bias is not None
+    entropy = grad_ent is not None
+    dh = torch.empty((N, H), dtype=hidden.dtype, device=hidden.device) if need_dh else None
+    dw = torch.zeros((V, H), dtype=acc, device=hidden.device) if need_dw else None
+    db = torch.zeros((V,) if need_db else (1,), dtype=acc, device=hidden.device)
+    params = _params(hidden, scale, softcap, temperature)
+    bn, bv = (16, 512) if hidden.is_cuda else (32, 1024)
+    w_mm = weight if hidden.is_cuda else weight.to(acc)  # CPU: upcast W once, not once per chunk
+    step = chunk or max(1, _GEMM_CHUNK_ELEMS // max(V, 1))
+    for s in range(0, N, step):
+        e = min(s + step, N)
+        h_c = hidden[s:e]  # (C, H)
+        u = _mm_acc(h_c, w_mm.T)  # (C, V) in the accumulation dtype
+        du = torch.empty((e - s, V), dtype=hidden.dtype, device=hidden.device)  # the matmul dtype
+        _dlogits_kernel[(triton.cdiv(e - s, bn), triton.cdiv(V, bv))](
+            u, du, db, bias if bias is not None else u, params, labels[s:e], lse[s:e],
+            (h_full if entropy else lse)[s:e], grad_logp[s:e], (grad_ent if entropy else grad_logp)[s:e],
+            e - s, V, ignore_index, HAS_BIAS=bias is not None, HAS_CAP=softcap is not None, ENTROPY=entropy,
+            NEED_DB=need_db, ACC=_TL_ACC.get(acc, tl.float32), BLOCK_N=bn, BLOCK_V=bv, num_warps=8,
+        )  # fmt: skip
+        del u
+        if dh is not None:
+            if hidden.is_cuda:
+                torch.mm(du, weight, out=dh[s:e])  # fp32 accumulate inside cuBLAS, one rounding
+            else:
+                dh[s:e] = torch.mm(du.to(acc), w_mm)
+        if dw is not None:
+            _addmm_acc_(dw, du.T, h_c)
+        del du  # before the next chunk's U exists: one chunk's buffers at a time
+    return dh, dw, (db if need_db else None)

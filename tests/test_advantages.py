@@ -56,6 +56,56 @@ def test_gae_non_contiguous_inputs(backend):
     assert torch.equal(adv, want[0]) and torch.equal(ret, want[1])
 
 
+@pytest.mark.parametrize("kind", ["holes", "left", "right"])
+def test_gae_ignores_masked_entries(backend, kind):
+    # masked tokens are cut out of the row: whatever their rewards and values, nothing changes, bit for bit
+    rewards, values = _gae_inputs(5, 37, torch.float32)
+    mask = make_mask(5, 37, kind)
+    want = gae(rewards, values, mask, 0.9, 0.8)
+    got = gae(*(torch.where(mask, x, 1e4 * torch.randn_like(x)) for x in (rewards, values)), mask, 0.9, 0.8)
+    assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
+
+
+def test_gae_cpu_scratch_buffers_never_leak(monkeypatch):
+    # the CPU path keeps its intermediates in buffers reused across calls: the outputs must not alias them,
+    # calls of other sizes, dtypes and mask layouts in between must not change them, and a rerun on the
+    # now dirty buffers must give the same bits
+    monkeypatch.setenv("RLAIF_FAST_BACKEND", "torch")
+    rewards, values = _gae_inputs(4, 70, torch.float32)
+    mask = make_mask(4, 70, "holes")
+    adv, ret = gae(rewards, values, mask)
+    kept = adv.clone(), ret.clone()
+    for B, T, kind, dtype in [
+        (3, 20, "holes", torch.float32),
+        (6, 150, "holes", torch.float32),
+        (4, 70, "right", torch.float32),
+        (4, 70, "holes", torch.float64),
+    ]:
+        r, v = _gae_inputs(B, T, dtype)
+        gae(r, v, make_mask(B, T, kind))
+    assert torch.equal(adv, kept[0]) and torch.equal(ret, kept[1])
+    again = gae(rewards, values, mask)
+    assert torch.equal(again[0], adv) and torch.equal(again[1], ret)
+    truth = ref.gae(rewards.double(), values.double(), mask, 1.0, 0.95)
+    eager = ref.gae(rewards, values, mask, 1.0, 0.95)
+    assert_tolerance(adv, eager[0], truth[0], name="advantages")
+
+
+def test_gae_cpu_threads_do_not_share_scratch(monkeypatch):
+    # two threads run the CPU path at once on different inputs of the same shape (same scratch sizes)
+    from concurrent.futures import ThreadPoolExecutor
+
+    monkeypatch.setenv("RLAIF_FAST_BACKEND", "torch")
+    inputs = [(*_gae_inputs(8, 300, torch.float32), make_mask(8, 300, kind)) for kind in ("holes", "right")]
+    want = [gae(*x) for x in inputs]
+
+    def run(i):
+        return all(torch.equal(gae(*inputs[i])[0], want[i][0]) for _ in range(30))
+
+    with ThreadPoolExecutor(2) as pool:
+        assert all(pool.map(run, [0, 1, 0, 1]))
+
+
 def test_gae_masking_convention():
     # one row, hand-computed: valid tokens at t = 1 and t = 3 (hole at 2, padding at 0 and 4)
     g, l = 0.9, 0.5

@@ -245,3 +245,82 @@ def test_make_backend_specs(shared_data, monkeypatch):
         make_backend(f"llama2c:{shared_data}")
     with pytest.raises(ValueError, match="labeler='gpt2'"):
         LabelJobConfig(input="a", out="b", labeler="gpt2")
+
+
+SCORE_ROWS = [
+    {"prompt": "Say hi", "response": "hi there"},
+    {"id": "c1", "context": "Q: 2+2?", "response": "4"},
+    {"prompt": "P", "chosen": "good answer", "rejected": "bad answer"},
+    '{"prompt": "P", "response": ',
+    {"context": "c", "response": "  "},
+    {"context": "c", "response_a": "one", "response_b": "two"},
+    {"prompt": "Say bye", "response": "bye"},
+]
+
+
+def test_score_mode_reads_single_responses_and_pairs_per_response(tmp_path):
+    from rlaif_fast.feedback.job import read_responses
+
+    errors = []
+    items = list(read_responses(write_jsonl(tmp_path / "in.jsonl", SCORE_ROWS), errors=errors))
+    assert [e.line_no for e in errors] == [4, 5] and "response is empty" in errors[1].reason
+    assert [(x.context, x.response) for x in items[:4]] == [
+        ("Say hi", "hi there"),
+        ("Q: 2+2?", "4"),
+        ("P", "good answer"),
+        ("P", "bad answer"),
+    ]
+    assert items[1].id == "c1" and items[2].id == items[2].pair_id + ":a" and items[3].side == "b"
+    assert (items[2].human_chosen, items[3].human_chosen, items[4].human_chosen) == (True, False, None)
+    assert len({x.id for x in items}) == len(items) == 7
+    assert [x.id for x in read_responses(tmp_path / "in.jsonl")] == [x.id for x in items]  # stable ids
+
+
+def test_score_mode_kill_and_resume_loses_and_duplicates_nothing(tmp_path, shared_data):
+    from rlaif_fast.feedback import ScoreLabeler
+
+    inp = write_jsonl(tmp_path / "in.jsonl", SCORE_ROWS)
+    backend = HFBackend(tiny_gpt2(), gpt2_tokenizer(shared_data), batch_size=4)
+    cfg = lambda out: _cfg(tmp_path, inp, out, mode="score")  # noqa: E731
+    ref = run_label_job(cfg(tmp_path / "ref.jsonl"), backend)
+    assert ref["new"] == 7 and ref["failed"] == 0 and ref["malformed_lines"] == [4, 5]
+    expected = {r["id"]: r for r in read_out(tmp_path / "ref.jsonl")}
+    direct = ScoreLabeler(backend, "harmlessness").score(["Say hi"], ["hi there"])[0]
+    assert expected[next(iter(expected))]["score"] == pytest.approx(direct, abs=1e-6)
+    assert ref["mean_score"] == pytest.approx(sum(r["score"] for r in expected.values()) / 7)
+
+    out = tmp_path / "out.jsonl"
+    with pytest.raises(KeyboardInterrupt):  # interrupted during its second batch of 3
+        run_label_job(cfg(out), CountingBackend(backend, interrupt_at=2))
+    assert len(read_out(out)) == 3
+    with open(out, "a", encoding="utf-8") as f:
+        f.write('{"id": "torn", "score": 0.')
+    summary = run_label_job(cfg(out), CountingBackend(backend, nan_at=1))  # its first 2 responses fail
+    assert summary["skipped_done"] == 3 and summary["failed"] == 2 and summary["new"] == 2
+    final = run_label_job(cfg(out), backend)
+    assert final["new"] == 2 and final["skipped_done"] == 5 and final["failed"] == 0
+    got = read_out(out)
+    assert sorted(r["id"] for r in got) == sorted(expected)
+    for r in got:
+        assert r["score"] == pytest.approx(expected[r["id"]]["score"], abs=1e-5) and -1 <= r["score"] <= 1
+    assert final["labeled"] == 7 and final["mean_score"] == pytest.approx(ref["mean_score"], abs=1e-5)
+    sides = {r["side"]: r for r in got if r.get("pair_id") and "human_chosen" in r}
+    assert sides["a"]["human_chosen"] is True and sides["b"]["human_chosen"] is False
+
+
+def test_score_mode_cli_and_bad_settings(tmp_path, shared_data, capsys):
+    model_dir = tmp_path / "labeler"
+    tiny_gpt2().save_pretrained(model_dir)
+    gpt2_tokenizer(shared_data).save_pretrained(model_dir)
+    inp = write_jsonl(tmp_path / "in.jsonl", SCORE_ROWS)
+    args = ["--in", str(inp), "--out", str(tmp_path / "o.jsonl"), "--labeler", f"hf:{model_dir}"]
+    args += ["--mode", "score", "--template", "helpfulness", "--no-progress"]
+    assert label_main(args + ["--strict"]) == 2
+    assert "in.jsonl:4: " in capsys.readouterr().err
+    assert label_main(args) == 0
+    summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert summary["new"] == 7 and -1.0 <= summary["mean_score"] <= 1.0 and "responses_per_s" in summary
+    assert label_main(args[:-5] + ["--mode", "scores"]) == 2
+    assert "mode='scores' is not supported" in capsys.readouterr().err
+    assert label_main(args + ["--chain-of-thought"]) == 2
+    assert "drop --chain-of-thought for --mode score" in capsys.readouterr().err

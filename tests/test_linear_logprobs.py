@@ -53,9 +53,28 @@ def _grads(out, g_lp, g_ent, leaves):
     return [None if x is None else x.grad for x in leaves]
 
 
-@pytest.mark.parametrize("variant", list(VARIANTS))
+# (forward, backward) of the Triton backend: each of the four kernels in every dtype and variant, at the
+# cost of two combinations (fused + gemm and gemm + gemm run in test_triton_impls_agree_and_env_selects)
+IMPLS = {"fused-fwd-gemm-bwd": ("fused", "gemm"), "gemm-fwd-atomic-bwd": ("gemm", "atomic")}
+
+
+def _cases():
+    """(backend, variant, impl): every backend and variant with the default kernels; the second Triton
+    pair only on the non-plain variants (the kernels share _transform / _grad_logits, so the plain
+    branches run in the default pair), and forward= / backward= only where they choose (Triton)."""
+    for backend in ("triton", "torch", "reference"):
+        for variant in VARIANTS:
+            for impl in IMPLS:
+                if impl != "fused-fwd-gemm-bwd" and (backend != "triton" or variant == "plain"):
+                    continue
+                yield pytest.param(backend, variant, impl, id=f"{backend}-{variant}-{impl}")
+
+
+@pytest.mark.parametrize(("backend_name", "variant", "impl"), list(_cases()))
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
-def test_forward_and_gradients_match_float64(backend, dtype, variant):
+def test_forward_and_gradients_match_float64(monkeypatch, backend_name, dtype, variant, impl):
+    monkeypatch.setenv("RLAIF_FAST_BACKEND", backend_name)
+    fwd, bwd = IMPLS[impl]
     with_bias, cap, scale, temp = VARIANTS[variant]
     hidden, weight, bias, labels = _inputs(dtype, with_bias)
     kw = dict(softcap=cap, logit_scale=scale, temperature=temp)
@@ -63,7 +82,15 @@ def test_forward_and_gradients_match_float64(backend, dtype, variant):
 
     ours_in = _leaves(hidden, weight, bias)
     ours = linear_token_logprobs(
-        ours_in[0], ours_in[1], labels, bias=ours_in[2], return_entropy=True, chunk_size=16, **kw
+        ours_in[0],
+        ours_in[1],
+        labels,
+        bias=ours_in[2],
+        return_entropy=True,
+        chunk_size=16,
+        forward=fwd,
+        backward=bwd,
+        **kw,
     )
     ours_g = _grads(ours, g_lp, g_ent, ours_in)
 
@@ -136,6 +163,33 @@ def test_confident_label_log_prob_is_clamped_to_zero(backend):
     assert (ent >= 0).all() and torch.isfinite(ent).all()
 
 
+@pytest.mark.parametrize("fwd, bwd", [("gemm", "gemm"), ("fused", "atomic")])
+def test_triton_impls_agree_and_env_selects(monkeypatch, fwd, bwd):
+    """Triton forwards and backwards picked by the environment when the arguments are absent; a
+    frozen weight / absent bias skips those products (only d hidden is asked for)."""
+    monkeypatch.setenv("RLAIF_FAST_BACKEND", "triton")
+    monkeypatch.setenv("RLAIF_FAST_LINEAR_FORWARD", fwd)
+    monkeypatch.setenv("RLAIF_FAST_LINEAR_BACKWARD", bwd)
+    hidden, weight, _, labels = _inputs(torch.float32, False, n=19, v=301)
+    h = hidden.clone().requires_grad_()
+    logp, ent = linear_token_logprobs(h, weight, labels, return_entropy=True, softcap=3.0, chunk_size=7)
+    (logp - 0.5 * ent).sum().backward()
+    h64 = hidden.double().requires_grad_()
+    lp64, ent64 = ref_linear(h64, weight.double(), labels, return_entropy=True, softcap=3.0)
+    (lp64 - 0.5 * ent64).sum().backward()
+    assert weight.grad is None
+    assert (logp.double() - lp64).abs().max().item() < 1e-5
+    assert (ent.double() - ent64).abs().max().item() < 1e-5
+    assert (h.grad.double() - h64.grad).abs().max().item() < 1e-5
+    monkeypatch.setenv("RLAIF_FAST_LINEAR_FORWARD", "triton")
+    with pytest.raises(ValueError, match="RLAIF_FAST_LINEAR_FORWARD='triton'"):
+        linear_token_logprobs(h, weight, labels)
+    monkeypatch.setenv("RLAIF_FAST_LINEAR_FORWARD", fwd)
+    monkeypatch.setenv("RLAIF_FAST_LINEAR_BACKWARD", "fast")
+    with pytest.raises(ValueError, match="RLAIF_FAST_LINEAR_BACKWARD='fast'"):
+        linear_token_logprobs(h, weight, labels)
+
+
 @pytest.mark.parametrize(
     "kwargs, err, match",
     [
@@ -148,6 +202,8 @@ def test_confident_label_log_prob_is_clamped_to_zero(backend):
         (dict(temperature=0.0), ValueError, "temperature"),
         (dict(softcap=-1.0), ValueError, "softcap"),
         (dict(chunk_size=0), ValueError, "chunk_size"),
+        (dict(backward="cublas"), ValueError, "backward='cublas'"),
+        (dict(forward="cublas"), ValueError, "forward='cublas'"),
     ],
 )
 def test_bad_inputs_name_the_value(kwargs, err, match):
@@ -221,4 +277,27 @@ def test_gpu_benchmark_script_smoke_mode(tmp_path):
     assert proc.returncode == 0, proc.stdout + proc.stderr
     result = json.loads((tmp_path / "linear.json").read_text())
     assert result["correctness"]["ok"]
-    assert result["timing"]["ours"]["fwd_bwd_ms"] > 0
+    for path in ("gemm", "gemm-fwd", "atomic", "torch"):
+        assert result["correctness"][f"{path}_ok"], path
+    assert set(result["timing"]["paths"]) == {"gemm", "gemm-fwd", "atomic", "torch", "materialized"}
+    assert all(r["fwd_bwd_ms"] > 0 for r in result["timing"]["paths"].values())
+    t = result["timing"]
+    assert result["accounting"]["gemm"]["flops"] == 6 * t["N"] * t["H"] * t["V"]
+
+
+def test_backward_accounting_at_the_issue_size():
+    """The analytic floor of benchmarks/results/linear.md: at N = 8192, H = 4096, V = 128256 the GEMM
+    backward moves < 1/20 of the atomic one's bytes, and its d W GEMM sits above an H100's ridge."""
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parent.parent / "benchmarks" / "gpu" / "bench_linear.py"
+    spec = importlib.util.spec_from_file_location("bench_linear_gpu", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    acc = mod.accounting(8192, 4096, 128256)
+    assert acc["gemm"]["flops"] == acc["atomic"]["flops"] == 6 * 8192 * 4096 * 128256
+    assert acc["gemm"]["chunk_tokens"] == (1 << 28) // 128256 == 2092
+    assert acc["gemm"]["bytes"] * 20 < acc["atomic"]["bytes"]
+    assert acc["atomic"]["atomic_adds"] == 1002 * 8192 * 4096 + 128 * 128256 * 4096
+    assert acc["gemm"]["dw_flop_per_byte"] > 989 / 3.35  # H100 SXM: bf16 dense TFLOP/s over TB/s

@@ -37,7 +37,10 @@ def test_missing_file_and_non_mapping(tmp_path):
 @pytest.mark.parametrize(
     "settings, message",
     [
-        ({"feedback": "direct"}, r"\(d-RLAIF\) needs a labeler that rates 1-10"),
+        (
+            {"feedback": "direct", "template": "C {context} 1 {first} 2 {second} ="},
+            r"feedback: direct \(d-RLAIF\) asks the labeler for a 1-10 rating, but template 'user' has no score",
+        ),
         ({"feedback": "bogus"}, r"feedback='bogus' is not supported"),
         (
             {"task": None, "prompts_file": "p.jsonl", "policy": "p"},

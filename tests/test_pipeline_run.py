@@ -185,3 +185,92 @@ def test_ctrl_c_during_rl_saves_then_the_rerun_continues(tiny_config, monkeypatc
     assert cli.main(["run", str(path), "--no-progress"]) == 0
     history = json.loads((out / "iter_1" / "rl.json").read_text())["history"]
     assert [row["step"] for row in history] == [1, 2]  # step 1 kept from before, step 2 run after
+
+
+def test_score_token_buckets_the_ground_truth_into_ten_equal_bins():
+    grid = (-1.0, -0.81, -0.79, -0.01, 0.0, 0.79, 0.81, 1.0)
+    assert [L.score_token(g) for g in grid] == [1, 1, 2, 5, 6, 9, 10, 10]
+    examples = L.labeler_scores(300, seed=0)
+    assert all(r == L.score_token(T.ground_truth(p, x)) for p, x, r in examples)
+    # the task's ground truth takes few values (polarity of 0-2 sentiment words, topic +-0.2), so the
+    # ratings are few too; they must still reach both ends of the scale the sentences can
+    ratings = {r for *_, r in examples}
+    assert len(ratings) >= 5 and min(ratings) <= 2 and max(ratings) >= 9
+
+
+def test_average_ranks_and_correlations_match_hand_computed_values():
+    import torch
+
+    from rlaif_fast.pipeline.stages import _average_ranks, _pearson, _score_agreement
+
+    x = torch.tensor([3.0, 1.0, 3.0, 2.0], dtype=torch.float64)
+    assert _average_ranks(x).tolist() == [3.5, 1.0, 3.5, 2.0]
+    assert _pearson(x, x.neg()) == pytest.approx(-1.0) and _pearson(x, torch.ones(4)) is None
+    prompts = [T.make_prompt("cat")] * 4
+    responses = ["the happy cat .", "the sad dog .", "the cat .", "the kind happy cat ."]
+    gt = T.ground_truth_reward(prompts, responses)  # 0.6, -0.6, 0.2, 0.733...
+    got = _score_agreement(prompts, responses, [0.5, -0.9, 0.6, 0.8], T.ground_truth_reward)
+    assert got["score_gt_spearman"] == pytest.approx(0.8)  # ranks (3,1,2,4) vs (2,1,3,4): 1 - 6*2/60
+    mx, my = sum(gt) / 4, 0.25
+    sx = [g - mx for g in gt]
+    sy = [s - my for s in (0.5, -0.9, 0.6, 0.8)]
+    ref = sum(a * b for a, b in zip(sx, sy)) / (sum(a * a for a in sx) * sum(b * b for b in sy)) ** 0.5
+    assert got["score_gt_pearson"] == pytest.approx(ref, rel=1e-12)
+
+
+def test_demo_labeler_is_trained_on_the_score_prompt(tmp_path):
+    """With the template's score prompt in training, the labeler answers it with ratings (an untrained
+    model spreads its mass over the whole vocabulary, a pairwise-only one on "1"/"2"), and the score
+    prompt enters the cache key."""
+    import torch
+
+    from rlaif_fast.feedback import HFBackend, ScoreLabeler, load_template
+    from rlaif_fast.pipeline.config import packaged_config
+
+    tok = T.build_tokenizer()
+    tpl = load_template(packaged_config("demo").parent / "demo_template.yaml")
+    assert L.cache_key(tpl.render_pairwise, 64, 2, 0) != L.cache_key(
+        tpl.render_pairwise, 64, 2, 0, tpl.render_score
+    )
+    model = L.train_labeler(tpl.render_pairwise, tok, steps=40, progress=False, render_score=tpl.render_score)
+    ex = L.labeler_scores(32, seed=7)
+    ids = tok([tpl.render_score(p, r) for p, r, _ in ex], add_special_tokens=False, padding=True)
+    with torch.no_grad():
+        out = model(
+            input_ids=torch.tensor(ids["input_ids"]), attention_mask=torch.tensor(ids["attention_mask"])
+        )
+    last = torch.tensor(ids["attention_mask"]).sum(1) - 1
+    probs = out.logits[torch.arange(len(ex)), last].softmax(-1)  # (N, V)
+    # "3".."10" are never a pairwise answer: mass there comes from the score prompts alone
+    rating_ids = [tok.convert_tokens_to_ids(str(i)) for i in range(3, 11)]
+    assert probs[:, rating_ids].sum(-1).min() > 0.3
+    scores = ScoreLabeler(HFBackend(model, tok), tpl).score([p for p, *_ in ex], [r for _, r, _ in ex])
+    assert all(-1.0 <= s <= 1.0 for s in scores)
+
+
+@pytest.mark.slow
+def test_run_direct_rlaif_end_to_end(tiny_config, capsys):
+    """feedback: direct with the demo labeler: no reward model, the ScoreLabeler is the RL reward, and the
+    report carries the labeler's score-vs-ground-truth correlations."""
+    path, out = tiny_config
+    assert cli.main(["run", str(path), "--no-progress", "--set", "feedback=direct"]) == 0
+    assert "d-RLAIF score vs ground truth, Spearman" in capsys.readouterr().out
+    rep = json.loads((out / "report.json").read_text())
+    assert rep["feedback"] == "direct" and rep["rm_accuracy_ai"] is None
+    assert not (out / "iter_1" / "rm.json").exists()
+    for key in ("labeler_score_gt_pearson", "labeler_score_gt_spearman"):
+        assert -1.0 <= rep[key] <= 1.0, key
+    pairs = [json.loads(x) for x in (out / "iter_1" / "pairs.jsonl").read_text().splitlines()]
+    scores = [p["score_a"] for p in pairs] + [p["score_b"] for p in pairs]
+    assert all(-1.0 <= s <= 1.0 for s in scores)
+    assert rep["labeler_score_mean"] == pytest.approx(sum(scores) / len(scores))
+    # the saved scores are the cached labeler's ScoreLabeler output, reproducible after the run
+    from rlaif_fast.pipeline.config import RunConfig
+    from rlaif_fast.pipeline.run import Run
+
+    run = Run(RunConfig.from_yaml(path, {"feedback": "direct"}), progress=False)
+    p = pairs[0]
+    assert run.score_labeler().score([p["context"]], [p["response_a"]])[0] == pytest.approx(
+        p["score_a"], abs=1e-6
+    )
+    assert "gt_improved" in rep and rep["gt_sft"] is not None

@@ -32,6 +32,8 @@ def test_defaults_follow_the_paper():
         ({"micro_batch_size": 0}, "micro_batch_size=0"),
         ({"bf16": "maybe"}, "bf16='maybe'"),
         ({"deepspeed_config": "/no/such.json"}, "is not a file"),
+        ({"max_tokens_per_microbatch": 100}, r"max_tokens_per_microbatch=100 is below .* >= 288"),
+        ({"max_tokens_per_microbatch": 300.0}, "max_tokens_per_microbatch=300.0 must be an integer"),
     ],
 )
 def test_bad_config_raises_with_the_rule(values, match):
@@ -142,5 +144,31 @@ def test_per_rank_sizes_must_split_over_ranks():
     assert per_rank_sizes(_cfg(batch_size=8, micro_batch_size=2), 2) == {"batch": 4, "mini": 4}
     with pytest.raises(ValueError, match="micro_batch_size=3 must divide the per-rank mini-batch"):
         per_rank_sizes(_cfg(batch_size=8, micro_batch_size=3), 2)
+    # with a token budget micro_batch_size does not cut the update, so it need not divide
+    budget = _cfg(
+        batch_size=8, micro_batch_size=3, max_prompt_len=8, max_new_tokens=8, max_tokens_per_microbatch=16
+    )
+    assert per_rank_sizes(budget, 2) == {"batch": 4, "mini": 4}
     with pytest.raises(ValueError, match="must be a multiple of group_size=4"):
         per_rank_sizes(_cfg(algorithm="grpo", group_size=4, batch_size=8, micro_batch_size=2), 4)
+
+
+def test_token_budget_too_small_for_a_rollout_raises_before_the_update(tmp_path):
+    """learn() can receive rollouts longer than max_prompt_len + max_new_tokens (sampled elsewhere): the
+    budget check names the length and the fix, and no parameter moves."""
+    from rlaif_fast.trainer import Rollouts
+
+    cfg = _cfg(
+        algorithm="rloo",
+        group_size=2,
+        max_prompt_len=4,
+        max_new_tokens=4,
+        max_tokens_per_microbatch=8,
+        output_dir=str(tmp_path),
+    )
+    trainer = RLAIFTrainer(tiny_gpt2(), CharTokenizer(), count_a, cfg)
+    before = [p.detach().clone() for p in trainer.policy.parameters()]
+    long = Rollouts(["ab"] * 4, ["a" * 9] * 4, [[1, 3, 4]] * 4, [[3] * 9] * 4)
+    with pytest.raises(ValueError, match="a rollout of 12 tokens does not fit max_tokens_per_microbatch=8"):
+        trainer.learn(long)
+    assert all(torch.equal(a, b) for a, b in zip(before, trainer.policy.parameters()))

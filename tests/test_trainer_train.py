@@ -99,6 +99,41 @@ def test_grad_accumulation_1x8_equals_8x1(algorithm):
     assert diff <= 1e-5 * step, f"1x8 vs 8x1 differ by {diff:.3e} (update size {step:.3e})"
 
 
+def test_token_budget_micro_batches_equal_fixed_size(monkeypatch):
+    """Micro-batches cut to a padded-token budget (a varying count per mini-batch, the accumulation
+    boundary set by the trainer) give the fixed-size update; clip_frac / approx_kl are token-weighted,
+    so they do not depend on the split either (a mean of per-micro-batch means would)."""
+    from rlaif_fast.trainer import trainer as trainer_module
+
+    counts = []
+    real = trainer_module.token_micro_batches
+
+    def counting(*args, **kwargs):
+        out = real(*args, **kwargs)
+        counts.append(len(out))
+        return out
+
+    monkeypatch.setattr(trainer_module, "token_micro_batches", counting)
+    # rollouts of 3 prompt + 1..6 response tokens; fixed: one micro-batch of 8, budget: several
+    kw = dict(steps=1, zero_stage=0, max_prompt_len=4, mini_batch_size=8, micro_batch_size=8)
+    fixed, fixed_hist = invariance_run(**kw)
+    budget, budget_hist = invariance_run(max_tokens_per_microbatch=12, **kw)
+    assert min(counts) > 1, counts
+    init = tiny_gpt2().state_dict()
+    step = max(
+        (fixed[k] - init[k[len("policy.") :]]).abs().max().item() for k in fixed if k.startswith("policy.")
+    )
+    diff = max((fixed[k] - budget[k]).abs().max().item() for k in fixed)
+    assert step > 1e-3
+    assert diff <= 1e-5 * step, (
+        f"token-budget vs fixed micro-batches differ by {diff:.3e} (update {step:.3e})"
+    )
+    assert budget_hist[-1]["approx_kl"] > 1e-6  # the second epoch moved off-policy: the ratios are real
+    for want, got in zip(fixed_hist, budget_hist):
+        for key in ("policy_loss", "value_loss", "clip_frac", "approx_kl"):
+            assert got[key] == pytest.approx(want[key], rel=1e-5, abs=1e-7), key
+
+
 def test_kill_and_resume_matches_an_uninterrupted_run(tmp_path):
     full = _trainer(tiny_gpt2(), _config(tmp_path / "a", total_steps=4)).train(PROMPTS)["history"]
 

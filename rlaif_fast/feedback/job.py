@@ -1,4 +1,5 @@
-"""``rlaif-fast label``: label preference pairs with an AI labeler, resumably.
+"""``rlaif-fast label``: label preference pairs (or score responses, ``--mode score``) with an AI labeler,
+resumably.
 
 The output is append-only JSONL keyed by pair id. Each batch is written with one ``write`` of whole
 lines, then flushed and fsynced; on start, ids already in the output are skipped and a torn last line
@@ -6,6 +7,10 @@ lines, then flushed and fsynced; on start, ids already in the output are skipped
 labels none twice. A pair whose labeling fails (HTTP errors after retries, a model error in its batch)
 is counted, not written, and a later run retries it. Summary at the end (over the whole output file):
 position-consistency rate, mean label entropy, AI-human alignment where the data has the human choice.
+
+``--mode score`` (d-RLAIF): each response gets the labeler's expected 1-10 rating rescaled to [-1, 1].
+Input ``{prompt|context, response}`` records, or any pairwise record, scored once per response (ids
+``<pair id>:a`` / ``<pair id>:b``). Same append-only, resumable output; the summary has the mean score.
 """
 
 from __future__ import annotations
@@ -19,7 +24,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from rlaif_fast.feedback.config_cli import parse_config
-from rlaif_fast.feedback.pairs import Pair, read_pairs
+from rlaif_fast.feedback.pairs import Pair, PairFormatError, _content_id, _open, pair_from_record, read_pairs
+
+MODES = ("pairwise", "score")
 
 
 @dataclass
@@ -38,6 +45,10 @@ class LabelJobConfig:
         metadata={
             "help": "hf:LOCAL_MODEL_DIR, llama2c:MODEL.bin (tok512.bin beside it) or http://HOST:PORT/v1"
         }
+    )
+    mode: str = field(
+        default="pairwise",
+        metadata={"help": "pairwise: P(a > b), both orders; score: d-RLAIF 1-10 rating per response"},
     )
     template: str = field(
         default="summarization", metadata={"help": "built-in name, template file or string"}
@@ -64,6 +75,12 @@ class LabelJobConfig:
         if not self.labeler.startswith(("hf:", "llama2c:", "http:", "https:")):
             raise ValueError(
                 f"labeler={self.labeler!r}: use hf:LOCAL_MODEL_DIR, llama2c:MODEL.bin or http://HOST:PORT/v1"
+            )
+        if self.mode not in MODES:
+            raise ValueError(f"mode={self.mode!r} is not supported; use one of {MODES}")
+        if self.mode == "score" and self.chain_of_thought:
+            raise ValueError(
+                "chain_of_thought applies to pairwise labeling only; drop --chain-of-thought for --mode score"
             )
         if self.batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {self.batch_size}")
@@ -140,6 +157,90 @@ def summarize(out) -> dict:
     }
 
 
+def summarize_scores(out) -> dict:
+    """Count and mean of the d-RLAIF scores in an output file of ``--mode score``."""
+    n, total = 0, 0.0
+    with open(out, encoding="utf-8") as f:
+        for line in f:
+            if line.strip():
+                n += 1
+                total += json.loads(line)["score"]
+    return {"labeled": n, "mean_score": total / n if n else math.nan}
+
+
+@dataclass(frozen=True)
+class Response:
+    """One response to score; ``pair_id``/``side`` when it came from a pairwise record."""
+
+    id: str
+    context: str
+    response: str
+    pair_id: str | None = None
+    side: str | None = None
+    human_chosen: bool | None = None
+
+
+def response_items(rec) -> list[Response]:
+    """A ``{prompt|context, response}`` record -> one item; a pairwise record -> one item per response."""
+    if isinstance(rec, dict) and "response" in rec:
+        ctx = rec.get("prompt", rec.get("context", ""))
+        resp = rec["response"]
+        for name, v in (("context", ctx), ("response", resp)):
+            if not isinstance(v, str):
+                raise ValueError(f"field {name} must be a string, got {type(v).__name__}")
+        if not resp.strip():
+            raise ValueError("response is empty; the labeler cannot score an empty response")
+        rid = str(rec["id"]) if "id" in rec else _content_id(ctx, resp, "")
+        return [Response(rid, ctx, resp)]
+    try:
+        pair = pair_from_record(rec)
+    except ValueError as exc:
+        raise ValueError(f"{exc}; or, to score single responses, {{prompt|context, response}}") from None
+    human = pair.human_a
+    return [
+        Response(f"{pair.id}:a", pair.context, pair.response_a, pair.id, "a", human),
+        Response(
+            f"{pair.id}:b", pair.context, pair.response_b, pair.id, "b", None if human is None else not human
+        ),
+    ]
+
+
+def read_responses(path, *, strict: bool = False, errors: list | None = None):
+    """Stream :class:`Response` items from JSONL; bad lines are reported like :func:`read_pairs` does."""
+    path = Path(path)
+    if not path.is_file():
+        raise ValueError(f"input file {str(path)!r} does not exist")
+    with _open(path) as f:
+        for line_no, line in enumerate(f, start=1):
+            if not line.strip():
+                continue
+            try:
+                items = response_items(json.loads(line))
+            except ValueError as exc:
+                err = PairFormatError(path, line_no, str(exc))
+                if strict:
+                    raise err from None
+                if errors is not None:
+                    errors.append(err)
+                continue
+            yield from items
+
+
+def _score_records(batch: list[Response], scores) -> tuple[list[str], int]:
+    lines, failed = [], 0
+    for item, score in zip(batch, scores):
+        if not math.isfinite(score):
+            failed += 1
+            continue
+        rec = {"id": item.id, "context": item.context, "response": item.response, "score": score}
+        if item.pair_id is not None:
+            rec.update(pair_id=item.pair_id, side=item.side)
+        if item.human_chosen is not None:
+            rec["human_chosen"] = item.human_chosen
+        lines.append(json.dumps(rec, ensure_ascii=False) + "\n")
+    return lines, failed
+
+
 def _records(batch: list[Pair], labels) -> tuple[list[str], int]:
     lines, failed = [], 0
     for pair, lab in zip(batch, labels):
@@ -161,35 +262,53 @@ def _records(batch: list[Pair], labels) -> tuple[list[str], int]:
     return lines, failed
 
 
-def run_label_job(cfg: LabelJobConfig, backend=None) -> dict:
-    """Label every pair of ``cfg.input`` not yet in ``cfg.out``; return the summary dict."""
-    from tqdm import tqdm
+def _labeling(cfg: LabelJobConfig, backend):
+    """(items of the input, batch -> (output lines, failures), summary of an output file) for cfg.mode."""
+    from rlaif_fast.feedback.labelers import PairwiseLabeler, ScoreLabeler
 
-    from rlaif_fast.feedback.labelers import PairwiseLabeler
+    backend = backend if backend is not None else make_backend(cfg.labeler, cfg)
+    if cfg.mode == "score":
+        scorer = ScoreLabeler(backend, cfg.template)
+
+        def score_batch(batch):
+            return _score_records(
+                batch, scorer.score([x.context for x in batch], [x.response for x in batch])
+            )
+
+        return read_responses, score_batch, summarize_scores
+    labeler = PairwiseLabeler(backend, cfg.template, chain_of_thought=cfg.chain_of_thought)
+
+    def label_batch(batch):
+        labels = labeler.label(
+            [p.context for p in batch], [p.response_a for p in batch], [p.response_b for p in batch]
+        )
+        return _records(batch, labels)
+
+    return read_pairs, label_batch, summarize
+
+
+def run_label_job(cfg: LabelJobConfig, backend=None) -> dict:
+    """Label every pair (``--mode score``: every response) of ``cfg.input`` not yet in ``cfg.out``;
+    return the summary dict."""
+    from tqdm import tqdm
 
     out = Path(cfg.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     done = _done_ids(out)
-    labeler = PairwiseLabeler(
-        backend if backend is not None else make_backend(cfg.labeler, cfg),
-        cfg.template,
-        chain_of_thought=cfg.chain_of_thought,
-    )
+    read_items, label_batch, summary_of = _labeling(cfg, backend)
+    unit = "response" if cfg.mode == "score" else "pair"
     errors: list = []
     stats = {"skipped_done": 0, "duplicates": 0, "failed": 0, "new": 0}
     seen, batch = set(done), []
     t0 = time.perf_counter()
-    bar = tqdm(unit="pair", desc="label", disable=not cfg.progress, file=sys.stderr)
+    bar = tqdm(unit=unit, desc="label", disable=not cfg.progress, file=sys.stderr)
 
     def flush(f):
         try:
-            labels = labeler.label(
-                [p.context for p in batch], [p.response_a for p in batch], [p.response_b for p in batch]
-            )
-            lines, failed = _records(batch, labels)
+            lines, failed = label_batch(batch)
         except (RuntimeError, ValueError, OSError) as exc:  # one bad batch never ends the job
             print(
-                f"label: a batch of {len(batch)} pairs failed: {type(exc).__name__}: {exc}", file=sys.stderr
+                f"label: a batch of {len(batch)} {unit}s failed: {type(exc).__name__}: {exc}", file=sys.stderr
             )
             lines, failed = [], len(batch)
         f.write("".join(lines))  # whole lines in one write, then fsync: a kill leaves at most a torn tail
@@ -201,14 +320,14 @@ def run_label_job(cfg: LabelJobConfig, backend=None) -> dict:
         batch.clear()
 
     with open(out, "a", encoding="utf-8") as f:
-        for pair in read_pairs(cfg.input, strict=cfg.strict, errors=errors):
-            if pair.id in seen:
-                stats["skipped_done" if pair.id in done else "duplicates"] += 1
+        for item in read_items(cfg.input, strict=cfg.strict, errors=errors):
+            if item.id in seen:
+                stats["skipped_done" if item.id in done else "duplicates"] += 1
                 continue
             if cfg.limit is not None and stats["new"] + stats["failed"] + len(batch) >= cfg.limit:
                 break
-            seen.add(pair.id)
-            batch.append(pair)
+            seen.add(item.id)
+            batch.append(item)
             if len(batch) == cfg.batch_size:
                 flush(f)
         if batch:
@@ -221,13 +340,13 @@ def run_label_job(cfg: LabelJobConfig, backend=None) -> dict:
         **stats,
         "malformed_lines": [e.line_no for e in errors],
         "seconds": round(elapsed, 3),
-        "pairs_per_s": round(stats["new"] / elapsed, 3) if elapsed > 0 else None,
-        **summarize(out),
+        f"{unit}s_per_s": round(stats["new"] / elapsed, 3) if elapsed > 0 else None,
+        **summary_of(out),
     }
 
 
 def main(argv: list[str] | None = None) -> int:
-    """``rlaif-fast label``: exit 0 when every pair is labeled, 1 when some failed (rerun to retry), 2 on bad input."""
+    """``rlaif-fast label``: exit 0 when every pair (response) is labeled, 1 when some failed (rerun to retry), 2 on bad input."""
     try:
         cfg = parse_config(LabelJobConfig, argv, prog="rlaif-fast label")
         summary = run_label_job(cfg)

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import os
 
 import torch
 
@@ -21,6 +22,23 @@ from rlaif_fast.reference import linear as _ref
 # elements of one (chunk, V) fp32 temporary of the torch path: 32 MiB, 262 tokens at V = 32000.
 # Fewer tokens per chunk re-read W more often: at 128 tokens the matmuls ran 1.6x slower (2 CPU cores).
 _CHUNK_ELEMS = 1 << 23
+
+# The Triton backend's backward: "gemm" (default) recomputes each token chunk's logits with cuBLAS, turns
+# them into d logits in one Triton pass, then d hidden = dU·W and d W += dUᵀ·h as two more GEMMs;
+# "atomic" is the Cut Cross-Entropy layout, one kernel per (token tile, vocabulary tile) adding into d
+# hidden and d weight with fp32 atomics (~V / 128 = 1000 adds per d hidden element at V = 128256).
+# Default "gemm": three GEMMs that cuBLAS runs near peak plus ~14 bytes per logit moved around them
+# (results/linear.md) beat a hand-tiled kernel bound by atomics — to be confirmed on the first GPU run
+# with benchmarks/gpu/bench_linear.py, which times both. RLAIF_FAST_LINEAR_BACKWARD=gemm|atomic sets it
+# for a whole run; the ``backward=`` argument wins over the environment.
+BACKWARDS = ("gemm", "atomic")
+BACKWARD_ENV = "RLAIF_FAST_LINEAR_BACKWARD"
+# The Triton backend's forward: "fused" (default: one kernel, tl.dot tiles and the online log-sum-exp,
+# the logits never leave registers) or "gemm" (cuBLAS per token chunk writes fp32 products, the same
+# kernel reads them back: 8 more bytes per logit, but a library matmul). Unmeasured on a GPU so far: the
+# default stays the kernel that moves fewer bytes; bench_linear.py times both (variant "gemm-fwd").
+FORWARDS = ("fused", "gemm")
+FORWARD_ENV = "RLAIF_FAST_LINEAR_FORWARD"
 
 
 def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -38,6 +56,8 @@ class _Knobs:
     scale: float
     chunk: int | None
     backend: str
+    backward: str = "gemm"
+    forward: str = "fused"
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -139,7 +159,14 @@ def _torch_bwd(h, w, b, y, lse, h_full, g_lp, g_ent, k: _Knobs, need):
 class _LinearTokenLogprobs(torch.autograd.Function):
     @staticmethod
     def forward(ctx, hidden, weight, bias, labels, k: _Knobs):
-        if k.backend == "triton":
+        if k.backend == "triton" and k.forward == "gemm":
+            from rlaif_fast.kernels.linear_logprobs import linear_logprobs_fwd_gemm
+
+            logp, ent, lse, h_full = linear_logprobs_fwd_gemm(
+                hidden, weight, bias, labels, temperature=k.temperature, ignore_index=k.ignore_index,
+                entropy=k.entropy, softcap=k.softcap, scale=k.scale, chunk=k.chunk,
+            )  # fmt: skip
+        elif k.backend == "triton":
             from rlaif_fast.kernels.linear_logprobs import linear_logprobs_fwd
 
             logp, ent, lse, h_full = linear_logprobs_fwd(
@@ -164,7 +191,15 @@ class _LinearTokenLogprobs(torch.autograd.Function):
             return None, None, None, None, None
         g_lp = g_lp.contiguous()
         g_ent = g_ent.contiguous() if k.entropy else None
-        if k.backend == "triton":
+        if k.backend == "triton" and k.backward == "gemm":
+            from rlaif_fast.kernels.linear_logprobs import linear_logprobs_bwd_gemm
+
+            dh, dw, db = linear_logprobs_bwd_gemm(
+                hidden, weight, bias, labels, lse, h_full, g_lp, g_ent, temperature=k.temperature,
+                ignore_index=k.ignore_index, softcap=k.softcap, scale=k.scale, chunk=k.chunk,
+                need_dh=need[0], need_dw=need[1], need_db=need[2],
+            )  # fmt: skip
+        elif k.backend == "triton":
             from rlaif_fast.kernels.linear_logprobs import linear_logprobs_bwd
 
             dh, dw, db = linear_logprobs_bwd(
@@ -221,6 +256,18 @@ def _check_inputs(hidden, weight, labels, bias, temperature, softcap, logit_scal
             )
 
 
+def _select_impl(what: str, value: str | None, choices: tuple[str, ...], env: str, default: str) -> str:
+    """The argument, else the environment variable, else the default; unknown names raise."""
+    if value is not None:
+        if value not in choices:
+            raise ValueError(f"{what}={value!r} is not a Triton {what}; use one of {choices} or None")
+        return value
+    value = os.environ.get(env, "").strip().lower() or default
+    if value not in choices:
+        raise ValueError(f"{env}={value!r} is not a Triton {what}; set it to one of {choices}")
+    return value
+
+
 def linear_token_logprobs(
     hidden: torch.Tensor,
     weight: torch.Tensor,
@@ -233,6 +280,8 @@ def linear_token_logprobs(
     chunk_size: int | None = None,
     softcap: float | None = None,
     logit_scale: float | None = None,
+    backward: str | None = None,
+    forward: str | None = None,
 ):
     """Log-prob of each label (and the entropy) from hidden states, never materializing [N, V] logits.
 
@@ -245,10 +294,15 @@ def linear_token_logprobs(
     Ignored labels (``== ignore_index``) give 0 and no gradient, for log-prob and entropy alike.
     Returns logp (...) in fp32 (fp64 for fp64 inputs), and entropy (...) when ``return_entropy``.
     Gradients reach hidden, weight and bias. ``chunk_size``: tokens per chunk of the CPU torch path
-    (default: 2^23 / V). Labels are range-checked on CPU only (on CUDA it would be a host sync).
+    (default: 2^23 / V) and of the Triton GEMM backward (default: 2^28 / V). ``backward``: "gemm" or
+    "atomic", the Triton backend's backward (default: $RLAIF_FAST_LINEAR_BACKWARD, else "gemm"; the
+    other backends ignore it); ``forward``: "fused" or "gemm" likewise ($RLAIF_FAST_LINEAR_FORWARD, else
+    "fused"). Labels are range-checked on CPU only (on CUDA it would be a host sync).
     Cut Cross-Entropy (Wijmans et al. 2024, arXiv 2411.09009) is the same idea for the CE loss.
     """
     _check_inputs(hidden, weight, labels, bias, temperature, softcap, logit_scale, chunk_size, ignore_index)
+    bwd = _select_impl("backward", backward, BACKWARDS, BACKWARD_ENV, "gemm")
+    fwd = _select_impl("forward", forward, FORWARDS, FORWARD_ENV, "fused")
     backend = select_backend(hidden)
     if backend == "reference":
         return _ref.linear_token_logprobs(
@@ -264,7 +318,7 @@ def linear_token_logprobs(
         backend = "torch"  # no tokens (an all-masked micro-batch): no kernel launch over an empty grid
     k = _Knobs(
         float(temperature), int(ignore_index), bool(return_entropy), None if softcap is None else float(softcap),
-        1.0 if logit_scale is None else float(logit_scale), chunk_size, backend,
+        1.0 if logit_scale is None else float(logit_scale), chunk_size, backend, bwd, fwd,
     )  # fmt: skip
     logp, ent = _LinearTokenLogprobs.apply(h2, w, bias, labels.reshape(-1).contiguous(), k)
     if return_entropy:

@@ -150,11 +150,16 @@ class RunConfig:
                 f"labeler={self.labeler!r} is an HTTP endpoint: set labeler_model to the model "
                 "name the server expects"
             )
-        if self.feedback == "direct" and self.labeler == "demo":
-            raise ValueError(
-                "feedback: direct (d-RLAIF) needs a labeler that rates 1-10, but the demo labeler "
-                "is trained only for pairwise '1'/'2' answers; use feedback: distilled"
-            )
+        if self.feedback == "direct":
+            from rlaif_fast.feedback import load_template
+
+            template = load_template(self.template)
+            if not template.score_sample:
+                raise ValueError(
+                    f"feedback: direct (d-RLAIF) asks the labeler for a 1-10 rating, but template "
+                    f"{template.name!r} has no score prompt; add score_sample (with {{context}} and "
+                    "{response}) and score_ending to it, or use feedback: distilled"
+                )
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> RunConfig:

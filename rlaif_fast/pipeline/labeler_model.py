@@ -1,9 +1,11 @@
-"""The demo's AI labeler: a tiny causal LM trained to answer the paper's pairwise prompt with "1" or "2".
+"""The demo's AI labeler: a tiny causal LM trained to answer the paper's pairwise prompt with "1" or "2",
+and (when the template has a d-RLAIF score prompt) its score prompt with a rating "1".."10".
 
 The demo has no LLM to ask, so it makes one for its task: a small GPT-2 is trained on exactly the prompt
 text that ``rlaif_fast.feedback`` renders (preamble, ``Text - ...``, ``Summary 1 - ...``, ``Summary 2 - ...``,
-``Preferred Summary=``) followed by the token of the sentence with the higher ground-truth score. After
-training it is an ordinary ``transformers`` model and is queried ONLY through ``PairwiseLabeler`` +
+``Preferred Summary=``) followed by the token of the sentence with the higher ground-truth score, and on
+the score prompt followed by the ground truth bucketed to 1..10 (:func:`score_token`). After training it is
+an ordinary ``transformers`` model and is queried ONLY through ``PairwiseLabeler`` / ``ScoreLabeler`` +
 ``HFBackend``, the path a user points at a real LLM. It is small (about a hundred thousand parameters, a few
 hundred steps of training) and so imperfect: its alignment with the ground truth and its position bias are
 real measurements, not constants.
@@ -23,6 +25,18 @@ from pathlib import Path
 from . import task as T
 
 Render = Callable[[str, str, str], str]
+RenderScore = Callable[[str, str], str]
+
+
+def score_token(gt: float) -> int:
+    """The ground truth in [-1, 1] bucketed to the rating 1..10: ten equal-width bins, 1 = worst."""
+    return 1 + min(9, max(0, int((gt + 1.0) / 2.0 * 10)))
+
+
+def _random_sentence(rng: random.Random, topic: str) -> str:
+    """A sentence spanning the polarity range; one in five is about another topic."""
+    about = topic if rng.random() > 0.2 else rng.choice(T.TOPICS)
+    return T.sample_sentence(rng, about, p_positive=rng.random())
 
 
 def labeler_pairs(n: int, seed: int) -> list[tuple[str, str, str, int]]:
@@ -36,10 +50,7 @@ def labeler_pairs(n: int, seed: int) -> list[tuple[str, str, str, int]]:
     while len(out) < n:
         topic = rng.choice(T.TOPICS)
         prompt = T.make_prompt(topic)
-        pair = []
-        for _ in range(2):
-            about = topic if rng.random() > 0.2 else rng.choice(T.TOPICS)
-            pair.append(T.sample_sentence(rng, about, p_positive=rng.random()))
+        pair = [_random_sentence(rng, topic) for _ in range(2)]
         g1, g2 = T.ground_truth(prompt, pair[0]), T.ground_truth(prompt, pair[1])
         if abs(g1 - g2) < 1e-9:
             continue
@@ -47,10 +58,24 @@ def labeler_pairs(n: int, seed: int) -> list[tuple[str, str, str, int]]:
     return out
 
 
-def cache_key(render: Render, dim: int, steps: int, seed: int) -> str:
+def labeler_scores(n: int, seed: int) -> list[tuple[str, str, int]]:
+    """``n`` (prompt, response, rating) examples for the score prompt; rating = ``score_token(ground truth)``."""
+    rng = random.Random(seed)
+    out = []
+    for _ in range(n):
+        prompt = T.make_prompt(rng.choice(T.TOPICS))
+        response = _random_sentence(rng, T.topic_of(prompt))
+        out.append((prompt, response, score_token(T.ground_truth(prompt, response))))
+    return out
+
+
+def cache_key(
+    render: Render, dim: int, steps: int, seed: int, render_score: RenderScore | None = None
+) -> str:
     """Hash of what determines the trained labeler; the template enters through one rendered example."""
     probe = render("<context>", "<first>", "<second>")
-    blob = json.dumps([probe, T.vocabulary(), dim, steps, seed, "v2"])
+    score_probe = render_score("<context>", "<response>") if render_score is not None else None
+    blob = json.dumps([probe, score_probe, T.vocabulary(), dim, steps, seed, "v3"])
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
@@ -86,12 +111,15 @@ def train_labeler(
     lr: float = 3e-3,
     seed: int = 0,
     progress: bool = True,
+    render_score: RenderScore | None = None,
 ):
     """Train the labeler LM on rendered pairwise prompts; returns the model in eval mode.
 
     Loss: next-token cross-entropy (over the full vocabulary, as for any LM) of the answer token "1"/"2"
     at the prompt's last position. Both orders of every pair are in the data, so a position bias left in
-    the model is a failure to learn, as in a real LLM, not a property of the data.
+    the model is a failure to learn, as in a real LLM, not a property of the data. With ``render_score``
+    every step also carries ``batch_size // 2`` score prompts whose answer is the bucketed rating; they
+    are drawn with their own generator, so the pairwise batches are the same with or without them.
     """
     import torch
     from tqdm.auto import tqdm
@@ -106,7 +134,14 @@ def train_labeler(
             enc.append(ids)
             aux.append(_aux_targets(tokenizer, ids, prompt, first, second))
             answers.append(answer)
-    answer_ids = {k: _answer_token(tokenizer, str(k)) for k in (1, 2)}
+    n_score = batch_size // 2 if render_score is not None else 0
+    score_enc, score_aux, score_answers = [], [], []
+    for prompt, response, rating in labeler_scores(steps * n_score, seed + 1) if n_score else []:
+        ids = tokenizer(render_score(prompt, response), add_special_tokens=False)["input_ids"]
+        score_enc.append(ids)
+        score_aux.append(_aux_targets(tokenizer, ids, prompt, response))
+        score_answers.append(rating)
+    answer_ids = {k: _answer_token(tokenizer, str(k)) for k in range(1, 11 if n_score else 3)}
     # room for policy responses longer than the training sentences (positions past training are untrained)
     model = build_labeler_model(len(tokenizer), dim, max(128, max(len(x) for x in enc) + 32), seed)
     aux_head = torch.nn.Linear(dim, 4)  # dropped after training
@@ -115,14 +150,19 @@ def train_labeler(
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
     sched = warmup_linear(opt, steps)
     gen = torch.Generator().manual_seed(seed)
+    score_gen = torch.Generator().manual_seed(seed + 1)
     bar = tqdm(range(steps), desc="labeler LM", disable=not progress, leave=False)
     for _ in bar:
         idx = torch.randint(len(enc), (batch_size,), generator=gen).tolist()
-        ids, mask, last = _right_pad([enc[i] for i in idx], tokenizer.pad_token_id)
-        aux_t, _, _ = _right_pad([aux[i] for i in idx], 0.0)  # (B, T, 4)
-        target = torch.tensor([answer_ids[answers[i]] for i in idx])
+        sdx = torch.randint(max(1, len(score_enc)), (n_score,), generator=score_gen).tolist()
+        seqs = [enc[i] for i in idx] + [score_enc[i] for i in sdx]
+        ids, mask, last = _right_pad(seqs, tokenizer.pad_token_id)
+        aux_t, _, _ = _right_pad([aux[i] for i in idx] + [score_aux[i] for i in sdx], 0.0)  # (B, T, 4)
+        target = torch.tensor(
+            [answer_ids[answers[i]] for i in idx] + [answer_ids[score_answers[i]] for i in sdx]
+        )
         hidden = model.transformer(input_ids=ids, attention_mask=mask).last_hidden_state  # (B, T, H)
-        logits = model.lm_head(hidden[torch.arange(len(idx)), last])  # (B, V): last position only
+        logits = model.lm_head(hidden[torch.arange(len(seqs)), last])  # (B, V): last position only
         aux_err = (aux_head(hidden) - aux_t).pow(2).sum(-1)  # (B, T)
         aux_loss = (aux_err * mask).sum() / mask.sum()
         loss = torch.nn.functional.cross_entropy(logits, target)
@@ -144,14 +184,17 @@ def load_or_train_labeler(
     steps: int = 600,
     seed: int = 0,
     progress: bool = True,
+    render_score: RenderScore | None = None,
 ):
     """The cached labeler for this template and size, training and saving it on first use."""
     from transformers import GPT2LMHeadModel
 
-    path = Path(cache_dir) / f"labeler-{cache_key(render, dim, steps, seed)}"
+    path = Path(cache_dir) / f"labeler-{cache_key(render, dim, steps, seed, render_score)}"
     if (path / "config.json").is_file():
         return GPT2LMHeadModel.from_pretrained(path).eval(), path
-    model = train_labeler(render, tokenizer, dim=dim, steps=steps, seed=seed, progress=progress)
+    model = train_labeler(
+        render, tokenizer, dim=dim, steps=steps, seed=seed, progress=progress, render_score=render_score
+    )
     tmp = path.with_name(path.name + ".tmp")
     model.save_pretrained(tmp)
     tokenizer.save_pretrained(tmp)
@@ -166,8 +209,9 @@ def _answer_token(tokenizer, text: str) -> int:
     return ids[0]
 
 
-def _aux_targets(tokenizer, ids: list[int], prompt: str, first: str, second: str) -> list[list[float]]:
-    """Per-token running features of the two candidates: (sentiment 1, sentiment 2, topic 1, topic 2).
+def _aux_targets(tokenizer, ids: list[int], prompt: str, *candidates: str) -> list[list[float]]:
+    """Per-token running features of the candidates: (sentiment 1, sentiment 2, topic 1, topic 2); a score
+    prompt has one candidate, and its second-candidate features stay 0.
 
     Why: trained on the final answer alone, a 2-layer model stays at chance for thousands of steps (it
     must find both candidates and count words in each before the answer carries any gradient). These
@@ -177,7 +221,7 @@ def _aux_targets(tokenizer, ids: list[int], prompt: str, first: str, second: str
     sign = {vocab[w]: 1.0 for w in T.POSITIVE} | {vocab[w]: -1.0 for w in T.NEGATIVE}
     topic = vocab.get(T.topic_of(prompt))
     rows, state = [], [0.0, 0.0, 0.0, 0.0]
-    spans = _find_spans(ids, [tokenizer(x, add_special_tokens=False)["input_ids"] for x in (first, second)])
+    spans = _find_spans(ids, [tokenizer(x, add_special_tokens=False)["input_ids"] for x in candidates])
     for t, tok in enumerate(ids):
         for k, (lo, hi) in enumerate(spans):
             if lo <= t < hi:

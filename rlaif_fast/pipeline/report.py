@@ -6,6 +6,8 @@
 - Reward model accuracy: pairwise, on held-out pairs, against the AI labels and against the ground truth.
 - Win rate of the final policy against SFT, judged by the labeler in both orders (ties split).
 - Ground-truth score of SFT and of the final policy on the same held-out prompts.
+- d-RLAIF (``feedback: direct``): the labeler's mean rescaled score and its Pearson and Spearman
+  correlation with the ground truth over the first iteration's sampled responses.
 """
 
 from __future__ import annotations
@@ -33,6 +35,9 @@ def build_report(result: dict, cfg) -> dict:
         "gt_sft": last["eval"].get("gt_baseline"),
         "gt_policy": last["eval"].get("gt_policy"),
         "gt_win_rate_vs_sft": last["eval"].get("gt_win_rate"),
+        "labeler_score_mean": first["label"].get("mean_score"),
+        "labeler_score_gt_pearson": first["label"].get("score_gt_pearson"),
+        "labeler_score_gt_spearman": first["label"].get("score_gt_spearman"),
         "per_iteration": [
             {
                 "iteration": it["iteration"],
@@ -83,6 +88,12 @@ def render_markdown(rep: dict) -> str:
     ]
     if "gt_improved" in rep:
         lines.append(f"| ground truth improved | {_fmt(rep['gt_improved'])} |")
+    if rep.get("feedback") == "direct":
+        lines += [
+            f"| d-RLAIF score, mean (in [-1, 1]) | {_fmt(rep['labeler_score_mean'])} |",
+            f"| d-RLAIF score vs ground truth, Pearson | {_fmt(rep['labeler_score_gt_pearson'])} |",
+            f"| d-RLAIF score vs ground truth, Spearman | {_fmt(rep['labeler_score_gt_spearman'])} |",
+        ]
     lines += [
         "",
         "| iteration | alignment | position bias | RM acc (AI) | RM acc (gt) | RL steps | win rate | gt |",

@@ -19,6 +19,9 @@ Resumable per stage: every stage writes its artefact and then, last, a ``<stage>
 ``output_dir``; a rerun skips every stage whose record exists and loads its artefact instead, and the
 RL stage continues from the trainer's latest checkpoint. ``metrics.jsonl`` is rebuilt from the records,
 so a killed run never leaves duplicated rows.
+
+Layout: this module holds the loop, resume checks and the CLI; the stages are in
+:mod:`rlaif_fast.pipeline.stages`, model and labeler loading in :mod:`rlaif_fast.pipeline.models`.
 """
 
 from __future__ import annotations
@@ -26,17 +29,16 @@ from __future__ import annotations
 import argparse
 import copy
 import json
-import os
-import random
 import sys
 from pathlib import Path
 
-import torch
-
 from rlaif_fast.pipeline import evaluate as ev
 from rlaif_fast.pipeline import files
+from rlaif_fast.pipeline import models as M
 from rlaif_fast.pipeline import task as T
 from rlaif_fast.pipeline.config import RunConfig
+from rlaif_fast.pipeline.models import cache_dir, labeler_url, load_policy  # noqa: F401  (public names)
+from rlaif_fast.pipeline.stages import Stages
 
 # The run config owns these trainer settings (one value for sampling pairs, RL and evaluation).
 RL_OWNED = ("output_dir", "max_new_tokens", "temperature", "seed", "progress")
@@ -51,29 +53,7 @@ RL_DEFAULTS = {
 }
 
 
-def cache_dir() -> Path:
-    """Where the demo labeler is cached: $RLAIF_FAST_CACHE, else ~/.cache/rlaif_fast."""
-    return Path(os.environ.get("RLAIF_FAST_CACHE", Path.home() / ".cache" / "rlaif_fast"))
-
-
-def load_policy(path: str | Path):
-    from transformers import AutoModelForCausalLM
-
-    return AutoModelForCausalLM.from_pretrained(str(path)).eval()
-
-
-def labeler_url(spec: str) -> str:
-    """``http://host:port`` as given, or the URL after the ``http:`` prefix (``http:https://host``)."""
-    rest = spec.partition(":")[2]
-    return rest if rest.startswith(("http://", "https://")) else spec
-
-
-def seed_all(seed: int) -> None:
-    random.seed(seed)
-    torch.manual_seed(seed)
-
-
-class Run:
+class Run(Stages):
     """One run's stages over ``cfg.output_dir``. Each ``stage_*`` method returns its record (a dict)."""
 
     def __init__(self, cfg: RunConfig, *, progress: bool = True):
@@ -91,7 +71,7 @@ class Run:
             self.tokenizer = AutoTokenizer.from_pretrained(cfg.policy)
             self.train_prompts, self.eval_prompts = files.read_prompts(Path(cfg.prompts_file))
             self.ground_truth = None
-        self._labeler = None
+        self._labeler = self._score_labeler = None
         self._sft = None
 
     def _rl_settings(self) -> dict:
@@ -124,214 +104,20 @@ class Run:
     def sft_policy(self):
         if self._sft is None:
             self.stage_sft()
-            self._sft = load_policy(self.sft_dir())
+            self._sft = M.load_policy(self.sft_dir())
         return self._sft
 
     def labeler(self):
         """The AI labeler: ``PairwiseLabeler`` over an ``HFBackend`` or an OpenAI-compatible endpoint."""
         if self._labeler is None:
-            from rlaif_fast.feedback import HFBackend, OpenAICompatibleBackend, PairwiseLabeler, load_template
-
-            template = load_template(self.cfg.template)
-            kind, _, where = self.cfg.labeler.partition(":")
-            if self.cfg.labeler == "demo":
-                from rlaif_fast.pipeline.labeler_model import load_or_train_labeler
-
-                model, _ = load_or_train_labeler(
-                    template.render_pairwise,
-                    self.tokenizer,
-                    cache_dir(),
-                    dim=self.cfg.policy_dim,
-                    steps=self.cfg.labeler_steps,
-                    seed=self.cfg.seed,
-                    progress=self.progress,
-                )
-                backend = HFBackend(model, self.tokenizer, batch_size=64)
-            elif kind == "hf":
-                backend = HFBackend(where)
-            else:
-                backend = OpenAICompatibleBackend(labeler_url(self.cfg.labeler), self.cfg.labeler_model)
-            self._labeler = PairwiseLabeler(backend, template)
+            self._labeler = M.build_labeler(self.cfg, self.tokenizer, progress=self.progress)
         return self._labeler
 
-    def reward_for_direct(self):
-        from rlaif_fast.feedback import ScoreLabeler
-
-        lab = self.labeler()
-        return ScoreLabeler(lab.backend, lab.template)
-
-    # ---- stages -----------------------------------------------------------------------------------
-    def stage_sft(self) -> dict:
-        """Build (or load) the policy and fit it to the task's demonstrations; save it to ``sft/``."""
-        done = files.read_json(self.out / "sft.json")
-        if done is not None:
-            return done
-        from rlaif_fast.pipeline.sft import build_policy, train_sft
-
-        seed_all(self.cfg.seed)
-        if self.cfg.policy is None:
-            policy = build_policy(
-                len(self.tokenizer),
-                dim=self.cfg.policy_dim,
-                layers=self.cfg.policy_layers,
-                max_positions=max(64, 32 + self.cfg.max_new_tokens),  # prompts are ~10 tokens
-                seed=self.cfg.seed,
-            )
-        else:
-            policy = load_policy(self.cfg.policy)
-        losses = []
-        if self.cfg.sft_steps:
-            if self.cfg.task is None:
-                raise ValueError(
-                    "sft_steps > 0 needs demonstrations, which only the embedded task has; set "
-                    "sft_steps: 0 and give an SFT policy path as policy"
-                )
-            demos = T.sft_corpus(4096, self.cfg.seed)
-            losses = train_sft(
-                policy,
-                self.tokenizer,
-                demos,
-                steps=self.cfg.sft_steps,
-                lr=self.cfg.sft_lr,
-                seed=self.cfg.seed,
-                progress=self.progress,
-            )
-        policy.save_pretrained(str(self.sft_dir()))
-        self.tokenizer.save_pretrained(str(self.sft_dir()))
-        record = {"steps": self.cfg.sft_steps, "final_loss": losses[-1] if losses else None}
-        files.write_json(self.out / "sft.json", record)
-        return record
-
-    def stage_label(self, k: int, policy) -> dict:
-        """Sample pairs from the current policy and label them; ``pairs.jsonl`` keeps every soft label."""
-        path = self.iter_dir(k) / "label.json"
-        done = files.read_json(path)
-        if done is not None:
-            return done
-        n = self.cfg.pairs_per_iteration
-        prompts = [self.train_prompts[(i + k) % len(self.train_prompts)] for i in range(n)]
-        a = ev.visible(self._sample(policy, prompts, seed=self.cfg.seed * 1000 + 2 * k))
-        b = ev.visible(self._sample(policy, prompts, seed=self.cfg.seed * 1000 + 2 * k + 1))
-        labels = self.labeler().label(prompts, a, b)
-        records = [
-            {"context": p, "response_a": x, "response_b": y, **lab.to_dict()}
-            for p, x, y, lab in zip(prompts, a, b, labels)
-        ]
-        record = {
-            "pairs": n,
-            "position_bias": sum(not r["consistent"] for r in records) / n,
-            "mean_entropy": sum(r["entropy"] for r in records) / n,
-        }
-        if self.ground_truth is not None:
-            record.update(_alignment(records, self.ground_truth))
-        files.write_jsonl(self.iter_dir(k) / "pairs.jsonl", records)
-        files.write_json(path, record)
-        return record
-
-    def stage_rm(self, k: int) -> dict:
-        """Distill the iteration's soft labels into a reward model initialised from the SFT policy."""
-        path = self.iter_dir(k) / "rm.json"
-        done = files.read_json(path)
-        if done is not None:
-            return done
-        from rlaif_fast.reward import RewardModel, RewardModelScorer, pairwise_accuracy, train_reward_model
-
-        seed_all(self.cfg.seed + k)
-        records = [
-            r
-            for r in files.read_jsonl(self.iter_dir(k) / "pairs.jsonl")
-            if r["response_a"] != r["response_b"]
-        ]
-        if len(records) < 2:
-            raise ValueError(
-                f"iteration {k}: only {len(records)} pairs with two different responses; raise "
-                "pairs_per_iteration or the temperature"
-            )
-        cut = max(1, len(records) // 5)  # last 20% held out to measure the reward model
-        train, held = records[:-cut], records[-cut:]
-        rm = RewardModel(copy.deepcopy(self.sft_policy()))
-        result = train_reward_model(
-            rm,
-            self.tokenizer,
-            train,
-            epochs=self.cfg.rm_epochs,
-            lr=self.cfg.rm_lr,
-            batch_size=32,
-            eval_pairs=held,
-            seed=self.cfg.seed + k,
-        )
-        record = {
-            "train_pairs": len(train),
-            "held_out_pairs": len(held),
-            "final_loss": result["loss"],
-            "acc_ai_train": result["train"].get("acc_ai"),
-            "acc_ai_held_out": result["eval"].get("acc_ai"),
-        }
-        if self.ground_truth is not None:
-            scorer = RewardModelScorer(rm, self.tokenizer)
-            ctx = [r["context"] for r in held]
-            gt_a = self.ground_truth(ctx, [r["response_a"] for r in held])
-            gt_b = self.ground_truth(ctx, [r["response_b"] for r in held])
-            keep = [i for i in range(len(held)) if gt_a[i] != gt_b[i]]
-            if keep:
-                r_a = scorer([ctx[i] for i in keep], [held[i]["response_a"] for i in keep])
-                r_b = scorer([ctx[i] for i in keep], [held[i]["response_b"] for i in keep])
-                record["acc_gt_held_out"] = pairwise_accuracy(r_a, r_b, [gt_a[i] > gt_b[i] for i in keep])
-        rm.save_pretrained(self.iter_dir(k) / "rm")
-        files.write_json(path, record)
-        return record
-
-    def stage_rl(self, k: int, policy, reward) -> dict:
-        """RL from the current policy against ``reward``, KL to the SFT policy; resumes from a checkpoint."""
-        path = self.iter_dir(k) / "rl.json"
-        done = files.read_json(path)
-        if done is not None:
-            return done
-        from rlaif_fast.trainer import RLAIFConfig, RLAIFTrainer, ValueModel
-        from rlaif_fast.trainer.checkpoint import latest_checkpoint
-
-        seed_all(self.cfg.seed + k)
-        rl_dir = self.iter_dir(k) / "rl"
-        rl_cfg = RLAIFConfig.from_dict(
-            {
-                **self.rl_settings,
-                "output_dir": str(rl_dir),
-                "seed": self.cfg.seed + k,
-                "max_new_tokens": self.cfg.max_new_tokens,
-                "temperature": self.cfg.temperature,
-                "progress": self.progress,
-            }
-        )
-        value = ValueModel.from_policy(policy) if rl_cfg.uses_critic else None
-        ref = copy.deepcopy(self.sft_policy())
-        trainer = RLAIFTrainer(policy, self.tokenizer, reward, rl_cfg, ref_policy=ref, value_model=value)
-        ckpt = latest_checkpoint(rl_dir)
-        if ckpt is not None:
-            trainer.load(ckpt)
-        summary = trainer.train(self._rl_prompts(rl_cfg))
-        if summary.get("stopped") == "interrupted":
-            raise KeyboardInterrupt
-        history = [{"iteration": k, **row} for row in _rl_history(rl_dir, summary.pop("history", []))]
-        record = {"summary": files.jsonable(summary), "history": files.jsonable(history)}
-        files.write_json(path, record)
-        return record
-
-    def _rl_prompts(self, rl_cfg) -> list[str]:
-        """The training prompts, repeated until one pass covers ``total_steps`` (the embedded task has few
-        prompts; each repeat is sampled afresh, so repeats are new rollouts, not copies)."""
-        need = rl_cfg.prompts_per_step * (rl_cfg.total_steps or 1)
-        reps = max(1, -(-need // len(self.train_prompts)))
-        return list(self.train_prompts) * reps
-
-    def stage_eval(self, k: int, policy) -> dict:
-        """Win rate of ``policy`` against SFT on the held-out prompts, and the ground truth of both."""
-        path = self.iter_dir(k) / "eval.json"
-        done = files.read_json(path)
-        if done is not None:
-            return done
-        record = self.evaluate(policy, self.sft_policy())
-        files.write_json(path, record)
-        return record
+    def score_labeler(self):
+        """d-RLAIF: the labeler's 1-10 rating rescaled to [-1, 1], over the same backend and template."""
+        if self._score_labeler is None:
+            self._score_labeler = M.score_labeler(self.labeler())
+        return self._score_labeler
 
     def evaluate(self, policy, baseline, n: int | None = None) -> dict:
         n = n or self.cfg.eval_prompts
@@ -378,10 +164,10 @@ class Run:
                     RewardModel.from_pretrained(self.iter_dir(k) / "rm"), self.tokenizer
                 )
             else:
-                reward = self.reward_for_direct()
+                reward = self.score_labeler()
             self._say(f"iteration {k}: RL")
             it["rl"] = self.stage_rl(k, policy, reward)
-            policy = load_policy(self.iter_dir(k) / "rl" / "final")
+            policy = M.load_policy(self.iter_dir(k) / "rl" / "final")
             self._say(f"iteration {k}: evaluate")
             it["eval"] = self.stage_eval(k, policy)
             result["iterations"].append(it)
@@ -414,35 +200,6 @@ class Run:
     def _say(self, text: str) -> None:
         if self.progress:
             print(f"[rlaif-fast] {text}", file=sys.stderr, flush=True)
-
-
-def _rl_history(rl_dir: Path, in_memory: list[dict]) -> list[dict]:
-    """Every RL step's metrics, also across a resume: the trainer appends to ``metrics.jsonl``, and steps
-    logged after the last checkpoint of a killed run appear twice, so the last row of each step wins."""
-    path = rl_dir / "metrics.jsonl"
-    if not path.is_file():
-        return in_memory
-    by_step = {}
-    for row in files.read_jsonl(path):
-        by_step[row.get("step")] = row
-    return [by_step[s] for s in sorted(by_step, key=lambda s: (s is None, s))]
-
-
-def _alignment(records: list[dict], ground_truth) -> dict:
-    """The paper's alignment (binarized soft label vs the reference choice) with the ground truth as the
-    reference, over pairs the ground truth does not tie."""
-    from rlaif_fast.reward import ai_human_alignment
-
-    ctx = [r["context"] for r in records]
-    gt_a = ground_truth(ctx, [r["response_a"] for r in records])
-    gt_b = ground_truth(ctx, [r["response_b"] for r in records])
-    keep = [i for i in range(len(records)) if gt_a[i] != gt_b[i]]
-    if not keep:
-        return {"alignment": None, "alignment_pairs": 0}
-    return {
-        "alignment": ai_human_alignment([records[i]["p_a"] for i in keep], [gt_a[i] > gt_b[i] for i in keep]),
-        "alignment_pairs": len(keep),
-    }
 
 
 def parse_overrides(pairs: list[str]) -> dict:

@@ -45,7 +45,7 @@ def per_rank_sizes(cfg, world: int) -> dict:
     if cfg.mini_batch_size % world:
         raise ValueError(f"mini_batch_size={cfg.mini_batch_size} must divide by the {world} ranks")
     mini = cfg.mini_batch_size // world
-    if mini % cfg.micro_batch_size:
+    if cfg.max_tokens_per_microbatch is None and mini % cfg.micro_batch_size:
         raise ValueError(
             f"micro_batch_size={cfg.micro_batch_size} must divide the per-rank mini-batch "
             f"mini_batch_size / ranks = {mini}"

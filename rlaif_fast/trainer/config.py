@@ -48,6 +48,12 @@ class RLAIFConfig:
     """Rollouts per optimizer step, all ranks together (default: batch_size, one step per epoch)."""
     micro_batch_size: int = 4
     """Rollouts per forward/backward on one rank; gradients accumulate up to mini_batch_size."""
+    max_tokens_per_microbatch: int | None = None
+    """Padded-token budget of one training micro-batch (rows x longest row). When set, each rank cuts
+    its share of every mini-batch with ``rlaif_fast.batching.balanced_microbatches`` instead of
+    micro_batch_size rows at a time, so short rollouts share a forward; the number of micro-batches
+    then varies per step (the update does not depend on it). Must be >= max_prompt_len + max_new_tokens,
+    so any rollout fits. None: fixed micro_batch_size (which still sizes the no-grad scoring passes)."""
     ppo_epochs: int = 1
     """Passes over each batch of rollouts. 1 keeps the update on-policy (ratio = 1 at the first pass)."""
     total_steps: int | None = None
@@ -192,6 +198,16 @@ class RLAIFConfig:
             raise ValueError(
                 f"mini_batch_size={self.mini_batch_size} must divide batch_size={self.batch_size}"
             )
+        budget = self.max_tokens_per_microbatch
+        if budget is not None:
+            if not isinstance(budget, int) or isinstance(budget, bool):
+                raise ValueError(f"max_tokens_per_microbatch={budget!r} must be an integer or None")
+            if budget < self.max_prompt_len + self.max_new_tokens:
+                raise ValueError(
+                    f"max_tokens_per_microbatch={budget} is below max_prompt_len + max_new_tokens = "
+                    f"{self.max_prompt_len} + {self.max_new_tokens}, so a long rollout would fit no micro-batch; "
+                    f"raise it to >= {self.max_prompt_len + self.max_new_tokens} or lower max_prompt_len"
+                )
         if self.total_steps is not None and self.total_steps < 1:
             raise ValueError(
                 f"total_steps={self.total_steps!r} must be >= 1 or None (one pass over the prompts)"

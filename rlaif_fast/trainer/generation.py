@@ -161,6 +161,25 @@ def _pad_right(prompt_ids, response_ids, pad_id, width, fast: bool):
     return _pad_right_python(prompt_ids, response_ids, pad_id, width)
 
 
+def train_batch(
+    rollouts: Rollouts, chunk: list[int], pad_id: int, *, fast: bool, batch_width: int
+) -> TrainBatch:
+    """Rows ``chunk`` of ``rollouts`` as one right-padded micro-batch: to its own longest rollout when
+    ``fast``, to ``batch_width`` otherwise."""
+    lengths = rollouts.lengths()
+    p = [rollouts.prompt_ids[i] for i in chunk]
+    r = [rollouts.response_ids[i] for i in chunk]
+    width = max(lengths[i] for i in chunk) if fast else batch_width
+    ids, attn, resp = _pad_right(p, r, pad_id, width, fast)
+    longest = max(max(len(x) for x in r), 1)
+    j = torch.arange(longest)
+    starts = torch.tensor([len(x) for x in p])
+    resp_len = torch.tensor([len(x) for x in r])
+    resp_index = (starts[:, None] + j[None, :]).clamp(max=width - 1)  # (b, L)
+    resp_mask = (j[None, :] < resp_len[:, None]).float()  # (b, L)
+    return TrainBatch(ids, attn, resp, resp_index, resp_mask, list(chunk))
+
+
 def micro_batches(
     rollouts: Rollouts, rows: list[int], micro_batch_size: int, pad_id: int, *, fast: bool, batch_width: int
 ) -> list[TrainBatch]:
@@ -173,18 +192,37 @@ def micro_batches(
     """
     lengths = rollouts.lengths()
     order = sorted(rows, key=lambda i: lengths[i]) if fast else list(rows)
-    out = []
-    for start in range(0, len(order), micro_batch_size):
-        chunk = order[start : start + micro_batch_size]
-        p = [rollouts.prompt_ids[i] for i in chunk]
-        r = [rollouts.response_ids[i] for i in chunk]
-        width = max(lengths[i] for i in chunk) if fast else batch_width
-        ids, attn, resp = _pad_right(p, r, pad_id, width, fast)
-        longest = max(max(len(x) for x in r), 1)
-        j = torch.arange(longest)
-        starts = torch.tensor([len(x) for x in p])
-        resp_len = torch.tensor([len(x) for x in r])
-        resp_index = (starts[:, None] + j[None, :]).clamp(max=width - 1)  # (b, L)
-        resp_mask = (j[None, :] < resp_len[:, None]).float()  # (b, L)
-        out.append(TrainBatch(ids, attn, resp, resp_index, resp_mask, chunk))
-    return out
+    return [
+        train_batch(
+            rollouts, order[start : start + micro_batch_size], pad_id, fast=fast, batch_width=batch_width
+        )
+        for start in range(0, len(order), micro_batch_size)
+    ]
+
+
+def token_micro_batches(
+    rollouts: Rollouts, rows: list[int], max_tokens: int, pad_id: int, *, fast: bool, batch_width: int
+) -> list[TrainBatch]:
+    """Split ``rows`` into micro-batches of at most ``max_tokens`` padded tokens (rows x padded width).
+
+    The plan is ``rlaif_fast.batching.balanced_microbatches`` on this rank's rows alone: rollouts of
+    similar length share a micro-batch, so short rollouts run many to a forward and long ones few.
+    reference: every row counts as ``batch_width`` tokens, the width it is padded to, so the budget
+    bounds the work actually done in both modes. The count varies with the lengths sampled.
+    """
+    from rlaif_fast.batching import balanced_microbatches
+
+    lengths = rollouts.lengths()
+    sizes = [lengths[i] if fast else batch_width for i in rows]
+    longest = max(sizes)
+    if longest > max_tokens:
+        raise ValueError(
+            f"a rollout of {longest} tokens does not fit max_tokens_per_microbatch={max_tokens}; raise it "
+            f"to at least max_prompt_len + max_new_tokens"
+        )
+    plan = balanced_microbatches(sizes, max_tokens=max_tokens, num_ranks=1)
+    return [
+        train_batch(rollouts, [rows[k] for k in mb], pad_id, fast=fast, batch_width=batch_width)
+        for mb in plan.microbatches[0]
+        if mb
+    ]

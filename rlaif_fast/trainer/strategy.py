@@ -128,6 +128,19 @@ class Strategy:
             for p in params:
                 self._ds.zero.register_external_parameter(module, p)
 
+    @property
+    def grad_accum(self) -> int:
+        """What the engine divides each micro-batch loss by (its gradient_accumulation_steps)."""
+        return self.engine.gradient_accumulation_steps()
+
+    def set_boundary(self, is_last: bool) -> None:
+        """Mark the coming forward/backward as the last of the mini-batch (or not), before its forward.
+
+        The trainer owns the accumulation boundary: with a token budget the number of micro-batches per
+        optimizer step varies, which DeepSpeed's fixed gradient_accumulation_steps counter cannot follow.
+        """
+        self.engine.set_gradient_accumulation_boundary(is_last)
+
     def backward(self, loss: torch.Tensor) -> None:
         self.engine.backward(loss)
 
@@ -143,12 +156,17 @@ class Strategy:
         return contextlib.nullcontext()
 
     # ---- collectives ----------------------------------------------------------------------------
-    def all_reduce(self, t: torch.Tensor) -> torch.Tensor:
+    def all_reduce(self, t: torch.Tensor, op: str = "sum") -> torch.Tensor:
+        """Sum (or ``op='max'``) of ``t`` over ranks; ``t`` itself is left untouched."""
+        if op not in ("sum", "max"):
+            raise ValueError(f"op={op!r}; all_reduce takes 'sum' or 'max'")
         if self.world_size == 1:
             return t
-        t = t.clone()
-        torch.distributed.all_reduce(t)
-        return t
+        # on the engine's device (NCCL reduces CUDA tensors only), back where the caller had it
+        out = t.to(self.device, copy=True)
+        reduce_op = torch.distributed.ReduceOp.SUM if op == "sum" else torch.distributed.ReduceOp.MAX
+        torch.distributed.all_reduce(out, op=reduce_op)
+        return out.to(t.device)
 
     def barrier(self) -> None:
         if self.world_size > 1:

@@ -16,6 +16,10 @@ How each algorithm departs from its textbook form (read this before the code):
   adaptive_kl is set.
 - All losses are sums over tokens divided by the tokens of the whole mini-batch on all ranks, so the
   update does not depend on the number of ranks or micro-batches (see update.py).
+- Micro-batches: micro_batch_size rows each, or (max_tokens_per_microbatch) cut per rank to a
+  padded-token budget by rlaif_fast.batching.balanced_microbatches, the count varying per step; ranks
+  with fewer run empty (zero-loss) micro-batches so all join the same ZeRO collectives. A NaN/inf loss
+  on any rank stops every rank before its backward.
 """
 
 from __future__ import annotations
@@ -34,10 +38,10 @@ import torch
 from rlaif_fast.trainer import checkpoint as ckpt
 from rlaif_fast.trainer.checks import check_inputs, per_rank_sizes
 from rlaif_fast.trainer.config import RLAIFConfig
-from rlaif_fast.trainer.generation import micro_batches, sample, special_ids
+from rlaif_fast.trainer.generation import micro_batches, sample, special_ids, token_micro_batches
 from rlaif_fast.trainer.logging import MetricsLogger, plot_metrics
 from rlaif_fast.trainer.scoring import advantages_and_returns, response_logprobs, stack_rows
-from rlaif_fast.trainer.update import ActorCritic, run_update
+from rlaif_fast.trainer.update import ActorCritic, empty_like, run_update
 
 RewardFn = Callable[[list[str], list[str]], Sequence[float]]
 
@@ -120,8 +124,11 @@ class RLAIFTrainer:
             groups.append(
                 {"params": list(value_model.parameters()), "lr": cfg.value_learning_rate or cfg.learning_rate}
             )
-        accum = self.per_rank["mini"] // cfg.micro_batch_size
-        self.engine = self.strategy.prepare(self.model, groups, cfg.micro_batch_size, accum)
+        if cfg.max_tokens_per_microbatch is None:
+            micro, accum = cfg.micro_batch_size, self.per_rank["mini"] // cfg.micro_batch_size
+        else:  # micro-batches vary in rows and count: the trainer marks each boundary (update.py)
+            micro, accum = self.per_rank["mini"], 1
+        self.engine = self.strategy.prepare(self.model, groups, micro, accum)
         # the fast log-probs read the output embedding outside lm_head.forward: ZeRO-3 must gather it
         # for the whole ActorCritic forward
         self.strategy.register_external(self.model, [policy.get_output_embeddings().weight])
@@ -267,20 +274,35 @@ class RLAIFTrainer:
         return data
 
     def _mini_batches(self, rollouts):
+        """Micro-batches of every mini-batch of this rank: ``micro_batch_size`` rows each, or cut to the
+        token budget. Budget plans are per rank (rows stay where their rollout-time data lives), so the
+        counts can differ across ranks: the shorter lists get empty micro-batches up to the longest."""
         cfg, mini = self.config, self.per_rank["mini"]
+        fast, width = cfg.ops == "fast", max(rollouts.lengths())
+        budget = cfg.max_tokens_per_microbatch
+        if budget is not None:  # decided on all ranks together: a rank raising alone would hang the rest
+            longest = int(self.strategy.all_reduce(torch.tensor([float(width)]), op="max").item())
+            if longest > budget:
+                raise ValueError(
+                    f"a rollout of {longest} tokens does not fit max_tokens_per_microbatch={budget}; "
+                    "raise it to the longest prompt + response that learn() receives"
+                )
         out = []
         for start in range(0, len(rollouts), mini):
             rows = list(range(start, start + mini))
-            mbs = micro_batches(
-                rollouts,
-                rows,
-                cfg.micro_batch_size,
-                self.pad_id,
-                fast=cfg.ops == "fast",
-                batch_width=max(rollouts.lengths()),
-            )
-            out.append([_to(b, self.strategy.device) for b in mbs])
-        return out
+            if budget is None:
+                mbs = micro_batches(
+                    rollouts, rows, cfg.micro_batch_size, self.pad_id, fast=fast, batch_width=width
+                )
+            else:
+                mbs = token_micro_batches(rollouts, rows, budget, self.pad_id, fast=fast, batch_width=width)
+            out.append(mbs)
+        if budget is not None:
+            counts = torch.tensor([float(len(m)) for m in out], dtype=torch.float64)
+            most = self.strategy.all_reduce(counts, op="max").tolist()
+            for mbs, n in zip(out, most):
+                mbs.extend(empty_like(mbs[-1]) for _ in range(int(n) - len(mbs)))
+        return [[_to(b, self.strategy.device) for b in mbs] for mbs in out]
 
     def _metrics(self, rollouts, data, stats, seconds) -> dict:
         mask = data["mask"]

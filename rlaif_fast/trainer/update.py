@@ -1,9 +1,10 @@
 """The update: losses per micro-batch, gradient accumulation, one optimizer step per mini-batch.
 
-Data-parallel invariance: DeepSpeed divides each micro-batch loss by the accumulation steps and averages
-gradients over ranks. Each micro-batch loss is therefore rescaled from "mean over my tokens" to
-"sum over my tokens / tokens of the whole mini-batch on all ranks" times (ranks x accumulation steps),
-which makes 2 ranks x 4 rollouts, 1 rank x 8, and 8 micro-batches of 1 give the same gradient.
+Data-parallel invariance: DeepSpeed divides each micro-batch loss by its gradient_accumulation_steps
+(gas) and averages gradients over ranks. Each micro-batch loss is therefore rescaled from "mean over my
+tokens" to "sum over my tokens / tokens of the whole mini-batch on all ranks" times (ranks x gas), which
+makes 2 ranks x 4 rollouts, 1 rank x 8, 8 micro-batches of 1 and token-budget micro-batches of any
+count give the same gradient. With a token budget gas is 1 and the trainer sets the boundary itself.
 """
 
 from __future__ import annotations
@@ -96,17 +97,50 @@ def micro_loss(cfg, model, batch: TrainBatch, data: dict, kl_coef: float, scale_
     return loss, out
 
 
+def empty_like(batch: TrainBatch) -> TrainBatch:
+    """A one-row micro-batch with no response tokens: it contributes zero loss and zero gradient but runs
+    the forward/backward (and so the ZeRO collectives) that a rank with fewer micro-batches must join."""
+    return TrainBatch(
+        batch.input_ids[:1],
+        batch.attention_mask[:1],
+        batch.response_mask[:1],
+        batch.resp_index[:1],
+        torch.zeros_like(batch.resp_mask[:1]),
+        batch.rows[:1],
+    )
+
+
+def _zero_loss(cfg, model, batch: TrainBatch) -> torch.Tensor:
+    """0 x the outputs of an empty micro-batch: every trained parameter gets a (zero) gradient, as on
+    the ranks that run a real one, so ZeRO's per-parameter reductions line up."""
+    logp, _, values = model(batch, cfg.temperature, cfg.ops == "fast", False)
+    loss = (logp * 0).sum()
+    return loss + (values * 0).sum() if values is not None else loss
+
+
+def _check_finite(strategy, loss: torch.Tensor, batch: TrainBatch) -> None:
+    """Collective: if the loss is NaN/inf on any rank, every rank raises (before its backward), so no rank
+    is left waiting in a ZeRO reduction that the failing one never joins. One scalar per micro-batch."""
+    bad_here = not bool(torch.isfinite(loss.detach()).all())
+    bad = strategy.all_reduce(torch.tensor([float(bad_here)], dtype=torch.float64)).item()
+    if bad > 0:
+        where = f"rows {batch.rows} of rank {strategy.rank}" if bad_here else f"{int(bad)} other rank(s)"
+        raise FloatingPointError(f"non-finite loss in a micro-batch ({where})")
+
+
 def run_update(cfg, strategy, model, batches: list[list[TrainBatch]], data: dict, kl_coef: float) -> dict:
     """``ppo_epochs`` passes; each inner list of micro-batches is one optimizer step (one mini-batch).
 
-    Returns the metrics summed over micro-batches and averaged over optimizer steps and ranks.
+    Every rank must hold the same number of micro-batches per mini-batch (empty ones pad the short
+    lists). The trainer marks the last one as DeepSpeed's accumulation boundary, so the count may
+    change from one mini-batch to the next. Returns the metrics averaged over optimizer steps: losses
+    summed over micro-batches and ranks, clip_frac / approx_kl weighted by tokens.
     """
     totals: dict[str, float] = {}
     n_steps = 0
-    ranks = strategy.world_size
+    ranks, gas = strategy.world_size, strategy.grad_accum
     for _ in range(cfg.ppo_epochs):
         for mini in batches:
-            accum = len(mini)
             # global units of the mini-batch: token counts cross ranks as one 2-element all-reduce
             local = torch.tensor(
                 [
@@ -117,20 +151,26 @@ def run_update(cfg, strategy, model, batches: list[list[TrainBatch]], data: dict
             )
             units, tokens = strategy.all_reduce(local).tolist()
             sums: dict[str, float] = {}
-            for b in mini:
-                scale_pg = local_units(b.resp_mask, cfg.loss_agg) / max(units, 1.0) * ranks * accum
-                scale_v = float(b.resp_mask.sum()) / max(tokens, 1.0) * ranks * accum
-                loss, stats = micro_loss(cfg, model, b, data, kl_coef, scale_pg, scale_v)
-                if not torch.isfinite(loss.detach()).all():
-                    raise FloatingPointError(
-                        f"non-finite loss {float(loss.detach())} in a micro-batch of rows {b.rows}"
-                    )
+            for i, b in enumerate(mini):
+                strategy.set_boundary(i == len(mini) - 1)
+                n_tok = float(b.resp_mask.sum())
+                if n_tok == 0:
+                    loss, stats = _zero_loss(cfg, model, b), {}
+                else:
+                    # the engine divides by gas and averages over ranks: undo both, then weigh by units
+                    scale_pg = local_units(b.resp_mask, cfg.loss_agg) / max(units, 1.0) * ranks * gas
+                    scale_v = n_tok / max(tokens, 1.0) * ranks * gas
+                    loss, stats = micro_loss(cfg, model, b, data, kl_coef, scale_pg, scale_v)
+                _check_finite(strategy, loss, b)
                 strategy.backward(loss)
                 strategy.step()  # DeepSpeed only steps the optimizer at the accumulation boundary
                 for k, v in stats.items():
-                    sums[k] = sums.get(k, 0.0) + v / (ranks * accum)
-            reduced = strategy.all_reduce(torch.tensor(list(sums.values()), dtype=torch.float64)).tolist()
-            for k, v in zip(sums, reduced):
+                    # losses are already fractions of the global mini-batch; ratios are token means
+                    w = 1.0 / (ranks * gas) if k.endswith("_loss") else n_tok / max(tokens, 1.0)
+                    sums[k] = sums.get(k, 0.0) + v * w
+            keys = sorted(sums)  # the same order on every rank
+            reduced = strategy.all_reduce(torch.tensor([sums[k] for k in keys], dtype=torch.float64)).tolist()
+            for k, v in zip(keys, reduced):
                 totals[k] = totals.get(k, 0.0) + v
             n_steps += 1
     return {k: v / max(n_steps, 1) for k, v in totals.items()}

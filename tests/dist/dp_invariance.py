@@ -1,5 +1,6 @@
-"""Run under torchrun with 2 ranks: ZeRO-2 and ZeRO-3 training of the toy task (greedy rollouts), then one
-ZeRO-3 step with real sampling (ranks reach EOS at different times); rank 0 saves the results.
+"""Run under torchrun with 2 ranks: ZeRO-2 and ZeRO-3 training of the toy task (greedy rollouts), the same
+under ZeRO-3 with token-budget micro-batches, one ZeRO-3 step with real sampling (ranks reach EOS at
+different times), and a loss that is NaN on rank 1 only; rank 0 saves the results.
 
 torchrun --nproc_per_node=2 tests/dist/dp_invariance.py OUT_DIR
 """
@@ -13,18 +14,71 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from toy import invariance_run  # noqa: E402
 
 
+def token_budget_run() -> dict:
+    """ZeRO-3 with micro-batches cut to 12 padded tokens, planned per rank: the counts differ across
+    ranks, so the shorter rank runs empty micro-batches (counted here) to stay in the collectives."""
+    from rlaif_fast.trainer import trainer as trainer_module
+    from rlaif_fast.trainer import update
+
+    empties = []
+    real = update.empty_like
+
+    def counting(batch):
+        empties.append(1)
+        return real(batch)
+
+    trainer_module.empty_like = counting
+    try:
+        params, history = invariance_run(zero_stage=3, max_prompt_len=4, max_tokens_per_microbatch=12)
+    finally:
+        trainer_module.empty_like = real
+    count = torch.tensor([float(len(empties))])
+    torch.distributed.all_reduce(count)
+    return {"params": params, "history": history, "empty_microbatches": int(count.item())}
+
+
+def nan_on_one_rank(out: Path) -> None:
+    """Rank 1's loss is NaN: both ranks must raise NonFiniteError (none waits in a ZeRO reduction)."""
+    from rlaif_fast.trainer import NonFiniteError, update
+
+    real = update.micro_loss
+    if torch.distributed.get_rank() == 1:
+
+        def nan_loss(*args, **kwargs):
+            loss, stats = real(*args, **kwargs)
+            return loss * float("nan"), stats
+
+        update.micro_loss = nan_loss
+    message = "no error"
+    try:
+        invariance_run(steps=1, zero_stage=2, output_dir=str(out / "nan_run"))
+    except NonFiniteError as err:
+        message = str(err)
+    finally:
+        update.micro_loss = real
+    messages = [None, None]
+    torch.distributed.all_gather_object(messages, message)
+    if torch.distributed.get_rank() == 0:
+        torch.save({"messages": messages}, out / "nan_one_rank.pt")
+
+
 def main(out: str) -> None:
+    rank = torch.distributed.get_rank
     for stage in (2, 3):
         params, history = invariance_run(zero_stage=stage)
-        if torch.distributed.get_rank() == 0:
+        if rank() == 0:
             torch.save({"params": params, "history": history}, Path(out) / f"zero{stage}.pt")
         torch.distributed.barrier()
+    budget = token_budget_run()
+    if rank() == 0:
+        torch.save(budget, Path(out) / "zero3_budget.pt")
     # real sampling under ZeRO-3: ranks stop at EOS at different times; generate must stay in lockstep
     _, history = invariance_run(
         steps=1, fixed_lengths=False, zero_stage=3, temperature=1.0, max_new_tokens=12
     )
-    if torch.distributed.get_rank() == 0:
+    if rank() == 0:
         torch.save({"history": history}, Path(out) / "zero3_sampled.pt")
+    nan_on_one_rank(Path(out))
 
 
 if __name__ == "__main__":

@@ -1,0 +1,74 @@
+"""Where a run's models come from: the policy (a saved HF folder) and the AI labeler.
+
+The labeler is one backend (the demo's tiny LM, a local HF model or an OpenAI-compatible endpoint)
+wrapped as a ``PairwiseLabeler`` (pairwise soft labels, win rates) and, for d-RLAIF, a ``ScoreLabeler``
+over the same backend and template.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+from pathlib import Path
+
+import torch
+
+
+def cache_dir() -> Path:
+    """Where the demo labeler is cached: $RLAIF_FAST_CACHE, else ~/.cache/rlaif_fast."""
+    return Path(os.environ.get("RLAIF_FAST_CACHE", Path.home() / ".cache" / "rlaif_fast"))
+
+
+def load_policy(path: str | Path):
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(str(path)).eval()
+
+
+def labeler_url(spec: str) -> str:
+    """``http://host:port`` as given, or the URL after the ``http:`` prefix (``http:https://host``)."""
+    rest = spec.partition(":")[2]
+    return rest if rest.startswith(("http://", "https://")) else spec
+
+
+def seed_all(seed: int) -> None:
+    random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def build_labeler(cfg, tokenizer, *, progress: bool):
+    """``PairwiseLabeler`` over the backend ``cfg.labeler`` names (``demo``, ``hf:PATH`` or ``http:URL``).
+
+    The demo labeler is trained on the template's pairwise prompt and, when the template has one, on its
+    score prompt too, so the same model serves ``feedback: direct``.
+    """
+    from rlaif_fast.feedback import HFBackend, OpenAICompatibleBackend, PairwiseLabeler, load_template
+
+    template = load_template(cfg.template)
+    kind, _, where = cfg.labeler.partition(":")
+    if cfg.labeler == "demo":
+        from rlaif_fast.pipeline.labeler_model import load_or_train_labeler
+
+        model, _ = load_or_train_labeler(
+            template.render_pairwise,
+            tokenizer,
+            cache_dir(),
+            dim=cfg.policy_dim,
+            steps=cfg.labeler_steps,
+            seed=cfg.seed,
+            progress=progress,
+            render_score=template.render_score if template.score_sample else None,
+        )
+        backend = HFBackend(model, tokenizer, batch_size=64)
+    elif kind == "hf":
+        backend = HFBackend(where)
+    else:
+        backend = OpenAICompatibleBackend(labeler_url(cfg.labeler), cfg.labeler_model)
+    return PairwiseLabeler(backend, template)
+
+
+def score_labeler(pairwise):
+    """d-RLAIF: a ``ScoreLabeler`` over the backend and template of ``pairwise``."""
+    from rlaif_fast.feedback import ScoreLabeler
+
+    return ScoreLabeler(pairwise.backend, pairwise.template)

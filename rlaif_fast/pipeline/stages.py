@@ -1,0 +1,258 @@
+"""The stages of one RLAIF iteration (see :mod:`rlaif_fast.pipeline.run` for the loop and resume rules).
+
+Each ``stage_*`` returns its record (a dict) and, when it finishes, writes it as ``<stage>.json`` after its
+artefact; a stage whose record exists is skipped and its record returned. ``Stages`` is mixed into
+:class:`~rlaif_fast.pipeline.run.Run`, which owns the config, the tokenizer, the prompts and the models.
+"""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+
+import torch
+
+from rlaif_fast.pipeline import evaluate as ev
+from rlaif_fast.pipeline import files
+from rlaif_fast.pipeline import models as M
+from rlaif_fast.pipeline import task as T
+
+
+class Stages:
+    """SFT, label, reward model, RL and evaluation, over ``self.cfg`` and ``self.out``."""
+
+    def stage_sft(self) -> dict:
+        """Build (or load) the policy and fit it to the task's demonstrations; save it to ``sft/``."""
+        done = files.read_json(self.out / "sft.json")
+        if done is not None:
+            return done
+        from rlaif_fast.pipeline.sft import build_policy, train_sft
+
+        M.seed_all(self.cfg.seed)
+        if self.cfg.policy is None:
+            policy = build_policy(
+                len(self.tokenizer),
+                dim=self.cfg.policy_dim,
+                layers=self.cfg.policy_layers,
+                max_positions=max(64, 32 + self.cfg.max_new_tokens),  # prompts are ~10 tokens
+                seed=self.cfg.seed,
+            )
+        else:
+            policy = M.load_policy(self.cfg.policy)
+        losses = []
+        if self.cfg.sft_steps:
+            if self.cfg.task is None:
+                raise ValueError(
+                    "sft_steps > 0 needs demonstrations, which only the embedded task has; set "
+                    "sft_steps: 0 and give an SFT policy path as policy"
+                )
+            demos = T.sft_corpus(4096, self.cfg.seed)
+            losses = train_sft(
+                policy,
+                self.tokenizer,
+                demos,
+                steps=self.cfg.sft_steps,
+                lr=self.cfg.sft_lr,
+                seed=self.cfg.seed,
+                progress=self.progress,
+            )
+        policy.save_pretrained(str(self.sft_dir()))
+        self.tokenizer.save_pretrained(str(self.sft_dir()))
+        record = {"steps": self.cfg.sft_steps, "final_loss": losses[-1] if losses else None}
+        files.write_json(self.out / "sft.json", record)
+        return record
+
+    def stage_label(self, k: int, policy) -> dict:
+        """Sample pairs from the current policy and label them; ``pairs.jsonl`` keeps every soft label.
+
+        With ``feedback: direct`` every response is also scored by the d-RLAIF labeler (``score_a``,
+        ``score_b``), and the record has the scores' mean and their correlation with the ground truth."""
+        path = self.iter_dir(k) / "label.json"
+        done = files.read_json(path)
+        if done is not None:
+            return done
+        n = self.cfg.pairs_per_iteration
+        prompts = [self.train_prompts[(i + k) % len(self.train_prompts)] for i in range(n)]
+        a = ev.visible(self._sample(policy, prompts, seed=self.cfg.seed * 1000 + 2 * k))
+        b = ev.visible(self._sample(policy, prompts, seed=self.cfg.seed * 1000 + 2 * k + 1))
+        labels = self.labeler().label(prompts, a, b)
+        records = [
+            {"context": p, "response_a": x, "response_b": y, **lab.to_dict()}
+            for p, x, y, lab in zip(prompts, a, b, labels)
+        ]
+        record = {
+            "pairs": n,
+            "position_bias": sum(not r["consistent"] for r in records) / n,
+            "mean_entropy": sum(r["entropy"] for r in records) / n,
+        }
+        if self.ground_truth is not None:
+            record.update(_alignment(records, self.ground_truth))
+        if self.cfg.feedback == "direct":  # d-RLAIF: the reward RL will see, on the same responses
+            scores = self.score_labeler().score(prompts + prompts, a + b)
+            for i, r in enumerate(records):
+                r["score_a"], r["score_b"] = scores[i], scores[n + i]
+            record["mean_score"] = sum(scores) / len(scores)
+            if self.ground_truth is not None:
+                record.update(_score_agreement(prompts + prompts, a + b, scores, self.ground_truth))
+        files.write_jsonl(self.iter_dir(k) / "pairs.jsonl", records)
+        files.write_json(path, record)
+        return record
+
+    def stage_rm(self, k: int) -> dict:
+        """Distill the iteration's soft labels into a reward model initialised from the SFT policy."""
+        path = self.iter_dir(k) / "rm.json"
+        done = files.read_json(path)
+        if done is not None:
+            return done
+        from rlaif_fast.reward import RewardModel, RewardModelScorer, pairwise_accuracy, train_reward_model
+
+        M.seed_all(self.cfg.seed + k)
+        records = [
+            r
+            for r in files.read_jsonl(self.iter_dir(k) / "pairs.jsonl")
+            if r["response_a"] != r["response_b"]
+        ]
+        if len(records) < 2:
+            raise ValueError(
+                f"iteration {k}: only {len(records)} pairs with two different responses; raise "
+                "pairs_per_iteration or the temperature"
+            )
+        cut = max(1, len(records) // 5)  # last 20% held out to measure the reward model
+        train, held = records[:-cut], records[-cut:]
+        rm = RewardModel(copy.deepcopy(self.sft_policy()))
+        result = train_reward_model(
+            rm,
+            self.tokenizer,
+            train,
+            epochs=self.cfg.rm_epochs,
+            lr=self.cfg.rm_lr,
+            batch_size=32,
+            eval_pairs=held,
+            seed=self.cfg.seed + k,
+        )
+        record = {
+            "train_pairs": len(train),
+            "held_out_pairs": len(held),
+            "final_loss": result["loss"],
+            "acc_ai_train": result["train"].get("acc_ai"),
+            "acc_ai_held_out": result["eval"].get("acc_ai"),
+        }
+        if self.ground_truth is not None:
+            scorer = RewardModelScorer(rm, self.tokenizer)
+            ctx = [r["context"] for r in held]
+            gt_a = self.ground_truth(ctx, [r["response_a"] for r in held])
+            gt_b = self.ground_truth(ctx, [r["response_b"] for r in held])
+            keep = [i for i in range(len(held)) if gt_a[i] != gt_b[i]]
+            if keep:
+                r_a = scorer([ctx[i] for i in keep], [held[i]["response_a"] for i in keep])
+                r_b = scorer([ctx[i] for i in keep], [held[i]["response_b"] for i in keep])
+                record["acc_gt_held_out"] = pairwise_accuracy(r_a, r_b, [gt_a[i] > gt_b[i] for i in keep])
+        rm.save_pretrained(self.iter_dir(k) / "rm")
+        files.write_json(path, record)
+        return record
+
+    def stage_rl(self, k: int, policy, reward) -> dict:
+        """RL from the current policy against ``reward``, KL to the SFT policy; resumes from a checkpoint."""
+        path = self.iter_dir(k) / "rl.json"
+        done = files.read_json(path)
+        if done is not None:
+            return done
+        from rlaif_fast.trainer import RLAIFConfig, RLAIFTrainer, ValueModel
+        from rlaif_fast.trainer.checkpoint import latest_checkpoint
+
+        M.seed_all(self.cfg.seed + k)
+        rl_dir = self.iter_dir(k) / "rl"
+        rl_cfg = RLAIFConfig.from_dict(
+            {
+                **self.rl_settings,
+                "output_dir": str(rl_dir),
+                "seed": self.cfg.seed + k,
+                "max_new_tokens": self.cfg.max_new_tokens,
+                "temperature": self.cfg.temperature,
+                "progress": self.progress,
+            }
+        )
+        value = ValueModel.from_policy(policy) if rl_cfg.uses_critic else None
+        ref = copy.deepcopy(self.sft_policy())
+        trainer = RLAIFTrainer(policy, self.tokenizer, reward, rl_cfg, ref_policy=ref, value_model=value)
+        ckpt = latest_checkpoint(rl_dir)
+        if ckpt is not None:
+            trainer.load(ckpt)
+        summary = trainer.train(self._rl_prompts(rl_cfg))
+        if summary.get("stopped") == "interrupted":
+            raise KeyboardInterrupt
+        history = [{"iteration": k, **row} for row in _rl_history(rl_dir, summary.pop("history", []))]
+        record = {"summary": files.jsonable(summary), "history": files.jsonable(history)}
+        files.write_json(path, record)
+        return record
+
+    def _rl_prompts(self, rl_cfg) -> list[str]:
+        """The training prompts, repeated until one pass covers ``total_steps`` (the embedded task has few
+        prompts; each repeat is sampled afresh, so repeats are new rollouts, not copies)."""
+        need = rl_cfg.prompts_per_step * (rl_cfg.total_steps or 1)
+        reps = max(1, -(-need // len(self.train_prompts)))
+        return list(self.train_prompts) * reps
+
+    def stage_eval(self, k: int, policy) -> dict:
+        """Win rate of ``policy`` against SFT on the held-out prompts, and the ground truth of both."""
+        path = self.iter_dir(k) / "eval.json"
+        done = files.read_json(path)
+        if done is not None:
+            return done
+        record = self.evaluate(policy, self.sft_policy())
+        files.write_json(path, record)
+        return record
+
+
+def _rl_history(rl_dir: Path, in_memory: list[dict]) -> list[dict]:
+    """Every RL step's metrics, also across a resume: the trainer appends to ``metrics.jsonl``, and steps
+    logged after the last checkpoint of a killed run appear twice, so the last row of each step wins."""
+    path = rl_dir / "metrics.jsonl"
+    if not path.is_file():
+        return in_memory
+    by_step = {}
+    for row in files.read_jsonl(path):
+        by_step[row.get("step")] = row
+    return [by_step[s] for s in sorted(by_step, key=lambda s: (s is None, s))]
+
+
+def _alignment(records: list[dict], ground_truth) -> dict:
+    """The paper's alignment (binarized soft label vs the reference choice) with the ground truth as the
+    reference, over pairs the ground truth does not tie."""
+    from rlaif_fast.reward import ai_human_alignment
+
+    ctx = [r["context"] for r in records]
+    gt_a = ground_truth(ctx, [r["response_a"] for r in records])
+    gt_b = ground_truth(ctx, [r["response_b"] for r in records])
+    keep = [i for i in range(len(records)) if gt_a[i] != gt_b[i]]
+    if not keep:
+        return {"alignment": None, "alignment_pairs": 0}
+    return {
+        "alignment": ai_human_alignment([records[i]["p_a"] for i in keep], [gt_a[i] > gt_b[i] for i in keep]),
+        "alignment_pairs": len(keep),
+    }
+
+
+def _score_agreement(prompts, responses, scores, ground_truth) -> dict:
+    """How well the d-RLAIF reward tracks the ground truth: Pearson and Spearman correlation over every
+    scored response (Spearman with tied ranks averaged: many responses share a ground-truth value)."""
+    gt = torch.tensor(ground_truth(prompts, responses), dtype=torch.float64)
+    s = torch.tensor(scores, dtype=torch.float64)
+    return {
+        "score_gt_pearson": _pearson(s, gt),
+        "score_gt_spearman": _pearson(_average_ranks(s), _average_ranks(gt)),
+    }
+
+
+def _pearson(x: torch.Tensor, y: torch.Tensor) -> float | None:
+    """Pearson correlation; None when either side is constant (the correlation is undefined)."""
+    x, y = x - x.mean(), y - y.mean()
+    denom = (x.square().sum() * y.square().sum()).sqrt()
+    return float((x * y).sum() / denom) if denom > 0 else None
+
+
+def _average_ranks(x: torch.Tensor) -> torch.Tensor:
+    """1-based ranks of ``x``; tied values share the mean of their ranks."""
+    values, inverse, counts = torch.unique(x, return_inverse=True, return_counts=True)
+    ends = counts.cumsum(0).to(torch.float64)  # rank of the last member of each tied group
+    return (ends - (counts - 1) / 2.0)[inverse]
