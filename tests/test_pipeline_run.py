@@ -274,3 +274,10 @@ def test_run_direct_rlaif_end_to_end(tiny_config, capsys):
         p["score_a"], abs=1e-6
     )
     assert "gt_improved" in rep and rep["gt_sft"] is not None
+    # a rollout that stopped at once is scored as "(empty)", not a crash of the RL step
+    from rlaif_fast.pipeline.models import DirectReward
+
+    reward = DirectReward(run.score_labeler())
+    assert reward([p["context"]] * 2, ["", "(empty)"]) == pytest.approx(
+        run.score_labeler().score([p["context"]], ["(empty)"]) * 2, abs=1e-6
+    )

@@ -72,3 +72,16 @@ def score_labeler(pairwise):
     from rlaif_fast.feedback import ScoreLabeler
 
     return ScoreLabeler(pairwise.backend, pairwise.template)
+
+
+class DirectReward:
+    """The d-RLAIF reward for RL: ``ScoreLabeler`` scores, with an empty completion (a policy that emitted
+    EOS at once) shown to the labeler as ``(empty)``, as in pair labeling; ``ScoreLabeler`` rejects ""."""
+
+    def __init__(self, scorer):
+        self.scorer = scorer
+
+    def __call__(self, prompts, completions) -> list[float]:
+        from rlaif_fast.pipeline.evaluate import visible
+
+        return self.scorer(prompts, visible(completions))

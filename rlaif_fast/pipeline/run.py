@@ -164,7 +164,7 @@ class Run(Stages):
                     RewardModel.from_pretrained(self.iter_dir(k) / "rm"), self.tokenizer
                 )
             else:
-                reward = self.score_labeler()
+                reward = M.DirectReward(self.score_labeler())
             self._say(f"iteration {k}: RL")
             it["rl"] = self.stage_rl(k, policy, reward)
             policy = M.load_policy(self.iter_dir(k) / "rl" / "final")
