@@ -47,7 +47,7 @@ bench: venv
 	$(VPY) -m pytest benchmarks -o python_files='bench_*.py' --benchmark-enable --benchmark-only -q
 
 demo: venv
-	$(VPY) -m rlaif_fast.cli demo
+	$(VPY) -m rlaif_fast.cli demo $(ARGS)
 
 clean:
 	rm -rf build *.egg-info rlaif_fast/_C*.so .pytest_cache .ruff_cache .benchmarks
