@@ -279,61 +279,34 @@ def ppo_policy_loss(
         raise ValueError(f"kl_coef={kl_coef} needs ref_logp (the reference policy's log-probs); pass it")
 
     backend = select_backend(logits)
-    if backend == "reference":
-        from rlaif_fast.reference.logprobs import ppo_policy_loss as reference
-
-        return reference(
-            logits,
-            labels,
-            old_logp.detach(),
-            advantages.detach(),
-            mask,
-            ref_logp=None if ref_logp is None else ref_logp.detach(),
-            clip_eps=clip_eps,
-            clip_eps_high=eps_high,
-            kl_coef=kl_coef,
-            kl_estimator=kl_estimator,
-            entropy_coef=entropy_coef,
-            temperature=temperature,
-            loss_agg=loss_agg,
-            ignore_index=ignore_index,
-        )
-    if backend == "torch":
-        logp, ent = token_logprobs(
-            logits, labels, temperature=temperature, ignore_index=ignore_index, return_entropy=True
-        )
-        return ppo_loss_from_logprobs(
-            logp,
-            old_logp.detach(),
-            advantages.detach(),
-            mask,
-            entropy=ent,
-            ref_logp=None if ref_logp is None else ref_logp.detach(),
-            clip_eps=clip_eps,
-            clip_eps_high=eps_high,
-            kl_coef=kl_coef,
-            kl_estimator=kl_estimator,
-            entropy_coef=entropy_coef,
-            loss_agg=loss_agg,
-        )
-    opts = dict(
-        temperature=temperature,
-        ignore_index=ignore_index,
+    # the surrogate's knobs, the same for all three paths
+    knobs = dict(
         clip_eps=clip_eps,
         clip_eps_high=eps_high,
         kl_coef=kl_coef,
         kl_estimator=kl_estimator,
         entropy_coef=entropy_coef,
     )
+    old_logp, advantages = old_logp.detach(), advantages.detach()
+    ref_logp = None if ref_logp is None else ref_logp.detach()
+    if backend == "reference":
+        from rlaif_fast.reference.logprobs import ppo_policy_loss as reference
+
+        return reference(
+            logits, labels, old_logp, advantages, mask, ref_logp=ref_logp, temperature=temperature,
+            loss_agg=loss_agg, ignore_index=ignore_index, **knobs,
+        )  # fmt: skip
+    if backend == "torch":
+        logp, ent = token_logprobs(
+            logits, labels, temperature=temperature, ignore_index=ignore_index, return_entropy=True
+        )
+        return ppo_loss_from_logprobs(
+            logp, old_logp, advantages, mask, entropy=ent, ref_logp=ref_logp, loss_agg=loss_agg, **knobs
+        )
+    opts = dict(temperature=temperature, ignore_index=ignore_index, **knobs)
     weights = token_weights(mask, loss_agg, torch.float64 if logits.dtype == torch.float64 else torch.float32)
     loss, logp, ent, log_ratio, clipped, kl = _FusedPPOLoss.apply(
-        logits,
-        labels,
-        old_logp.detach(),
-        advantages.detach(),
-        weights,
-        None if ref_logp is None else ref_logp.detach(),
-        opts,
+        logits, labels, old_logp, advantages, weights, ref_logp, opts
     )
     m = mask.reshape(-1)
     count = m.sum().clamp(min=1).to(logp.dtype)
