@@ -80,25 +80,10 @@ def cache_key(
 
 
 def build_labeler_model(vocab_size: int, dim: int, max_positions: int, seed: int):
-    """A small GPT-2 from a config (nothing downloaded)."""
-    import torch
-    from transformers import GPT2Config, GPT2LMHeadModel
+    """A small GPT-2 from a config (nothing downloaded): the same architecture as the demo policy."""
+    from rlaif_fast.pipeline.sft import build_policy
 
-    torch.manual_seed(seed)
-    cfg = GPT2Config(
-        vocab_size=vocab_size,
-        n_positions=max_positions,
-        n_embd=dim,
-        n_layer=2,
-        n_head=4,
-        resid_pdrop=0.0,
-        embd_pdrop=0.0,
-        attn_pdrop=0.0,
-        bos_token_id=2,
-        eos_token_id=3,
-        pad_token_id=0,
-    )
-    return GPT2LMHeadModel(cfg)
+    return build_policy(vocab_size, dim=dim, layers=2, max_positions=max_positions, seed=seed)
 
 
 def train_labeler(
