@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from rlaif_fast.feedback.config_cli import parse_config
-from rlaif_fast.feedback.pairs import Pair, PairFormatError, _content_id, _open, pair_from_record, read_pairs
+from rlaif_fast.feedback.pairs import Pair, content_id, iter_records, pair_from_record, read_pairs
 
 MODES = ("pairwise", "score")
 
@@ -190,7 +190,7 @@ def response_items(rec) -> list[Response]:
                 raise ValueError(f"field {name} must be a string, got {type(v).__name__}")
         if not resp.strip():
             raise ValueError("response is empty; the labeler cannot score an empty response")
-        rid = str(rec["id"]) if "id" in rec else _content_id(ctx, resp, "")
+        rid = str(rec["id"]) if "id" in rec else content_id(ctx, resp, "")
         return [Response(rid, ctx, resp)]
     try:
         pair = pair_from_record(rec)
@@ -207,23 +207,8 @@ def response_items(rec) -> list[Response]:
 
 def read_responses(path, *, strict: bool = False, errors: list | None = None):
     """Stream :class:`Response` items from JSONL; bad lines are reported like :func:`read_pairs` does."""
-    path = Path(path)
-    if not path.is_file():
-        raise ValueError(f"input file {str(path)!r} does not exist")
-    with _open(path) as f:
-        for line_no, line in enumerate(f, start=1):
-            if not line.strip():
-                continue
-            try:
-                items = response_items(json.loads(line))
-            except ValueError as exc:
-                err = PairFormatError(path, line_no, str(exc))
-                if strict:
-                    raise err from None
-                if errors is not None:
-                    errors.append(err)
-                continue
-            yield from items
+    for items in iter_records(path, response_items, strict=strict, errors=errors):
+        yield from items
 
 
 def _score_records(batch: list[Response], scores) -> tuple[list[str], int]:

@@ -51,7 +51,7 @@ def split_dialogue(chosen: str, rejected: str) -> tuple[str, str, str]:
     return chosen[:cut], chosen[cut:], rejected[cut:]
 
 
-def _content_id(context: str, a: str, b: str) -> str:
+def content_id(context: str, a: str, b: str) -> str:
     h = hashlib.sha1()
     for s in (context, a, b):
         h.update(s.encode("utf-8"))
@@ -84,29 +84,37 @@ def pair_from_record(rec) -> Pair:
     for name, v in (("response_a", a), ("response_b", b)):
         if not v.strip():
             raise ValueError(f"{name} is empty; the labeler cannot judge an empty response")
-    pid = str(rec["id"]) if "id" in rec else _content_id(ctx, a, b)
+    pid = str(rec["id"]) if "id" in rec else content_id(ctx, a, b)
     return Pair(pid, ctx, a, b, human)
 
 
-def _open(path: Path):
+def open_text(path: Path):
+    """A text handle on a .jsonl or .jsonl.gz file."""
     return gzip.open(path, "rt", encoding="utf-8") if path.suffix == ".gz" else open(path, encoding="utf-8")
 
 
-def read_pairs(path, *, strict: bool = False, errors: list | None = None) -> Iterator[Pair]:
-    """Stream pairs from a JSONL file. A bad line is appended to ``errors`` as a :class:`PairFormatError`
-    and skipped, or raised with ``strict=True``. Blank lines are ignored."""
+def iter_records(path, parse, *, strict: bool = False, errors: list | None = None) -> Iterator:
+    """``parse(record)`` for each JSONL line of ``path``. A line that is not JSON, or that ``parse``
+    rejects with ValueError, is appended to ``errors`` as a :class:`PairFormatError` (with its line
+    number) and skipped, or raised with ``strict=True``. Blank lines are ignored."""
     path = Path(path)
     if not path.is_file():
         raise ValueError(f"input file {str(path)!r} does not exist")
-    with _open(path) as f:
+    with open_text(path) as f:
         for line_no, line in enumerate(f, start=1):
             if not line.strip():
                 continue
             try:
-                yield pair_from_record(json.loads(line))
+                yield parse(json.loads(line))
             except ValueError as exc:  # json.JSONDecodeError is a ValueError
                 err = PairFormatError(path, line_no, str(exc))
                 if strict:
                     raise err from None
                 if errors is not None:
                     errors.append(err)
+                continue
+
+
+def read_pairs(path, *, strict: bool = False, errors: list | None = None) -> Iterator[Pair]:
+    """Stream pairs from a JSONL file; bad lines as in :func:`iter_records`."""
+    return iter_records(path, pair_from_record, strict=strict, errors=errors)
