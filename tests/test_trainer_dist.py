@@ -51,6 +51,9 @@ def test_two_ranks_zero2_and_zero3_equal_one_rank(tmp_path):
     sampled = torch.load(tmp_path / "zero3_sampled.pt", weights_only=False)["history"][0]
     assert all(v == v for v in sampled.values())  # finished (no rank hung at EOS) with finite metrics
     # a NaN loss on rank 1 only: both ranks stop with NonFiniteError instead of rank 0 hanging
+    sharded = torch.load(tmp_path / "ref_sharded.pt", weights_only=False)
+    assert sharded["partitioned"], sharded  # the reference is not copied whole onto every rank
+    assert sharded["local_numel"] <= sharded["full_numel"] // 2 + 64, sharded
     messages = torch.load(tmp_path / "nan_one_rank.pt", weights_only=False)["messages"]
     assert all("step 0: non-finite loss" in m for m in messages), messages
     assert "rank 1" in messages[1] and "other rank" in messages[0], messages

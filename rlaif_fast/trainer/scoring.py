@@ -79,13 +79,9 @@ def response_logprobs(
 ):
     """(logp, entropy or None), both (b, L) in the response layout, 0 on padding."""
     temperature = temperature if temperature > 0 else 1.0
-    model_logprobs = None
-    if fast:
-        try:
-            from rlaif_fast.ops import model_logprobs
-        except (ImportError, AttributeError):  # engineer C's op not there yet: the full-logits path
-            model_logprobs = None
-    if model_logprobs is not None:
+    if fast:  # hidden states -> log-probs, never the (b, T, V) logits
+        from rlaif_fast.ops import model_logprobs
+
         out = model_logprobs(
             model,
             batch.input_ids,

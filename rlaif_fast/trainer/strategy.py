@@ -118,6 +118,21 @@ class Strategy:
         self.engine, *_ = self._ds.initialize(model=module, optimizer=optimizer, config=config)
         return self.engine
 
+    def prepare_frozen(self, module: nn.Module, micro_batch_size: int) -> nn.Module:
+        """A frozen model (the KL reference) for forward passes only. Under ZeRO-3 it is sharded like
+        the policy (an optimizer-free engine, as OpenRLHF does for its reference), so a model that
+        needs ZeRO-3 to fit is not copied whole onto every rank; otherwise it just moves to the device."""
+        module.eval().requires_grad_(False)
+        if self.config.zero_stage != 3:
+            return module.to(self.device)
+        check_shardable(module, 3)
+        config = self.ds_config(micro_batch_size, 1)
+        config = {
+            k: v for k, v in config.items() if k not in ("gradient_clipping", "zero_allow_untested_optimizer")
+        }
+        engine, *_ = self._ds.initialize(model=module.to(self.device), config=config)
+        return engine
+
     @property
     def zero_stage(self) -> int:
         return self.engine.zero_optimization_stage() if self.engine is not None else self.config.zero_stage

@@ -88,6 +88,17 @@ class _GracefulInterrupt:
         return False
 
 
+class _RefScorer(torch.nn.Module):
+    """forward(batch) = the reference policy's response log-probs (b, L); see RLAIFTrainer.__init__."""
+
+    def __init__(self, ref_policy):
+        super().__init__()
+        self.policy = ref_policy
+
+    def forward(self, batch, temperature: float, fast: bool) -> torch.Tensor:
+        return response_logprobs(self.policy, batch, temperature=temperature, fast=fast)[0]
+
+
 class NonFiniteError(FloatingPointError):
     """A reward or loss was NaN/inf; the message names the step and the file holding the batch."""
 
@@ -112,9 +123,14 @@ class RLAIFTrainer:
         torch.manual_seed(cfg.seed + self.strategy.rank)  # sampling differs across ranks, repeatably
         if ref_policy is None and cfg.kl_coef > 0:
             ref_policy = copy.deepcopy(policy)
-        self.ref = ref_policy
-        if self.ref is not None:
-            self.ref.eval().requires_grad_(False).to(self.strategy.device)
+        # the reference scores through a module of its own, so that under ZeRO-3 its sharded weights are
+        # gathered for the whole log-prob computation (the output embedding is read outside lm_head)
+        self.ref = None
+        if ref_policy is not None:
+            self.ref = self.strategy.prepare_frozen(_RefScorer(ref_policy), cfg.micro_batch_size)
+            self.strategy.register_external(
+                getattr(self.ref, "module", self.ref), [ref_policy.get_output_embeddings().weight]
+            )
         if cfg.disable_dropout:
             for module in (policy, value_model):
                 _disable_dropout(module)
@@ -256,7 +272,7 @@ class RLAIFTrainer:
             if values is not None:
                 parts["old_values"].append((b.rows, values.cpu()))
             if self.ref is not None:
-                ref, _ = response_logprobs(self.ref, b, temperature=cfg.temperature, fast=fast)
+                ref = self.ref(b, cfg.temperature, fast)
                 parts["ref_logp"].append((b.rows, ref.cpu()))
         data = {k: stack_rows(v, n, width) for k, v in parts.items() if v}
         values = data.get("old_values", torch.zeros(n, width))

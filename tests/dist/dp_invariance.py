@@ -62,6 +62,25 @@ def nan_on_one_rank(out: Path) -> None:
         torch.save({"messages": messages}, out / "nan_one_rank.pt")
 
 
+def reference_is_sharded() -> dict:
+    """Under ZeRO-3 the KL reference is partitioned like the policy: each rank holds no full weight."""
+    from toy import CharTokenizer, count_a, tiny_gpt2
+
+    from rlaif_fast.trainer import RLAIFConfig, RLAIFTrainer
+
+    cfg = RLAIFConfig(
+        algorithm="rloo", group_size=2, batch_size=8, micro_batch_size=2, zero_stage=3, kl_coef=0.1,
+        progress=False, tensorboard=False, output_dir="/tmp/rlaif_ref_sharded",
+    )  # fmt: skip
+    trainer = RLAIFTrainer(tiny_gpt2(), CharTokenizer(), count_a, cfg)
+    params = list(trainer.ref.module.parameters())
+    return {
+        "partitioned": all(hasattr(p, "ds_numel") and p.numel() < p.ds_numel for p in params),
+        "full_numel": sum(p.ds_numel for p in params),
+        "local_numel": sum(p.ds_tensor.numel() for p in params),
+    }
+
+
 def main(out: str) -> None:
     rank = torch.distributed.get_rank
     for stage in (2, 3):
@@ -78,6 +97,9 @@ def main(out: str) -> None:
     )
     if rank() == 0:
         torch.save({"history": history}, Path(out) / "zero3_sampled.pt")
+    sharded = reference_is_sharded()
+    if rank() == 0:
+        torch.save(sharded, Path(out) / "ref_sharded.pt")
     nan_on_one_rank(Path(out))
 
 
