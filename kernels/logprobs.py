@@ -61,6 +61,22 @@ def row_label_logit(row_ptr, label, use, temperature, ACC: tl.constexpr):
 
 
 @triton.jit
+def row_logp_entropy(
+    logits_ptr, labels_ptr, row, T, V, stride_b, stride_t, temperature, ignore_index,
+    ACC: tl.constexpr, BLOCK: tl.constexpr,
+):  # fmt: skip
+    """The forward of one row (b, t) = divmod(row, T): (row_ptr, label, use, logp, entropy, lse), with
+    logp clamped <= 0 and logp = entropy = 0 for an ignored label. Shared by the log-prob and PPO kernels."""
+    row_ptr = logits_ptr + (row // T) * stride_b + (row % T) * stride_t
+    label = tl.load(labels_ptr + row)
+    use = label != ignore_index
+    lse, ent = row_logsumexp_entropy(row_ptr, V, temperature, ACC, BLOCK)
+    z_y = row_label_logit(row_ptr, label, use, temperature, ACC)
+    logp = tl.where(use, tl.minimum(z_y - lse, 0.0), 0.0)
+    return row_ptr, label, use, logp, tl.where(use, ent, 0.0), lse
+
+
+@triton.jit
 def _logprobs_fwd_kernel(
     logits_ptr,
     labels_ptr,
@@ -77,13 +93,9 @@ def _logprobs_fwd_kernel(
     BLOCK: tl.constexpr,
 ):
     row = tl.program_id(0).to(tl.int64)
-    row_ptr = logits_ptr + (row // T) * stride_b + (row % T) * stride_t
-    label = tl.load(labels_ptr + row)
-    use = label != ignore_index
-    lse, ent = row_logsumexp_entropy(row_ptr, V, temperature, ACC, BLOCK)
-    z_y = row_label_logit(row_ptr, label, use, temperature, ACC)
-    logp = tl.where(use, tl.minimum(z_y - lse, 0.0), 0.0)
-    ent = tl.where(use, ent, 0.0)
+    _, _, _, logp, ent, lse = row_logp_entropy(
+        logits_ptr, labels_ptr, row, T, V, stride_b, stride_t, temperature, ignore_index, ACC, BLOCK
+    )
     tl.store(logp_ptr + row, logp)
     tl.store(ent_ptr + row, ent)
     tl.store(lse_ptr + row, lse)

@@ -21,7 +21,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .logprobs import acc_dtype, as_rows, block_size, num_warps, row_label_logit, row_logsumexp_entropy
+from .logprobs import acc_dtype, as_rows, block_size, num_warps, row_logp_entropy
 
 KL_KINDS = {"k1": 0, "k2": 1, "k3": 2, "abs": 3}
 
@@ -77,13 +77,9 @@ def _ppo_fwd_kernel(
     BLOCK: tl.constexpr,
 ):
     row = tl.program_id(0).to(tl.int64)
-    row_ptr = logits_ptr + (row // T) * stride_b + (row % T) * stride_t
-    label = tl.load(labels_ptr + row)
-    use = label != ignore_index
-    lse, ent = row_logsumexp_entropy(row_ptr, V, temperature, ACC, BLOCK)
-    z_y = row_label_logit(row_ptr, label, use, temperature, ACC)
-    logp = tl.where(use, tl.minimum(z_y - lse, 0.0), 0.0)
-    ent = tl.where(use, ent, 0.0)
+    _, _, use, logp, ent, lse = row_logp_entropy(
+        logits_ptr, labels_ptr, row, T, V, stride_b, stride_t, temperature, ignore_index, ACC, BLOCK
+    )
 
     w = tl.load(w_ptr + row).to(ACC)
     counted = w != 0
