@@ -54,6 +54,20 @@ def _check_mask(mask, like: torch.Tensor, like_name: str) -> torch.Tensor:
     return mask if mask.dtype == torch.bool else mask != 0
 
 
+def _check_per_token(anchor_name: str, anchor: torch.Tensor, mask, kl_coef: float, **named) -> torch.Tensor:
+    """Float per-token tensors of ``anchor``'s shape and device; a KL term needs ref_logp. Returns the
+    boolean mask."""
+    for name, t in named.items():
+        if t is not None:
+            check_float(name, t)
+    check_same_shape(**{anchor_name: anchor}, **named)
+    check_same_device(**{anchor_name: anchor}, **named)
+    mask = _check_mask(mask, anchor, anchor_name)
+    if kl_coef != 0.0 and named.get("ref_logp") is None:
+        raise ValueError(f"kl_coef={kl_coef} needs ref_logp (the reference policy's log-probs); pass it")
+    return mask
+
+
 def check_loss_options(clip_eps, clip_eps_high, kl_coef, kl_estimator, entropy_coef, loss_agg):
     """Shared checks of the PPO loss options; returns (clip_eps, eps_high, kl_coef, entropy_coef)."""
     clip_eps = check_positive("clip_eps", clip_eps)
@@ -119,15 +133,16 @@ def ppo_loss_from_logprobs(
     clip_eps, eps_high, kl_coef, entropy_coef = check_loss_options(
         clip_eps, clip_eps_high, kl_coef, kl_estimator, entropy_coef, loss_agg
     )
-    named = {"old_logp": old_logp, "advantages": advantages, "entropy": entropy, "ref_logp": ref_logp}
-    for name, t in named.items():
-        if t is not None:
-            check_float(name, t)
-    check_same_shape(logp=logp, **named)
-    check_same_device(logp=logp, **named)
-    mask = _check_mask(mask, logp, "logp")
-    if kl_coef != 0.0 and ref_logp is None:
-        raise ValueError(f"kl_coef={kl_coef} needs ref_logp (the reference policy's log-probs); pass it")
+    mask = _check_per_token(
+        "logp",
+        logp,
+        mask,
+        kl_coef,
+        old_logp=old_logp,
+        advantages=advantages,
+        entropy=entropy,
+        ref_logp=ref_logp,
+    )
     if entropy_coef != 0.0 and entropy is None:
         raise ValueError(
             f"entropy_coef={entropy_coef} needs entropy; pass token_logprobs(..., return_entropy=True)[1]"
@@ -268,15 +283,10 @@ def ppo_policy_loss(
     clip_eps, eps_high, kl_coef, entropy_coef = check_loss_options(
         clip_eps, clip_eps_high, kl_coef, kl_estimator, entropy_coef, loss_agg
     )
-    named = {"old_logp": old_logp, "advantages": advantages, "ref_logp": ref_logp}
-    for name, t in named.items():
-        if t is not None:
-            check_float(name, t)
-    check_same_shape(labels=labels, **named)
-    check_same_device(logits=logits, **named)
-    mask = _check_mask(mask, labels, "labels")
-    if kl_coef != 0.0 and ref_logp is None:
-        raise ValueError(f"kl_coef={kl_coef} needs ref_logp (the reference policy's log-probs); pass it")
+    # labels share the logits' device (check_logprob_inputs), so they anchor shape and device alike
+    mask = _check_per_token(
+        "labels", labels, mask, kl_coef, old_logp=old_logp, advantages=advantages, ref_logp=ref_logp
+    )
 
     backend = select_backend(logits)
     # the surrogate's knobs, the same for all three paths
