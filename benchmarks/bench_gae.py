@@ -1,4 +1,4 @@
-"""GAE on CPU at B = 256, T = 1024: rlaif_fast's chunked-matmul scan vs the Python loop over time.
+"""GAE on CPU at B = 256, T = 1024: rlaif_fast's C++ scan (and its torch fallback) vs the Python loop.
 
 The baseline is the loop TRL, OpenRLHF and verl run (mask rewards and values, walk t = T-1 .. 0 carrying
 lastgaelam, stack the columns). Both run in the same process, interleaved, on the same inputs.
@@ -52,7 +52,13 @@ def loop_gae(rewards, values, mask, gamma=GAMMA, lam=LAM):
     return adv * m, (adv + values) * m
 
 
+def public(rewards, values, mask, gamma=GAMMA, lam=LAM):
+    """rlaif_fast.ops.gae as users call it: on CPU, the C++ scan of rlaif_fast._C (checks included)."""
+    return adv_ops.gae(rewards, values, mask, gamma, lam)
+
+
 def ours(rewards, values, mask, gamma=GAMMA, lam=LAM, chunk=adv_ops._CHUNK):
+    """The torch fallback (chunked Toeplitz matmuls) the CPU runs when the extension is not built."""
     return adv_ops._gae_torch(rewards, values, mask != 0, gamma, lam, torch.float32, chunk)
 
 
@@ -66,10 +72,20 @@ def test_gae_python_loop(benchmark):
 
 def test_gae_rlaif_fast(benchmark):
     args = make_inputs()
-    benchmark(ours, *args)
+    benchmark(public, *args)
 
 
 def test_gae_rlaif_fast_holes(benchmark):
+    args = make_inputs(kind="holes")
+    benchmark(public, *args)
+
+
+def test_gae_torch_fallback(benchmark):
+    args = make_inputs()
+    benchmark(ours, *args)
+
+
+def test_gae_torch_fallback_holes(benchmark):
     args = make_inputs(kind="holes")
     benchmark(ours, *args)
 
@@ -127,6 +143,7 @@ def main(argv=None) -> int:
         help="also time the _gae_torch of another copy of rlaif_fast/ops/advantages.py (before/after: "
         "git show HEAD:rlaif_fast/ops/advantages.py > /tmp/adv_head.py)",
     )
+    p.add_argument("--chunks", action="store_true", help="also time the fallback at other chunk sizes")
     p.add_argument("--gpu", action="store_true", help="check and time the Triton kernels on CUDA instead")
     p.add_argument("--smoke", action="store_true", help="with --gpu: tiny sizes (the interpreter on CPU)")
     p.add_argument("--out", default=None, help="with --gpu: folder for rl.json")
@@ -139,13 +156,24 @@ def main(argv=None) -> int:
     if a.threads:
         torch.set_num_threads(a.threads)
     right, holes = make_inputs(), make_inputs(kind="holes")
+    if adv_ops._extension() is None:
+        raise SystemExit(
+            "rlaif_fast._C is not built (or RLAIF_FAST_NO_EXT=1): nothing to compare the loop to"
+        )
     contenders = {
         "Python loop over time (TRL/OpenRLHF/verl style)": (loop_gae, right, 1),
-        f"rlaif_fast torch path, right-padded (K={adv_ops._CHUNK})": (ours, right, a.reps),
-        "rlaif_fast torch path, mask with holes (compacted)": (ours, holes, a.reps),
+        "rlaif_fast.ops.gae (C++ scan), right-padded": (public, right, a.reps),
+        "rlaif_fast.ops.gae (C++ scan), mask with holes": (public, holes, a.reps),
+        f"torch fallback (no extension), right-padded (K={adv_ops._CHUNK})": (ours, right, a.reps),
+        "torch fallback (no extension), mask with holes (compacted)": (ours, holes, a.reps),
     }
-    for k in (16, 64, 128):
-        contenders[f"  same, chunk K={k}"] = (lambda r, v, m, k=k: ours(r, v, m, chunk=k), right, a.reps)
+    if a.chunks:
+        for k in (16, 64, 128):
+            contenders[f"  fallback, chunk K={k}"] = (
+                lambda r, v, m, k=k: ours(r, v, m, chunk=k),
+                right,
+                a.reps,
+            )
     if a.against:
         other = _load_module(a.against)
         for kind, args in (("right-padded", right), ("holes", holes)):
@@ -162,7 +190,7 @@ def main(argv=None) -> int:
     base_med, base_min = (f(times[next(iter(times))]) for f in (statistics.median, min))
     print(
         f"GAE, CPU, B={B}, T={T}, fp32, gamma={GAMMA}, lam={LAM}, torch threads={torch.get_num_threads()}, "
-        f"{a.clock} clock"
+        f"{a.clock} clock, load average {open('/proc/loadavg').read().split()[0]}"
     )
     print("| path | median ms | min ms | speed-up (median) | speed-up (min) | max abs err vs fp64 |")
     print("| --- | ---: | ---: | ---: | ---: | ---: |")

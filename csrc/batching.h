@@ -17,4 +17,7 @@ py::tuple pack_rollouts(py::handle prompts, py::handle responses);
 
 py::tuple balanced_microbatches(py::handle lengths, int64_t max_tokens, int64_t num_ranks);
 
+void gae(py::handle rewards, py::handle values, py::handle mask, py::handle adv, py::handle ret, double gamma,
+         double lam, int64_t num_threads, bool simd);
+
 }  // namespace rlaif

@@ -46,3 +46,19 @@ def balanced_microbatches(
 ) -> tuple[list[list[list[int]]], list[int], list[int], str]:
     """(microbatches[rank][step] -> indices, rank_tokens, rank_padded_tokens, strategy) with strategy
     "global" or "per_rank"; see ``rlaif_fast.batching.balanced_microbatches``."""
+
+def gae(
+    rewards: npt.NDArray[np.floating],
+    values: npt.NDArray[np.floating],
+    mask: npt.NDArray[np.uint8],
+    adv: npt.NDArray[np.floating],
+    ret: npt.NDArray[np.floating],
+    gamma: float,
+    lam: float,
+    num_threads: int,
+    simd: bool = True,
+) -> None:
+    """Masked GAE written into ``adv`` and ``ret``: all (B, T) and C-contiguous, rewards/values/adv/ret one
+    dtype (float32 or float64), mask uint8 (nonzero = valid). The reference loop's arithmetic in that dtype
+    (equal to it bit for bit); AVX2 across 8 rows for float32 where the CPU has it (``simd=False``: the
+    scalar loop); the GIL is released; up to ``num_threads`` threads over blocks of 8 rows."""

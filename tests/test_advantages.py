@@ -1,15 +1,38 @@
 """gae, group_advantages, masked_mean and masked_whiten against the float64 reference (tolerance rule)."""
 
+import os
+
 import pytest
 import torch
 from helpers import assert_tolerance
 from test_kl import make_mask
 
+from rlaif_fast import batching
+from rlaif_fast.ops import advantages as adv_ops
 from rlaif_fast.ops import gae, group_advantages, masked_mean, masked_whiten
 from rlaif_fast.ops.advantages import discounted_reverse_cumsum
 from rlaif_fast.reference import rl as ref
 
 GAMMA_LAM = [(1.0, 0.95), (0.9, 0.7), (0.99, 0.0), (1.0, 1.0)]
+GAE_PATHS = ["triton", "cpp", "torch", "reference"]
+
+
+def _use_gae_path(mp, path):
+    """Force one implementation of gae: triton (interpreter), cpp (the extension's scan on CPU), torch
+    (the chunked-matmul fallback the CPU runs without the extension) or reference."""
+    if path == "cpp" and batching.backend() != "cpp":
+        if os.environ.get(batching.NO_EXT_VAR) == "1":
+            pytest.skip(f"{batching.NO_EXT_VAR}=1: the C++ backend is switched off on purpose")
+        raise AssertionError("rlaif_fast._C is not built: the CPU gae scan cannot be tested")
+    mp.setenv("RLAIF_FAST_BACKEND", "torch" if path in ("cpp", "torch") else path)
+    if path == "torch":
+        mp.setattr(adv_ops, "_extension", lambda: None)
+
+
+@pytest.fixture(params=GAE_PATHS)
+def gae_path(request, monkeypatch):
+    _use_gae_path(monkeypatch, request.param)
+    return request.param
 
 
 def _gae_inputs(B, T, dtype):
@@ -20,7 +43,7 @@ def _gae_inputs(B, T, dtype):
 @pytest.mark.parametrize("kind", ["holes", "left", "right"])
 @pytest.mark.parametrize("T", [37, 1])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16, torch.float64])
-def test_gae_matches_reference(backend, gamma, lam, kind, T, dtype):
+def test_gae_matches_reference(gae_path, gamma, lam, kind, T, dtype):
     B = 5
     rewards, values = _gae_inputs(B, T, dtype)
     mask = make_mask(B, T, kind)
@@ -29,24 +52,24 @@ def test_gae_matches_reference(backend, gamma, lam, kind, T, dtype):
     truth = ref.gae(rewards.double(), values.double(), mask, gamma, lam)
     out_dtype = torch.float64 if dtype == torch.float64 else torch.float32
     assert adv.dtype == out_dtype and ret.dtype == out_dtype
-    assert_tolerance(adv, eager[0], truth[0], dtype=dtype, name=f"{backend}/advantages")
-    assert_tolerance(ret, eager[1], truth[1], dtype=dtype, name=f"{backend}/returns")
+    assert_tolerance(adv, eager[0], truth[0], dtype=dtype, name=f"{gae_path}/advantages")
+    assert_tolerance(ret, eager[1], truth[1], dtype=dtype, name=f"{gae_path}/returns")
     assert (adv[~mask] == 0).all() and (ret[~mask] == 0).all()
 
 
 @pytest.mark.parametrize("kind", ["holes", "right"])
-def test_gae_long_rows(backend, kind):
+def test_gae_long_rows(gae_path, kind):
     # T = 1024 crosses 32 chunks of the torch path and the kernel's 1024-wide block edge is exact
     rewards, values = _gae_inputs(4, 1024, torch.float32)
     mask = make_mask(4, 1024, kind)
     adv, ret = gae(rewards, values, mask, 1.0, 0.95)
     eager = ref.gae(rewards, values, mask, 1.0, 0.95)
     truth = ref.gae(rewards.double(), values.double(), mask, 1.0, 0.95)
-    assert_tolerance(adv, eager[0], truth[0], name=f"{backend}/advantages")
-    assert_tolerance(ret, eager[1], truth[1], name=f"{backend}/returns")
+    assert_tolerance(adv, eager[0], truth[0], name=f"{gae_path}/advantages")
+    assert_tolerance(ret, eager[1], truth[1], name=f"{gae_path}/returns")
 
 
-def test_gae_non_contiguous_inputs(backend):
+def test_gae_non_contiguous_inputs(gae_path):
     # slices such as values[:, :-1] (the value head's extra position) or a transposed layout
     rewards, values = torch.randn(5, 38)[:, :-1], torch.randn(38, 5).t()[:, 1:]
     mask = make_mask(5, 38, "holes")[:, 1:]
@@ -57,7 +80,7 @@ def test_gae_non_contiguous_inputs(backend):
 
 
 @pytest.mark.parametrize("kind", ["holes", "left", "right"])
-def test_gae_ignores_masked_entries(backend, kind):
+def test_gae_ignores_masked_entries(gae_path, kind):
     # masked tokens are cut out of the row: whatever their rewards and values, nothing changes, bit for bit
     rewards, values = _gae_inputs(5, 37, torch.float32)
     mask = make_mask(5, 37, kind)
@@ -70,7 +93,7 @@ def test_gae_cpu_scratch_buffers_never_leak(monkeypatch):
     # the CPU path keeps its intermediates in buffers reused across calls: the outputs must not alias them,
     # calls of other sizes, dtypes and mask layouts in between must not change them, and a rerun on the
     # now dirty buffers must give the same bits
-    monkeypatch.setenv("RLAIF_FAST_BACKEND", "torch")
+    _use_gae_path(monkeypatch, "torch")
     rewards, values = _gae_inputs(4, 70, torch.float32)
     mask = make_mask(4, 70, "holes")
     adv, ret = gae(rewards, values, mask)
@@ -95,7 +118,7 @@ def test_gae_cpu_threads_do_not_share_scratch(monkeypatch):
     # two threads run the CPU path at once on different inputs of the same shape (same scratch sizes)
     from concurrent.futures import ThreadPoolExecutor
 
-    monkeypatch.setenv("RLAIF_FAST_BACKEND", "torch")
+    _use_gae_path(monkeypatch, "torch")
     inputs = [(*_gae_inputs(8, 300, torch.float32), make_mask(8, 300, kind)) for kind in ("holes", "right")]
     want = [gae(*x) for x in inputs]
 
@@ -115,12 +138,101 @@ def test_gae_masking_convention():
     a3 = 2.0 + g * 0.0 - 1.5  # the value after the last valid token is 0
     a1 = (1.0 + g * 1.5 - 0.5) + g * l * a3  # bootstraps from t = 3, skipping the hole
     want = torch.tensor([[0.0, a1, 0.0, a3, 0.0]])
-    for impl in ("triton", "torch", "reference"):
+    for impl in GAE_PATHS:
         with pytest.MonkeyPatch.context() as mp:
-            mp.setenv("RLAIF_FAST_BACKEND", impl)
+            _use_gae_path(mp, impl)
             adv, ret = gae(r, v, m, g, l)
         assert torch.allclose(adv, want), impl
         assert torch.allclose(ret, torch.where(m.bool(), want + v, 0.0)), impl
+
+
+# ---- the C++ scan (csrc/gae.cpp): the reference loop's arithmetic, so equal to it bit for bit ----------
+
+
+@pytest.mark.parametrize("B,T", [(1, 1), (3, 5), (8, 16), (9, 17), (13, 37), (16, 1024), (7, 300)])
+@pytest.mark.parametrize("kind", ["holes", "left", "right"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_gae_cpp_equals_the_reference_loop_bitwise(monkeypatch, B, T, kind, dtype):
+    # full 8 x 16 tiles, partial tiles in rows (B % 8) and in time (T % 16), and a single step
+    _use_gae_path(monkeypatch, "cpp")
+    rewards, values = _gae_inputs(B, T, dtype)
+    mask = make_mask(B, T, kind)
+    for gamma, lam in GAMMA_LAM + [(0.0, 0.5)]:
+        adv, ret = gae(rewards, values, mask, gamma, lam)
+        want = ref.gae(rewards, values, mask, gamma, lam)
+        assert torch.equal(adv, want[0]) and torch.equal(ret, want[1]), (gamma, lam)
+
+
+def test_gae_cpp_runs_on_cpu_without_the_fallback(monkeypatch):
+    # with the extension built, fp32 / fp64 / bf16 inputs on CPU never reach the chunked-matmul path
+    _use_gae_path(monkeypatch, "cpp")
+
+    def fail(*args, **kwargs):
+        raise AssertionError("the torch fallback ran although rlaif_fast._C is built")
+
+    monkeypatch.setattr(adv_ops, "_gae_torch", fail)
+    for dtype in (torch.float32, torch.float64, torch.bfloat16):
+        rewards, values = _gae_inputs(4, 40, dtype)
+        mask = make_mask(4, 40, "holes").to(torch.int64)  # any mask dtype: nonzero = valid
+        adv, _ = gae(rewards, values, mask)
+        out = torch.float64 if dtype == torch.float64 else torch.float32
+        assert adv.dtype == out
+        assert torch.equal(adv, ref.gae(rewards.to(out), values.to(out), mask, 1.0, 0.95)[0])
+
+
+@pytest.mark.parametrize("poison", [float("nan"), float("inf"), -float("inf")])
+def test_gae_cpp_masked_nan_and_inf_never_leak(monkeypatch, poison):
+    _use_gae_path(monkeypatch, "cpp")
+    rewards, values = _gae_inputs(11, 45, torch.float32)
+    mask = make_mask(11, 45, "holes")
+    want = gae(rewards, values, mask, 0.9, 0.8)
+    got = gae(*(torch.where(mask, x, poison) for x in (rewards, values)), mask, 0.9, 0.8)
+    assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
+
+
+def test_gae_cpp_threads_and_scalar_loop_agree_exactly():
+    # above ~1M elements per thread the scan splits whole 8-row blocks across threads, and CPUs without
+    # AVX2 run the scalar loop: the same bits either way
+    from rlaif_fast import _C
+
+    B, T = 2053, 1024
+    rewards, values = _gae_inputs(B, T, torch.float32)
+    mask = make_mask(B, T, "holes").view(torch.uint8)
+    outs = []
+    for threads, simd in ((1, True), (2, True), (3, True), (2, False)):
+        adv, ret = torch.empty(B, T), torch.empty(B, T)
+        args = (rewards.numpy(), values.numpy(), mask.numpy(), adv.numpy(), ret.numpy(), 1.0, 0.95, threads)
+        _C.gae(*args, simd=simd)
+        outs.append((adv, ret))
+    for adv, ret in outs[1:]:
+        assert torch.equal(adv, outs[0][0]) and torch.equal(ret, outs[0][1])
+    assert torch.equal(outs[0][0][:40], ref.gae(rewards[:40], values[:40], mask[:40], 1.0, 0.95)[0])
+
+
+def test_gae_cpp_rejects_bad_buffers():
+    from rlaif_fast import _C
+
+    r, v = torch.randn(4, 9), torch.randn(4, 9)
+    m = torch.ones(4, 9, dtype=torch.uint8)
+    adv, ret = torch.empty(4, 9), torch.empty(4, 9)
+
+    def call(**over):
+        args = dict(rewards=r.numpy(), values=v.numpy(), mask=m.numpy(), adv=adv.numpy(), ret=ret.numpy())
+        args.update(over)
+        _C.gae(**args, gamma=1.0, lam=0.95, num_threads=1)
+
+    with pytest.raises(TypeError, match="rewards has dtype float16"):
+        call(rewards=r.half().numpy())
+    with pytest.raises(TypeError, match="values has dtype float64; expected float32"):
+        call(values=v.double().numpy())
+    with pytest.raises(TypeError, match="mask has dtype bool; expected uint8"):
+        call(mask=m.bool().numpy())
+    with pytest.raises(ValueError, match=r"adv must have shape \(4, 9\)"):
+        call(adv=torch.empty(4, 8).numpy())
+    with pytest.raises(ValueError, match="ret must be C-contiguous"):
+        call(ret=torch.empty(9, 4).t().numpy())
+    with pytest.raises(ValueError, match="lam=1.5.* outside"):
+        _C.gae(r.numpy(), v.numpy(), m.numpy(), adv.numpy(), ret.numpy(), 1.0, 1.5, 1)
 
 
 @pytest.mark.parametrize("gamma,lam", [(1.0, 0.95), (0.8, 0.9)])
