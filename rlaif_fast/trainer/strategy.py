@@ -124,7 +124,10 @@ class Strategy:
         needs ZeRO-3 to fit is not copied whole onto every rank; otherwise it just moves to the device."""
         module.eval().requires_grad_(False)
         if self.config.zero_stage != 3:
-            return module.to(self.device)
+            # the dtype the engine gives the policy (DeepSpeed casts it to bf16 when enabled), so that the
+            # policy and the reference compute alike: their KL is exactly 0 before the first update
+            dtype = torch.bfloat16 if self.bf16_enabled() else None
+            return module.to(device=self.device, dtype=dtype)
         check_shardable(module, 3)
         config = self.ds_config(micro_batch_size, 1)
         config = {
