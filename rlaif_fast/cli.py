@@ -7,6 +7,7 @@ Each subcommand is a ``main(argv) -> int`` function owned by the module that imp
 from __future__ import annotations
 
 import importlib
+import os
 import sys
 
 # subcommand -> (module, function, one-line help)
@@ -40,8 +41,31 @@ def _usage() -> str:
     return "\n".join(lines)
 
 
+def _strip_launcher_args(argv: list[str]) -> list[str]:
+    """Drop the ``--local_rank=N`` that the ``deepspeed`` launcher (and the legacy
+    ``torch.distributed.launch``, as ``--local-rank``) puts before the script's own arguments, so that
+    ``deepspeed --module rlaif_fast.cli train ...`` works like torchrun. The launchers also export
+    LOCAL_RANK, which the trainer reads; if one did not, the flag's value is exported here."""
+    out, i = [], 0
+    while i < len(argv):
+        arg = argv[i]
+        for flag in ("--local_rank", "--local-rank"):
+            if arg == flag and i + 1 < len(argv):
+                os.environ.setdefault("LOCAL_RANK", argv[i + 1])
+                i += 2
+                break
+            if arg.startswith(flag + "="):
+                os.environ.setdefault("LOCAL_RANK", arg.split("=", 1)[1])
+                i += 1
+                break
+        else:
+            out.append(arg)
+            i += 1
+    return out
+
+
 def main(argv: list[str] | None = None) -> int:
-    argv = list(sys.argv[1:] if argv is None else argv)
+    argv = _strip_launcher_args(list(sys.argv[1:] if argv is None else argv))
     if not argv or argv[0] in ("-h", "--help", "help"):
         print(_usage())
         return 0

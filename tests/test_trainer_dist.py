@@ -5,6 +5,9 @@ One torchrun launch runs both stages (tests/dist/dp_invariance.py); the 1-rank r
 process. Plain SGD, so a gradient of the wrong scale (e.g. a per-rank token mean) would show.
 """
 
+import json
+import os
+import subprocess
 import sys
 from pathlib import Path
 
@@ -12,8 +15,8 @@ import pytest
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent / "dist"))
-from helpers import run_torchrun  # noqa: E402
-from toy import invariance_run, tiny_gpt2  # noqa: E402
+from helpers import free_port, run_torchrun  # noqa: E402
+from toy import PROMPTS, hf_char_tokenizer, invariance_run, tiny_gpt2  # noqa: E402
 
 pytestmark = [pytest.mark.slow, pytest.mark.distributed]
 
@@ -57,3 +60,47 @@ def test_two_ranks_zero2_and_zero3_equal_one_rank(tmp_path):
     messages = torch.load(tmp_path / "nan_one_rank.pt", weights_only=False)["messages"]
     assert all("step 0: non-finite loss" in m for m in messages), messages
     assert "rank 1" in messages[1] and "other rank" in messages[0], messages
+
+
+def test_deepspeed_launcher_runs_the_cli(tmp_path):
+    """`deepspeed --module rlaif_fast.cli train ...` on 2 CPU ranks: the launcher puts --local_rank=N
+    before the subcommand (the CLI drops it), and both ranks train and checkpoint their ZeRO-2 shards."""
+    policy = tmp_path / "policy"
+    tiny_gpt2(vocab=14).save_pretrained(policy)
+    hf_char_tokenizer().save_pretrained(policy)
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text("".join(json.dumps({"prompt": p}) + "\n" for p in PROMPTS[:8]))
+    toy = Path(__file__).resolve().parent / "dist" / "toy.py"
+    out = tmp_path / "out"
+    launcher = Path(sys.executable).with_name("deepspeed")
+    cmd = [
+        *([str(launcher)] if launcher.is_file() else [sys.executable, "-m", "deepspeed.launcher.runner"]),
+        "--num_gpus",
+        "2",
+        "--master_port",
+        str(free_port()),
+        "--module",
+        "rlaif_fast.cli",
+        "train",
+        *("--policy", str(policy), "--prompts", str(prompts), "--reward", f"{toy}:count_a"),
+        *("--algorithm", "rloo", "--group-size", "2", "--batch-size", "4", "--max-new-tokens", "4"),
+        *("--micro-batch-size", "1", "--zero-stage", "2", "--output-dir", str(out), "--no-progress"),
+    ]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=400, env=env, cwd=tmp_path)
+    assert proc.returncode == 0, f"deepspeed launcher failed\nSTDOUT:\n{proc.stdout}\nSTDERR:\n{proc.stderr}"
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["steps"] == 4 and summary["stopped"] == "completed", summary
+    state = out / "checkpoints" / "step_000004" / "state"
+    shards = sorted(p.name for p in state.glob("zero_pp_rank_*_optim_states.pt"))
+    assert shards == [f"zero_pp_rank_{r}_mp_rank_00_optim_states.pt" for r in (0, 1)], shards
+
+
+def test_cli_drops_launcher_local_rank(monkeypatch):
+    from rlaif_fast import cli
+
+    monkeypatch.setenv("LOCAL_RANK", "x")  # recorded, so teardown restores the original environment
+    monkeypatch.delenv("LOCAL_RANK")
+    argv = ["--local_rank=1", "train", "--policy", "p", "--local-rank", "1", "--zero-stage", "2"]
+    assert cli._strip_launcher_args(argv) == ["train", "--policy", "p", "--zero-stage", "2"]
+    assert os.environ["LOCAL_RANK"] == "1"
