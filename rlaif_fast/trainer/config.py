@@ -54,6 +54,12 @@ class RLAIFConfig:
     micro_batch_size rows at a time, so short rollouts share a forward; the number of micro-batches
     then varies per step (the update does not depend on it). Must be >= max_prompt_len + max_new_tokens,
     so any rollout fits. None: fixed micro_batch_size (which still sizes the no-grad scoring passes)."""
+    token_balance: str = "global"
+    """With max_tokens_per_microbatch on several ranks: "global" plans each global mini-batch over all
+    ranks' rollouts together and moves rows to the rank the plan gives them (their rollout-time data
+    travels with them, one all_gather per step), so every rank computes about the same padded tokens;
+    "per_rank" keeps rows where they were sampled and plans each rank alone (no exchange; the busiest
+    rank sets the pace). The update is the same either way."""
     ppo_epochs: int = 1
     """Passes over each batch of rollouts. 1 keeps the update on-policy (ratio = 1 at the first pass)."""
     total_steps: int | None = None
@@ -208,6 +214,8 @@ class RLAIFConfig:
                     f"{self.max_prompt_len} + {self.max_new_tokens}, so a long rollout would fit no micro-batch; "
                     f"raise it to >= {self.max_prompt_len + self.max_new_tokens} or lower max_prompt_len"
                 )
+        if self.token_balance not in ("global", "per_rank"):
+            raise ValueError(f"token_balance={self.token_balance!r}; use 'global' or 'per_rank'")
         if self.total_steps is not None and self.total_steps < 1:
             raise ValueError(
                 f"total_steps={self.total_steps!r} must be >= 1 or None (one pass over the prompts)"

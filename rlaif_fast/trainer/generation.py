@@ -201,14 +201,24 @@ def micro_batches(
 
 
 def token_micro_batches(
-    rollouts: Rollouts, rows: list[int], max_tokens: int, pad_id: int, *, fast: bool, batch_width: int
+    rollouts: Rollouts,
+    rows: list[int],
+    max_tokens: int,
+    pad_id: int,
+    *,
+    fast: bool,
+    batch_width: int,
+    rank: int = 0,
+    ranks: int = 1,
 ) -> list[TrainBatch]:
     """Split ``rows`` into micro-batches of at most ``max_tokens`` padded tokens (rows x padded width).
 
-    The plan is ``rlaif_fast.batching.balanced_microbatches`` on this rank's rows alone: rollouts of
-    similar length share a micro-batch, so short rollouts run many to a forward and long ones few.
-    reference: every row counts as ``batch_width`` tokens, the width it is padded to, so the budget
-    bounds the work actually done in both modes. The count varies with the lengths sampled.
+    The plan is ``rlaif_fast.batching.balanced_microbatches`` over ``rows`` for ``ranks`` ranks, and
+    this returns rank ``rank``'s share: with one rank, all of ``rows``; with several, ``rows`` are the
+    global mini-batch (every rank plans the same, deterministically, and takes its own micro-batches).
+    Rollouts of similar length share a micro-batch, so short rollouts run many to a forward and long
+    ones few. reference: every row counts as ``batch_width`` tokens, the width it is padded to, so the
+    budget bounds the work actually done in both modes. The count varies with the lengths sampled.
     """
     from rlaif_fast.batching import balanced_microbatches
 
@@ -220,9 +230,9 @@ def token_micro_batches(
             f"a rollout of {longest} tokens does not fit max_tokens_per_microbatch={max_tokens}; raise it "
             f"to at least max_prompt_len + max_new_tokens"
         )
-    plan = balanced_microbatches(sizes, max_tokens=max_tokens, num_ranks=1)
+    plan = balanced_microbatches(sizes, max_tokens=max_tokens, num_ranks=ranks)
     return [
         train_batch(rollouts, [rows[k] for k in mb], pad_id, fast=fast, batch_width=batch_width)
-        for mb in plan.microbatches[0]
+        for mb in plan.microbatches[rank]
         if mb
     ]

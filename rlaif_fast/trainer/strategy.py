@@ -190,6 +190,14 @@ class Strategy:
         if self.world_size > 1:
             torch.distributed.barrier()
 
+    def all_gather_object(self, obj) -> list:
+        """[rank 0's obj, rank 1's obj, ...] on every rank (pickled; CPU tensors inside are fine)."""
+        if self.world_size == 1:
+            return [obj]
+        out = [None] * self.world_size
+        torch.distributed.all_gather_object(out, obj)
+        return out
+
     def broadcast_object(self, obj):
         box = [obj]
         if self.world_size > 1:

@@ -38,7 +38,14 @@ import torch
 from rlaif_fast.trainer import checkpoint as ckpt
 from rlaif_fast.trainer.checks import check_inputs, per_rank_sizes
 from rlaif_fast.trainer.config import RLAIFConfig
-from rlaif_fast.trainer.generation import micro_batches, sample, special_ids, token_micro_batches
+from rlaif_fast.trainer.generation import (
+    Rollouts,
+    micro_batches,
+    sample,
+    special_ids,
+    token_micro_batches,
+    train_batch,
+)
 from rlaif_fast.trainer.logging import MetricsLogger, plot_metrics
 from rlaif_fast.trainer.scoring import advantages_and_returns, response_logprobs, stack_rows
 from rlaif_fast.trainer.update import ActorCritic, empty_like, run_update
@@ -214,9 +221,9 @@ class RLAIFTrainer:
         if rollouts.scores is None:
             rollouts.scores = self._rewards(rollouts)
         data = self._score(rollouts)
-        batches = self._mini_batches(rollouts)
+        batches, update_data = self._mini_batches(rollouts, data)
         try:
-            stats = run_update(cfg, self.strategy, self.engine, batches, data, self.kl_coef)
+            stats = run_update(cfg, self.strategy, self.engine, batches, update_data, self.kl_coef)
         except FloatingPointError as err:
             self._dump_nonfinite(rollouts, str(err))
         metrics = self._metrics(rollouts, data, stats, time.perf_counter() - t0)
@@ -289,36 +296,83 @@ class RLAIFTrainer:
         data.update(advantages=adv, returns=ret, kl=kl)
         return data
 
-    def _mini_batches(self, rollouts):
-        """Micro-batches of every mini-batch of this rank: ``micro_batch_size`` rows each, or cut to the
-        token budget. Budget plans are per rank (rows stay where their rollout-time data lives), so the
-        counts can differ across ranks: the shorter lists get empty micro-batches up to the longest."""
+    def _mini_batches(self, rollouts, data: dict) -> tuple[list[list], dict]:
+        """(micro-batches of every mini-batch for this rank, the per-row data they index).
+
+        No budget: ``micro_batch_size`` rows of this rank at a time. With ``max_tokens_per_microbatch``,
+        cut to the budget by ``balanced_microbatches``: ``token_balance="global"`` on several ranks plans
+        each global mini-batch over all ranks' rows (gathered on every rank with their data) and takes
+        this rank's share; ``"per_rank"`` plans this rank's rows alone. Counts can still differ across
+        ranks, so the shorter lists get empty micro-batches up to the longest."""
         cfg, mini = self.config, self.per_rank["mini"]
         fast, width = cfg.ops == "fast", max(rollouts.lengths())
         budget = cfg.max_tokens_per_microbatch
+        world, rank = self.strategy.world_size, self.strategy.rank
         if budget is not None:  # decided on all ranks together: a rank raising alone would hang the rest
-            longest = int(self.strategy.all_reduce(torch.tensor([float(width)]), op="max").item())
-            if longest > budget:
+            width = int(self.strategy.all_reduce(torch.tensor([float(width)]), op="max").item())
+            if width > budget:
                 raise ValueError(
-                    f"a rollout of {longest} tokens does not fit max_tokens_per_microbatch={budget}; "
+                    f"a rollout of {width} tokens does not fit max_tokens_per_microbatch={budget}; "
                     "raise it to the longest prompt + response that learn() receives"
                 )
         out = []
-        for start in range(0, len(rollouts), mini):
-            rows = list(range(start, start + mini))
-            if budget is None:
-                mbs = micro_batches(
-                    rollouts, rows, cfg.micro_batch_size, self.pad_id, fast=fast, batch_width=width
+        if budget is not None and world > 1 and cfg.token_balance == "global":
+            everyone, data = self._gather_rows(rollouts, data)
+            n = len(rollouts)
+            for start in range(0, n, mini):
+                rows = [r * n + i for r in range(world) for i in range(start, start + mini)]
+                out.append(
+                    token_micro_batches(
+                        everyone,
+                        rows,
+                        budget,
+                        self.pad_id,
+                        fast=fast,
+                        batch_width=width,
+                        rank=rank,
+                        ranks=world,
+                    )
                 )
-            else:
-                mbs = token_micro_batches(rollouts, rows, budget, self.pad_id, fast=fast, batch_width=width)
-            out.append(mbs)
+        else:
+            for start in range(0, len(rollouts), mini):
+                rows = list(range(start, start + mini))
+                if budget is None:
+                    out.append(
+                        micro_batches(
+                            rollouts, rows, cfg.micro_batch_size, self.pad_id, fast=fast, batch_width=width
+                        )
+                    )
+                else:
+                    out.append(
+                        token_micro_batches(rollouts, rows, budget, self.pad_id, fast=fast, batch_width=width)
+                    )
         if budget is not None:
             counts = torch.tensor([float(len(m)) for m in out], dtype=torch.float64)
             most = self.strategy.all_reduce(counts, op="max").tolist()
-            for mbs, n in zip(out, most):
-                mbs.extend(empty_like(mbs[-1]) for _ in range(int(n) - len(mbs)))
-        return [[_to(b, self.strategy.device) for b in mbs] for mbs in out]
+            for mbs, k in zip(out, most):
+                # a rank the global plan gave no row of this mini-batch shapes its empties on a local row
+                template = (
+                    mbs[-1] if mbs else train_batch(rollouts, [0], self.pad_id, fast=fast, batch_width=width)
+                )
+                mbs.extend(empty_like(template) for _ in range(int(k) - len(mbs)))
+        return [[_to(b, self.strategy.device) for b in mbs] for mbs in out], data
+
+    def _gather_rows(self, rollouts, data: dict) -> tuple[Rollouts, dict]:
+        """Every rank's token ids and rollout-time data on every rank, row ``r * n + i`` being row ``i``
+        of rank ``r`` (one all_gather of CPU tensors; (B, L) tensors padded to the widest rank)."""
+        mine = {"prompt_ids": rollouts.prompt_ids, "response_ids": rollouts.response_ids, "data": data}
+        everyone = self.strategy.all_gather_object(mine)
+        merged = {}
+        for key, value in data.items():
+            parts = [d["data"][key] for d in everyone]
+            if value.dim() == 2:
+                width = max(p.shape[1] for p in parts)
+                parts = [torch.nn.functional.pad(p, (0, width - p.shape[1])) for p in parts]
+            merged[key] = torch.cat(parts)
+        prompt_ids = [ids for d in everyone for ids in d["prompt_ids"]]
+        response_ids = [ids for d in everyone for ids in d["response_ids"]]
+        blank = [""] * len(prompt_ids)
+        return Rollouts(blank, blank, prompt_ids, response_ids), merged
 
     def _metrics(self, rollouts, data, stats, seconds) -> dict:
         mask = data["mask"]

@@ -14,27 +14,48 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from toy import invariance_run  # noqa: E402
 
 
-def token_budget_run() -> dict:
-    """ZeRO-3 with micro-batches cut to 12 padded tokens, planned per rank: the counts differ across
-    ranks, so the shorter rank runs empty micro-batches (counted here) to stay in the collectives."""
+def token_budget_run(balance: str) -> dict:
+    """ZeRO-3 with micro-batches cut to 12 padded tokens. per_rank: each rank plans its own rows, the
+    counts differ across ranks, so the shorter rank runs empty micro-batches (counted here) to stay in
+    the collectives. global: the ranks plan every mini-batch together and trade rows (counted here: rows
+    a rank trains on that another rank sampled), and the padded tokens each rank computes are summed."""
     from rlaif_fast.trainer import trainer as trainer_module
     from rlaif_fast.trainer import update
 
-    empties = []
-    real = update.empty_like
+    empties, moved, padded = [], [], []
+    real_empty, real_plan = update.empty_like, trainer_module.token_micro_batches
 
-    def counting(batch):
+    def counting_empty(batch):
         empties.append(1)
-        return real(batch)
+        return real_empty(batch)
 
-    trainer_module.empty_like = counting
+    def counting_plan(rollouts, rows, *args, **kwargs):
+        out = real_plan(rollouts, rows, *args, **kwargs)
+        rank, ranks = kwargs.get("rank", 0), kwargs.get("ranks", 1)
+        n = len(rollouts) // ranks
+        for b in out:
+            moved.extend(r for r in b.rows if ranks > 1 and not rank * n <= r < (rank + 1) * n)
+            padded.append(b.input_ids.numel())
+        return out
+
+    trainer_module.empty_like, trainer_module.token_micro_batches = counting_empty, counting_plan
     try:
-        params, history = invariance_run(zero_stage=3, max_prompt_len=4, max_tokens_per_microbatch=12)
+        params, history = invariance_run(
+            zero_stage=3, max_prompt_len=4, max_tokens_per_microbatch=12, token_balance=balance
+        )
     finally:
-        trainer_module.empty_like = real
-    count = torch.tensor([float(len(empties))])
-    torch.distributed.all_reduce(count)
-    return {"params": params, "history": history, "empty_microbatches": int(count.item())}
+        trainer_module.empty_like, trainer_module.token_micro_batches = real_empty, real_plan
+    counts = torch.tensor([float(len(empties)), float(len(moved))])
+    torch.distributed.all_reduce(counts)
+    loads = [None] * torch.distributed.get_world_size()
+    torch.distributed.all_gather_object(loads, sum(padded))
+    return {
+        "params": params,
+        "history": history,
+        "empty_microbatches": int(counts[0].item()),
+        "moved_rows": int(counts[1].item()),
+        "rank_padded_tokens": loads,
+    }
 
 
 def nan_on_one_rank(out: Path) -> None:
@@ -88,9 +109,10 @@ def main(out: str) -> None:
         if rank() == 0:
             torch.save({"params": params, "history": history}, Path(out) / f"zero{stage}.pt")
         torch.distributed.barrier()
-    budget = token_budget_run()
-    if rank() == 0:
-        torch.save(budget, Path(out) / "zero3_budget.pt")
+    for balance in ("per_rank", "global"):
+        budget = token_budget_run(balance)
+        if rank() == 0:
+            torch.save(budget, Path(out) / f"zero3_budget_{balance}.pt")
     # real sampling under ZeRO-3: ranks stop at EOS at different times; generate must stay in lockstep
     _, history = invariance_run(
         steps=1, fixed_lengths=False, zero_stage=3, temperature=1.0, max_new_tokens=12
