@@ -9,7 +9,8 @@ What this builds, and why:
 
 If the compiler is missing or the build fails, installation still succeeds and ``rlaif_fast.batching``
 falls back to its pure-Python path with one warning. Set ``RLAIF_FAST_REQUIRE_EXT=1`` to make a failed
-build an error instead (CI does). Nothing is downloaded.
+build an error instead (CI does), or ``RLAIF_FAST_NO_BUILD_EXT=1`` to skip it (a GPU box that only runs
+the Triton kernels: benchmarks/gpu/run.sh installs that way). Nothing is downloaded.
 """
 
 import glob
@@ -52,7 +53,7 @@ class OptionalBuildExt(build_ext):
 
 sources = sorted(glob.glob("csrc/*.cpp"))
 ext_modules = []
-if Pybind11Extension is not None and sources:
+if Pybind11Extension is not None and sources and os.environ.get("RLAIF_FAST_NO_BUILD_EXT") != "1":
     ext_modules.append(
         Pybind11Extension(
             "rlaif_fast._C",

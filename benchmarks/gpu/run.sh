@@ -9,10 +9,22 @@
 set -uo pipefail
 cd "$(dirname "$0")/../.."
 OUT="${OUT:-gpu_out}"; mkdir -p "$OUT"
-PY="${PY:-python}"
-[ -x .venv/bin/python ] && PY=.venv/bin/python
+# The python that holds torch + triton: the project's .venv here, the image's python3 on a bare GPU box.
+if [ -z "${PY:-}" ]; then
+  if [ -x .venv/bin/python ]; then PY=.venv/bin/python
+  elif command -v python3 >/dev/null; then PY=python3
+  else PY=python; fi
+fi
 if [ "${1:-}" = "--smoke" ]; then export TRITON_INTERPRET=1; fi
-"$PY" -c "import torch; print('torch', torch.__version__, 'cuda', torch.cuda.is_available(), torch.cuda.get_device_name(0) if torch.cuda.is_available() else 'cpu')" | tee "$OUT/device.txt"
+# A bare GPU box has torch and triton but not rlaif_fast: install it in place, offline, without the C++
+# extension (these scripts run only the Triton kernels), so rlaif_fast.kernels maps to kernels/.
+if ! "$PY" -c "import rlaif_fast.kernels" 2>/dev/null; then
+  echo "== installing rlaif_fast (editable, no deps, no C++ extension)"
+  RLAIF_FAST_NO_BUILD_EXT=1 "$PY" -m pip install -q --no-deps --no-build-isolation --no-index -e . \
+    > "$OUT/install.log" 2>&1 || { echo "install failed:"; tail -20 "$OUT/install.log"; exit 1; }
+fi
+"$PY" -c "import triton; print('triton', triton.__version__)" | tee -a "$OUT/device.txt"
+"$PY" -c "import torch; print('torch', torch.__version__, 'cuda', torch.cuda.is_available(), torch.cuda.get_device_name(0) if torch.cuda.is_available() else 'cpu')" | tee -a "$OUT/device.txt"
 status=0
 for script in benchmarks/gpu/bench_ops.py benchmarks/gpu/bench_linear.py; do
   [ -f "$script" ] || { echo "missing $script"; status=1; continue; }
