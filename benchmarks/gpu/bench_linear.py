@@ -9,7 +9,8 @@ time, TFLOP/s and peak memory of every path side by side:
 
     python benchmarks/gpu/bench_linear.py --out DIR            # N = 8192, H = 4096, V = 128256, bf16
     python benchmarks/gpu/bench_linear.py --chunks 1024,2048,4096 --variants gemm   # the GEMM chunk sweep
-    python benchmarks/gpu/bench_linear.py --blocks 64,256,64   # other (BLOCK_N, BLOCK_V, BLOCK_H)
+    python benchmarks/gpu/bench_linear.py --blocks 128,128,64  # other (BLOCK_N, BLOCK_V, BLOCK_H); see
+                                          # benchmarks/results/compile.md for which fit shared memory
     python benchmarks/gpu/bench_linear.py --accounting         # analytic FLOPs / bytes, no GPU needed
     python benchmarks/gpu/bench_linear.py --smoke --out DIR    # tiny CPU run through the Triton interpreter
 
@@ -168,6 +169,10 @@ def run(N, H, V, dtype, device, smoke, variants, chunks) -> dict:
             except torch.OutOfMemoryError as err:  # report and go on: the other paths still tell
                 res["paths"][name] = {"error": f"out of memory: {err}".splitlines()[0]}
                 torch.cuda.empty_cache()
+            except Exception as err:  # noqa: BLE001 - e.g. triton's OutOfResources for a --blocks choice
+                if type(err).__name__ != "OutOfResources":
+                    raise
+                res["paths"][name] = {"error": f"out of resources: {err}".splitlines()[0]}
     return res
 
 
