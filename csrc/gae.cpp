@@ -2,11 +2,11 @@
 //
 // The recurrence runs backward along each row (A_t = delta_t + gamma*lam*A_next), so one row cannot be
 // vectorized along time, but 8 rows can run side by side in the 8 float lanes of an AVX2 register. Rows
-// are row-major (B, T) in memory, so each block of 8 rows is walked backward in 8x8 tiles: a tile is
-// loaded with one 32-byte read per row, transposed in registers (each register then holds one time step
-// of the 8 rows), scanned, transposed back and stored. Each input byte is read once and each output byte
-// written once; nothing is staged in memory. Partial tiles (B or T not a multiple of 8) go through an
-// 8x8 scratch tile whose extra lanes and steps are masked.
+// are row-major (B, T) in memory, so each block of 8 rows is walked backward in tiles of 8 rows x 16 steps:
+// a tile is loaded with two 32-byte reads per row (one whole 64-byte line), transposed 8x8 in registers
+// (each register then holds one time step of the 8 rows), scanned, transposed back and stored. Each input
+// byte is read once and each output byte written once; nothing is staged in memory. Partial tiles (B not
+// a multiple of 8, T not of 16) go through a scratch tile whose extra lanes and steps are masked.
 //
 // Masking is the convention of rlaif_fast/ops/advantages.py: a masked token is skipped (its lane's carries
 // pass through unchanged, by a bitwise select) and its outputs are 0; whatever a masked input holds (inf,
