@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # One prepared script for a lent GPU (15 minutes of device time in all): correctness at full size first,
-# then timings, for every kernel. Prints one table per script and writes JSON under $OUT (or ./gpu_out).
+# then timings, for every kernel. Prints one table per script and writes JSON under $OUT (or ./gpu_out),
+# then summarize.py's verdict on each GPU goal of issues 2 and 3 ($OUT/summary.md).
 #
 #   bash benchmarks/gpu/run.sh            # on the GPU machine
 #   bash benchmarks/gpu/run.sh --smoke    # here, on CPU tensors through the Triton interpreter
@@ -33,4 +34,6 @@ for script in benchmarks/gpu/bench_ops.py benchmarks/gpu/bench_linear.py; do
 done
 echo "== benchmarks/bench_gae.py --gpu"
 if [ "${1:-}" != "--smoke" ]; then "$PY" benchmarks/bench_gae.py --gpu --out "$OUT" || status=1; fi
+echo "== summary (goals of issues 2 and 3; also in $OUT/summary.md)"
+"$PY" benchmarks/gpu/summarize.py "$OUT" --write || status=1
 exit $status
