@@ -11,6 +11,7 @@ failed pairs). The API key is sent in the Authorization header only; it is never
 
 from __future__ import annotations
 
+import http.client
 import json
 import math
 import random
@@ -100,7 +101,8 @@ class OpenAICompatibleBackend:
             raise BackendError(
                 f"{self.base_url}/completions answered HTTP {exc.code}: {exc.read()[:200]!r}"
             ) from None
-        except (urllib.error.URLError, TimeoutError, ConnectionError, OSError) as exc:
+        except (urllib.error.URLError, OSError, http.client.HTTPException) as exc:
+            # OSError: timeouts and resets; HTTPException: a body cut short (IncompleteRead), a bad status line
             raise _Retryable(f"{type(exc).__name__}: {exc}") from None
         try:
             out = json.loads(raw)
@@ -175,8 +177,9 @@ class OpenAICompatibleBackend:
         rows = self._map(lambda p: self._one_prompt(self._text(p), candidates), prompts)
         return torch.tensor(rows, dtype=torch.float64).reshape(len(prompts), len(candidates))
 
-    def generate(self, prompts: Sequence, *, max_new_tokens: int = 64) -> list[str]:
-        """Greedy continuations (temperature 0). Failures give "" with on_error="nan"."""
+    def generate(self, prompts: Sequence, *, max_new_tokens: int = 64) -> list[str | None]:
+        """Greedy continuations (temperature 0). Failures give None with on_error="nan", so that a failed
+        rationale is told apart from an empty one (PairwiseLabeler then counts the pair as failed)."""
 
         def one(p):
             body = {
@@ -190,6 +193,6 @@ class OpenAICompatibleBackend:
             except (BackendError, KeyError, IndexError, TypeError):
                 if self.on_error == "raise":
                     raise
-                return ""
+                return None
 
         return self._map(one, prompts)

@@ -120,8 +120,11 @@ def make_backend(spec: str, cfg: LabelJobConfig | None = None):
     )
 
 
-def _done_ids(out: Path) -> set[str]:
-    """Ids already labeled in ``out``; a torn last line (killed mid-write) is truncated away first."""
+def _done_ids(out: Path, mode: str = "pairwise") -> set[str]:
+    """Ids already labeled in ``out``; a torn last line (killed mid-write) is truncated away first.
+
+    Raises ValueError when ``out`` holds the other mode's records: resuming into it would append a second
+    kind of record that the summary (and ``train-rm``) cannot read."""
     if not out.exists():
         return set()
     data = out.read_bytes()
@@ -129,7 +132,19 @@ def _done_ids(out: Path) -> set[str]:
     if end != len(data):
         with open(out, "r+b") as f:
             f.truncate(end)
-    return {json.loads(line)["id"] for line in data[:end].splitlines() if line.strip()}
+    key, other = ("score", "pairwise") if mode == "score" else ("p_a", "score")
+    ids = set()
+    for n, line in enumerate(data[:end].splitlines(), start=1):
+        if not line.strip():
+            continue
+        rec = json.loads(line)
+        if key not in rec:
+            raise ValueError(
+                f"--out {str(out)!r} holds {other} labels (line {n} has no {key!r}); write --mode {mode} "
+                f"to another --out, or resume this one with --mode {other}"
+            )
+        ids.add(rec["id"])
+    return ids
 
 
 def summarize(out) -> dict:
@@ -279,7 +294,7 @@ def run_label_job(cfg: LabelJobConfig, backend=None) -> dict:
 
     out = Path(cfg.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    done = _done_ids(out)
+    done = _done_ids(out, cfg.mode)
     read_items, label_batch, summary_of = _labeling(cfg, backend)
     unit = "response" if cfg.mode == "score" else "pair"
     errors: list = []

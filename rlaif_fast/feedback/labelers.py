@@ -137,9 +137,12 @@ class PairwiseLabeler:
         rationales = None
         if self.chain_of_thought:
             rationales = self.backend.generate(prompts, max_new_tokens=self.max_rationale_tokens)
-            prompts = [p.extend(r + "\n" + self.template.ending) for p, r in zip(prompts, rationales)]
+            # None: the backend failed to generate it (on_error="nan"); "" is a genuine empty rationale
+            prompts = [p.extend((r or "") + "\n" + self.template.ending) for p, r in zip(prompts, rationales)]
         logp = self.backend.candidate_logprobs(prompts, PAIR_CANDIDATES)  # (2N, 2)
         p_first = torch.softmax(logp.double(), dim=-1)[:, 0].tolist()  # P("1") per prompt
+        if rationales is not None:  # a pair whose rationale failed is failed (NaN), not judged without one
+            p_first = [math.nan if r is None else x for x, r in zip(p_first, rationales)]
         labels = []
         for i in range(len(contexts)):
             lab = pair_label_from_orders(p_first[2 * i], p_first[2 * i + 1])

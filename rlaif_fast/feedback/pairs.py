@@ -89,8 +89,9 @@ def pair_from_record(rec) -> Pair:
 
 
 def open_text(path: Path):
-    """A text handle on a .jsonl or .jsonl.gz file."""
-    return gzip.open(path, "rt", encoding="utf-8") if path.suffix == ".gz" else open(path, encoding="utf-8")
+    """A text handle on a .jsonl or .jsonl.gz file (utf-8-sig: a leading byte-order mark is dropped)."""
+    enc = "utf-8-sig"  # plain UTF-8 reads the same; a BOM would otherwise make line 1 malformed
+    return gzip.open(path, "rt", encoding=enc) if path.suffix == ".gz" else open(path, encoding=enc)
 
 
 def iter_records(path, parse, *, strict: bool = False, errors: list | None = None) -> Iterator:

@@ -29,12 +29,15 @@ def position_bias_rate(p_a_ab: Sequence[float], p_a_ba: Sequence[float]) -> floa
 def pairwise_accuracy(r_a: Sequence[float], r_b: Sequence[float], a_preferred: Sequence) -> float:
     """Fraction of pairs where the reward model ranks the preferred response higher; equal rewards count 1/2.
 
-    ``a_preferred``: booleans, or soft labels p_a (binarized at 0.5).
+    ``a_preferred``: booleans, or soft labels p_a of any numeric type (a list, a tensor, a numpy array),
+    binarized at 0.5; a label of exactly 0.5 prefers neither response and counts 1/2, as in
+    :func:`ai_human_alignment`.
     """
     r_a, r_b = _pairs("r_a", r_a, "r_b", r_b)
     _, a_preferred = _pairs("r_a", r_a, "a_preferred", a_preferred)
     score = 0.0
     for x, y, pref in zip(r_a, r_b, a_preferred):
-        pref = pref > 0.5 if isinstance(pref, float) else bool(pref)
-        score += 0.5 if x == y else float((x > y) == pref)
+        # bool -> 0/1; a 0-dim tensor or numpy scalar -> its value (bool() of one would mean "nonzero")
+        p = float(pref)
+        score += 0.5 if x == y or p == 0.5 else float((x > y) == (p > 0.5))
     return score / len(r_a)

@@ -81,7 +81,8 @@ class RewardModel(nn.Module):
                 f"{str(path)!r} holds no {HEAD_FILE}; it was not saved by RewardModel.save_pretrained"
             )
         model = cls(AutoModel.from_pretrained(str(path)))
-        model.head.load_state_dict(torch.load(path / HEAD_FILE, weights_only=True))
+        # map_location: a head saved from a GPU run loads on a CPU-only machine (load_state_dict copies it over)
+        model.head.load_state_dict(torch.load(path / HEAD_FILE, weights_only=True, map_location="cpu"))
         return model.eval()
 
 
@@ -97,7 +98,7 @@ def encode_pairs_side(
         ctx = list(tokenizer(c, add_special_tokens=True)["input_ids"]) if c else []
         resp = list(tokenizer(r, add_special_tokens=not c)["input_ids"])
         resp = resp[:max_length]
-        keep = max_length - len(resp)
+        keep = min(max_length - len(resp), len(ctx))  # a negative slice start would cut a context that fits
         rows.append((ctx[len(ctx) - keep :] if keep else []) + resp)
     width = max(len(r) for r in rows)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (tokenizer.eos_token_id or 0)
