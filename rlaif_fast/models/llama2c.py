@@ -33,8 +33,18 @@ def _read_header(raw: bytes, path: Path) -> dict:
             f"{path} is a llama2.c version-1+ export (magic 'ak42'); load_llama2c reads the legacy v0 "
             "format: re-export with `python export.py --version 0` from llama2.c"
         )
+    if len(raw) < _HEADER.size:
+        raise ValueError(
+            f"{path} holds {len(raw)} bytes, too short for a llama2.c header ({_HEADER.size}): not a checkpoint"
+        )
     dim, hidden, n_layers, n_heads, n_kv_heads, vocab, seq_len = _HEADER.unpack_from(raw)
-    if min(dim, hidden, n_layers, n_heads, n_kv_heads, seq_len) <= 0 or vocab == 0:
+    if (
+        min(dim, hidden, n_layers, n_heads, n_kv_heads, seq_len) <= 0
+        or vocab == 0
+        or dim % n_heads  # heads split the model dimension
+        or (dim // n_heads) % 2  # RoPE rotates pairs
+        or n_heads % n_kv_heads  # grouped-query attention shares each kv head among whole groups
+    ):
         raise ValueError(
             f"{path} does not start with a valid llama2.c v0 header: got {_HEADER.unpack_from(raw)}"
         )
@@ -68,7 +78,8 @@ def load_llama2c(path, dtype: torch.dtype = torch.float32):
     dim, hidden, L, n_heads, n_kv = h["dim"], h["hidden"], h["n_layers"], h["n_heads"], h["n_kv_heads"]
     head_dim = dim // n_heads
     kv_dim = n_kv * head_dim
-    floats = np.frombuffer(raw, dtype="<f4", offset=_HEADER.size)
+    # count: a file cut mid-float is reported as truncated below, not as numpy's buffer-size error
+    floats = np.frombuffer(raw, dtype="<f4", count=(len(raw) - _HEADER.size) // 4, offset=_HEADER.size)
     shapes = [
         ("tok", (h["vocab"], dim)), ("rms_att", (L, dim)), ("wq", (L, dim, dim)), ("wk", (L, kv_dim, dim)),
         ("wv", (L, kv_dim, dim)), ("wo", (L, dim, dim)), ("rms_ffn", (L, dim)), ("w1", (L, hidden, dim)),
@@ -128,8 +139,14 @@ def _read_tok512(path: Path) -> tuple[list[str], list[float]]:
     at = 4
     pieces, scores = [], []
     while at < len(raw):
+        if at + 8 > len(raw):
+            raise ValueError(f"{path} ends inside a (score, length) record at byte {at}: truncated?")
         score, n = struct.unpack_from("<fi", raw, at)
         at += 8
+        if n < 0 or at + n > len(raw):
+            raise ValueError(
+                f"{path}: piece {len(pieces)} of {n} bytes runs past the end of the file: truncated?"
+            )
         pieces.append(raw[at : at + n].decode("utf-8"))
         scores.append(score)
         at += n

@@ -86,6 +86,7 @@ class RunConfig:
     """Settings passed to ``rlaif_fast.trainer.RLAIFConfig.from_dict`` (algorithm, kl_coef, lr, steps, ...)."""
 
     def __post_init__(self):
+        self._check_strings()
         self._check_numbers()
         self._check_task()
         self._check_labeler()
@@ -94,8 +95,25 @@ class RunConfig:
         if not isinstance(self.rl, dict):
             raise TypeError(f"rl must be a mapping of trainer settings, got {type(self.rl).__name__}")
 
+    def _check_strings(self):
+        for name in ("output_dir", "labeler", "template", "feedback"):
+            value = getattr(self, name)
+            if not isinstance(value, str):
+                raise TypeError(f"{name} must be a string, got {value!r}")
+        for name in ("task", "prompts_file", "policy", "labeler_model"):
+            value = getattr(self, name)
+            if value is not None and not isinstance(value, str):
+                raise TypeError(f"{name} must be a string or null, got {value!r}")
+
     def _check_numbers(self):
-        positive_ints = ("policy_layers", "policy_dim", "iterations", "max_new_tokens", "eval_prompts")
+        positive_ints = (
+            "policy_layers",
+            "policy_dim",
+            "iterations",
+            "pairs_per_iteration",
+            "max_new_tokens",
+            "eval_prompts",
+        )
         non_negative = ("sft_steps", "labeler_steps", "rm_epochs", "seed")
         for name in positive_ints + non_negative:
             value = getattr(self, name)
@@ -103,6 +121,11 @@ class RunConfig:
                 raise TypeError(f"{name} must be an integer, got {value!r}")
             if value < (1 if name in positive_ints else 0):
                 raise ValueError(f"{name} must be >= {1 if name in positive_ints else 0}, got {value}")
+        if (self.policy is None or self.labeler == "demo") and self.policy_dim % 4:
+            raise ValueError(
+                f"policy_dim must be a multiple of 4 (the config-built policy and the demo labeler have 4 "
+                f"attention heads), got {self.policy_dim}"
+            )
         if self.pairs_per_iteration < 2:
             raise ValueError(
                 f"pairs_per_iteration must be >= 2 to train or check anything, got {self.pairs_per_iteration}"

@@ -32,12 +32,14 @@ def main(argv: list[str] | None = None) -> int:
     t0 = time.perf_counter()
     status = finish(cfg, progress=not args.no_progress)
     seconds = time.perf_counter() - t0
+    if status != 0:  # interrupted: finish said how to resume; report.json is absent or from an older run
+        return status
     rep = json.loads((Path(cfg.output_dir) / "report.json").read_text())
     print(
         f"demo finished in {seconds:.0f} s; report in {cfg.output_dir}/report.md, plot in "
         f"{cfg.output_dir}/metrics.png"
     )
-    if status == 0 and not rep.get("gt_improved", False):
+    if not rep.get("gt_improved", False):
         print(f"ground-truth score did NOT improve ({rep.get('gt_sft')} -> {rep.get('gt_policy')})")
         return 1
-    return status
+    return 0

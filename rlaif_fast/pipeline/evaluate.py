@@ -136,19 +136,20 @@ def main(argv: list[str] | None = None) -> int:
     run = run_mod.Run(cfg, progress=False)
     policy_dir = Path(args.policy) if args.policy else run.latest_policy_dir()
     baseline_dir = Path(args.baseline) if args.baseline else run.sft_dir()
+    n = args.n if args.n is not None else cfg.eval_prompts
+    if n < 1:
+        raise ValueError(f"--n must be >= 1, got {n}")
     for name, d in (("--policy", policy_dir), ("--baseline", baseline_dir)):
         if d is None or not Path(d).is_dir():
             raise ValueError(
                 f"{name} directory {str(d)!r} does not exist; run `rlaif-fast run {args.config}` "
                 "first or pass the directory"
             )
-    n = args.n or cfg.eval_prompts
-    if n < 1:
-        raise ValueError(f"--n must be >= 1, got {n}")
     result = run.evaluate(run_mod.load_policy(policy_dir), run_mod.load_policy(baseline_dir), n=n)
     result.pop("examples", None)
     text = json.dumps(result, indent=2)
     print(text)
     if args.out:
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
         Path(args.out).write_text(text + "\n")
     return 0

@@ -36,7 +36,15 @@ def read_prompts(path: Path) -> tuple[list[str], list[str]]:
 def read_jsonl(path: Path) -> list:
     if not path.is_file():
         raise ValueError(f"{path} does not exist")
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    rows = []
+    for i, line in enumerate(path.read_text().splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            rows.append(json.loads(line))
+        except json.JSONDecodeError as err:
+            raise ValueError(f"{path}:{i} is not JSON ({err.msg}); fix or remove that line") from None
+    return rows
 
 
 def write_jsonl(path: Path, rows: list) -> None:

@@ -18,7 +18,9 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import random
+import shutil
 from collections.abc import Callable
 from pathlib import Path
 
@@ -180,10 +182,15 @@ def load_or_train_labeler(
     model = train_labeler(
         render, tokenizer, dim=dim, steps=steps, seed=seed, progress=progress, render_score=render_score
     )
-    tmp = path.with_name(path.name + ".tmp")
+    tmp = path.with_name(f"{path.name}.tmp{os.getpid()}")  # one per process: two runs may train at once
     model.save_pretrained(tmp)
     tokenizer.save_pretrained(tmp)
-    tmp.replace(path)  # atomic: a killed demo never leaves a half-written cache entry
+    try:
+        tmp.replace(path)  # atomic: a killed demo never leaves a half-written cache entry
+    except OSError:
+        if not (path / "config.json").is_file():
+            raise
+        shutil.rmtree(tmp, ignore_errors=True)  # another run published the same labeler first: keep it
     return model, path
 
 

@@ -45,7 +45,8 @@ def build_report(result: dict, cfg) -> dict:
                 "position_bias": it["label"]["position_bias"],
                 "rm_accuracy_ai": it.get("rm", {}).get("acc_ai_held_out"),
                 "rm_accuracy_gt": it.get("rm", {}).get("acc_gt_held_out"),
-                "rl_steps": len(it["rl"]["history"]),
+                # the trainer's step count: history has one row per logged step (rl: log_every)
+                "rl_steps": it["rl"]["summary"].get("steps", len(it["rl"]["history"])),
                 "final_reward": it["rl"]["history"][-1].get("reward") if it["rl"]["history"] else None,
                 "final_kl": it["rl"]["history"][-1].get("kl") if it["rl"]["history"] else None,
                 "win_rate": it["eval"]["win_rate"],

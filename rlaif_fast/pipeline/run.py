@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import hashlib
 import json
 import sys
 from pathlib import Path
@@ -178,13 +179,20 @@ class Run(Stages):
         """Resuming reuses finished stages, so it is only sound under the config that made them."""
         path = self.out / "config.json"
         current = json.loads(json.dumps(self.cfg.to_dict()))
+        for key in ("template", "prompts_file"):  # a file's content is part of the config, not just its name
+            value = current.get(key)
+            if value and Path(value).is_file():
+                current[f"{key}_sha256"] = hashlib.sha256(Path(value).read_bytes()).hexdigest()
         previous = files.read_json(path)
-        if previous is not None and previous != current:
-            keys = sorted(k for k in set(previous) | set(current) if previous.get(k) != current.get(k))
-            raise ValueError(
-                f"{self.out} holds a run made with a different config (changed: {', '.join(keys)}); "
-                "resuming would mix the two. Use a new output_dir, or delete the old one"
-            )
+        if previous is not None:
+            # a run recorded before the file hashes existed resumes on its settings alone
+            compared = {k: v for k, v in current.items() if k in previous or not k.endswith("_sha256")}
+            if previous != compared:
+                keys = sorted(k for k in set(previous) | set(compared) if previous.get(k) != compared.get(k))
+                raise ValueError(
+                    f"{self.out} holds a run made with a different config (changed: {', '.join(keys)}); "
+                    "resuming would mix the two. Use a new output_dir, or delete the old one"
+                )
         files.write_json(path, current)
 
     def write_metrics(self, result: dict) -> Path:
