@@ -163,6 +163,23 @@ def test_set_overrides_parse_as_yaml_and_reject_garbage():
     }
     with pytest.raises(ValueError, match="must look like key=value"):
         parse_overrides(["iterations"])
+    with pytest.raises(ValueError, match="section.key=value"):
+        parse_overrides(["rl..kl_coef=1"])
+    assert parse_overrides(["rl.kl_coef=0.2", "rl.total_steps=3"]) == {
+        "rl": {"kl_coef": 0.2, "total_steps": 3}
+    }
+
+
+def test_dotted_set_changes_one_setting_of_a_section(tmp_path):
+    from rlaif_fast.pipeline.config import RunConfig
+    from rlaif_fast.pipeline.run import parse_overrides
+
+    path = tmp_path / "run.yaml"
+    path.write_text("rl:\n  algorithm: rloo\n  group_size: 2\n  kl_coef: 0.1\n")
+    cfg = RunConfig.from_yaml(path, parse_overrides(["rl.kl_coef=0.2"]))
+    assert cfg.rl == {"algorithm": "rloo", "group_size": 2, "kl_coef": 0.2}
+    cfg = RunConfig.from_yaml(path, parse_overrides(["rl={kl_coef: 0.3}"]))  # a mapping merges the same way
+    assert cfg.rl == {"algorithm": "rloo", "group_size": 2, "kl_coef": 0.3}
 
 
 @pytest.mark.slow

@@ -199,7 +199,9 @@ class RunConfig:
 
     @classmethod
     def from_yaml(cls, path: str | Path, overrides: dict[str, Any] | None = None) -> RunConfig:
-        """Read a YAML file (``overrides`` win over the file's values, e.g. from the command line)."""
+        """Read a YAML file (``overrides`` win over the file's values, e.g. from the command line). A mapping
+        in ``overrides`` merges into the file's mapping of the same key (``rl.kl_coef`` changes one setting
+        of the ``rl`` section and keeps the others)."""
         import yaml
 
         path = Path(path)
@@ -213,10 +215,20 @@ class RunConfig:
             value = data.get(key)
             if isinstance(value, str) and (path.parent / value).is_file():
                 data[key] = str(path.parent / value)
-        return cls.from_dict({**data, **(overrides or {})})
+        return cls.from_dict(_merge(data, overrides or {}))
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
+
+
+def _merge(base: dict, over: dict) -> dict:
+    """``over`` on top of ``base``; mappings present in both merge key by key, all else is replaced."""
+    out = dict(base)
+    for key, value in over.items():
+        out[key] = (
+            _merge(out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict) else value
+        )
+    return out
 
 
 def packaged_config(name: str) -> Path:

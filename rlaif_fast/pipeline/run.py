@@ -211,15 +211,22 @@ class Run(Stages):
 
 
 def parse_overrides(pairs: list[str]) -> dict:
-    """``--set key=value`` pairs; values parse as YAML scalars (``--set iterations=2``)."""
+    """``--set key=value`` pairs; values parse as YAML (``--set iterations=2``). A dotted key reaches into a
+    section (``--set rl.kl_coef=0.05``); sections given either way merge into the file's (see from_yaml)."""
     import yaml
 
-    out = {}
+    out: dict = {}
     for item in pairs:
         key, sep, value = item.partition("=")
-        if not sep or not key:
-            raise ValueError(f"--set {item!r} must look like key=value")
-        out[key] = yaml.safe_load(value)
+        parts = key.split(".")
+        if not sep or not all(parts):
+            raise ValueError(f"--set {item!r} must look like key=value or section.key=value")
+        node = out
+        for part in parts[:-1]:
+            if not isinstance(node.get(part), dict):
+                node[part] = {}
+            node = node[part]
+        node[parts[-1]] = yaml.safe_load(value)
     return out
 
 
@@ -227,7 +234,13 @@ def main(argv: list[str] | None = None) -> int:
     """``rlaif-fast run CONFIG.yaml [--set key=value ...]``: run (or resume) the loop, then report."""
     ap = argparse.ArgumentParser(prog="rlaif-fast run", description=__doc__.split("\n")[0])
     ap.add_argument("config", help="YAML run config (see rlaif_fast/pipeline/configs/demo.yaml)")
-    ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config key")
+    ap.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a config key; section.key=value changes one setting of a section (rl.kl_coef=0.05)",
+    )
     ap.add_argument("--no-progress", action="store_true", help="no progress bars or stage lines")
     args = ap.parse_args(argv)
     cfg = RunConfig.from_yaml(args.config, parse_overrides(args.set))
