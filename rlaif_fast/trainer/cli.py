@@ -18,7 +18,7 @@ import json
 import sys
 from pathlib import Path
 
-from rlaif_fast.trainer.config import RLAIFConfig
+from rlaif_fast.trainer.config import RLAIFConfig, yaml_values
 
 _SKIP = ("extra",)
 
@@ -153,7 +153,9 @@ def main(argv: list[str] | None = None) -> int:
     args = vars(build_parser().parse_args(argv))
     values = {}
     if args.get("config"):
-        values = RLAIFConfig.from_yaml(args["config"], section=args.get("config_section")).to_dict()
+        # the keys the file sets, not a resolved config: a default derived from a YAML value (mini_batch_size
+        # from batch_size) must follow a flag that overrides that value
+        values = yaml_values(args["config"], section=args.get("config_section"))
     values.update({k: v for k, v in args.items() if k in RLAIFConfig.field_names()})
     config = RLAIFConfig.from_dict(values)
     reward = load_callable(args["reward"])

@@ -247,6 +247,26 @@ class RLAIFConfig:
         for name in ("gamma", "lam"):
             if not 0 <= getattr(self, name) <= 1:
                 raise ValueError(f"{name}={getattr(self, name)!r} must be in [0, 1]")
+        if self.algorithm != "reinforce_baseline" and self.clip_eps == 0:  # reinforce has no ratio to clip
+            raise ValueError(
+                f"clip_eps={self.clip_eps!r} must be > 0 for {self.algorithm} (the PPO ratio clip)"
+            )
+        if self.algorithm in GROUP_ALGORITHMS and self.temperature == 0:
+            raise ValueError(
+                f"temperature=0 (greedy) samples the {self.group_size} completions of a prompt identically, so "
+                f"{self.algorithm}'s group baseline makes every advantage 0 and nothing is learned; sample with "
+                "temperature > 0 (the paper: 0.9)"
+            )
+        if self.algorithm == "reinforce_baseline" and self.kl_coef >= 1:
+            raise ValueError(
+                f"kl_coef={self.kl_coef!r}: reinforce_baseline weighs the reward by (1 - kl_coef) (the paper's "
+                "objective), so kl_coef >= 1 zeroes or inverts the reward; use kl_coef < 1 (the paper: 0.05)"
+            )
+        if self.adaptive_kl and self.kl_coef == 0:
+            raise ValueError(
+                "adaptive_kl=True needs kl_coef > 0: the controller scales kl_coef, so from 0 it never moves "
+                "(and kl_coef=0 builds no reference); set the starting kl_coef, e.g. 0.05"
+            )
         if self.value_clip_eps is not None and self.value_clip_eps <= 0:
             raise ValueError(f"value_clip_eps={self.value_clip_eps!r} must be > 0, or None to disable it")
         if self.kl_in == "loss" and self.kl_estimator == "k1":
@@ -290,17 +310,25 @@ class RLAIFConfig:
     @classmethod
     def from_yaml(cls, path: str | Path, section: str | None = None) -> RLAIFConfig:
         """Load from a YAML file (optionally one top-level ``section`` of it, e.g. ``rl``)."""
-        import yaml
-
-        data = yaml.safe_load(Path(path).read_text()) or {}
-        if section is not None:
-            if section not in data:
-                raise ValueError(f"{path} has no section {section!r}; its top-level keys are {sorted(data)}")
-            data = data[section] or {}
-        return cls.from_dict(data)
+        return cls.from_dict(yaml_values(path, section))
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
     def to_json(self) -> str:
         return json.dumps(self.to_dict(), indent=2, sort_keys=True)
+
+
+def yaml_values(path: str | Path, section: str | None = None) -> dict[str, Any]:
+    """The keys a YAML file (or its top-level ``section``) sets, unvalidated and without defaults, so that
+    flags can override them before the defaults that derive from others (mini_batch_size) are filled."""
+    import yaml
+
+    data = yaml.safe_load(Path(path).read_text()) or {}
+    if not isinstance(data, dict):
+        raise ValueError(f"{path} holds a {type(data).__name__}; write a mapping of RLAIFConfig keys")
+    if section is not None:
+        if section not in data:
+            raise ValueError(f"{path} has no section {section!r}; its top-level keys are {sorted(data)}")
+        data = data[section] or {}
+    return data

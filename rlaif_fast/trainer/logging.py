@@ -30,12 +30,17 @@ class MetricsLogger:
             return
         out = Path(output_dir)
         out.mkdir(parents=True, exist_ok=True)
-        self._file = open(out / "metrics.jsonl", "a")  # append: a resumed run continues the same file
+        path = out / "metrics.jsonl"
+        # a resumed run continues the same file, from its checkpoint: the steps a killed run logged after
+        # that checkpoint are redone, so their lines go (TensorBoard purges them the same way)
+        lines = path.read_text().splitlines() if path.is_file() else []
+        path.write_text("".join(line + "\n" for line in lines if _step_of(line) <= initial))
+        self._file = open(path, "a")
         if tensorboard:
             try:
                 from torch.utils.tensorboard import SummaryWriter
 
-                self._tb = SummaryWriter(str(out / "tensorboard"))
+                self._tb = SummaryWriter(str(out / "tensorboard"), purge_step=initial + 1)
             except ImportError:  # tensorboard not installed: JSONL still has everything
                 self._tb = None
         if progress:
@@ -54,7 +59,7 @@ class MetricsLogger:
                 if isinstance(v, (int, float)):
                     self._tb.add_scalar(k, v, step)
         if self._bar is not None:
-            self._bar.update(1)
+            self._bar.update(step - self._bar.n)  # log_every > 1 logs every few steps
             self._bar.set_postfix(
                 reward=f"{metrics.get('reward', math.nan):.3f}", kl=f"{metrics.get('kl', math.nan):.3f}"
             )
@@ -86,6 +91,14 @@ class MetricsLogger:
             self._tb.close()
         if self._file is not None:
             self._file.close()
+
+
+def _step_of(line: str) -> float:
+    """The step of a metrics.jsonl line; inf for a line a kill cut short (or any unreadable one)."""
+    try:
+        return float(json.loads(line)["step"])
+    except (ValueError, KeyError, TypeError):
+        return math.inf
 
 
 def plot_metrics(

@@ -80,6 +80,18 @@ class Strategy:
             return torch.cuda.is_available() and torch.cuda.is_bf16_supported()
         return self.config.bf16 == "true"
 
+    def engine_dtype(self) -> torch.dtype | None:
+        """The dtype DeepSpeed casts the trained module to (None: it keeps its own). The user's DeepSpeed
+        JSON wins over ``bf16=`` as it does in ``ds_config``, so its bf16 / fp16 sections decide when set."""
+        user = {}
+        if self.config.deepspeed_config is not None:
+            with open(self.config.deepspeed_config) as f:
+                user = json.load(f)
+        if user.get("fp16", {}).get("enabled", False):
+            return torch.float16
+        bf16 = user["bf16"].get("enabled", False) if "bf16" in user else self.bf16_enabled()
+        return torch.bfloat16 if bf16 else None
+
     def ds_config(self, micro_batch_size: int, grad_accum: int) -> dict:
         cfg = self.config
         out = {
@@ -126,8 +138,7 @@ class Strategy:
         if self.config.zero_stage != 3:
             # the dtype the engine gives the policy (DeepSpeed casts it to bf16 when enabled), so that the
             # policy and the reference compute alike: their KL is exactly 0 before the first update
-            dtype = torch.bfloat16 if self.bf16_enabled() else None
-            return module.to(device=self.device, dtype=dtype)
+            return module.to(device=self.device, dtype=self.engine_dtype())
         check_shardable(module, 3)
         config = self.ds_config(micro_batch_size, 1)
         config = {

@@ -157,6 +157,7 @@ class RLAIFTrainer:
         self.strategy.register_external(self.model, [policy.get_output_embeddings().weight])
         self.global_step = 0
         self.kl_coef = cfg.kl_coef
+        self._checkpoint_step = None  # the step of the checkpoint saved or loaded last
         if cfg.resume and (latest := ckpt.latest_checkpoint(cfg.output_dir)) is not None:
             self.load(latest)
 
@@ -456,10 +457,14 @@ class RLAIFTrainer:
             initial=self.global_step,
         )
         stopped = "completed"
+        # the state is the one an uninterrupted run has after global_step steps: a checkpoint resumes it
+        between_steps = True
         try:
             with _GracefulInterrupt() as interrupt:
                 while self.global_step < total:
+                    between_steps = False
                     metrics = self.step(self._prompts_for_step(prompts, self.global_step))
+                    between_steps = True
                     if self.global_step % cfg.log_every == 0:
                         logger.log(self.global_step, metrics)
                     if callback is not None:
@@ -471,14 +476,24 @@ class RLAIFTrainer:
                     if self.strategy.all_reduce(flag).item() > 0:
                         raise KeyboardInterrupt
         except KeyboardInterrupt:
-            # Raised at a step boundary (the first Ctrl-C waits for the step to finish), so the
-            # checkpoint is exactly the state an uninterrupted run has after global_step steps.
+            # At a step boundary (the first Ctrl-C waits for the step to finish) the checkpoint is exactly
+            # the state an uninterrupted run has after global_step steps. Mid-step (a second Ctrl-C) the
+            # weights and RNG are part-way into the next step: the last checkpoint stays the latest.
             stopped = "interrupted"
-            self.save_checkpoint()
+            if not between_steps:
+                print(
+                    f"interrupted inside step {self.global_step + 1}: no checkpoint written; resume "
+                    "continues from the latest one",
+                    file=sys.stderr,
+                    flush=True,
+                )
+            elif self._checkpoint_step != self.global_step:
+                self.save_checkpoint()
         finally:
             logger.close()
         if stopped == "completed":
-            self.save_checkpoint()
+            if self._checkpoint_step != self.global_step:  # a rewrite first deletes what `latest` names
+                self.save_checkpoint()
             self.save(Path(cfg.output_dir) / "final")
         summary = logger.summary(self.global_step, stopped)
         if self.strategy.is_main and logger.history:
@@ -489,14 +504,17 @@ class RLAIFTrainer:
     # ---- persistence ------------------------------------------------------------------------------
     def save_checkpoint(self) -> Path:
         state = {"global_step": self.global_step, "kl_coef": self.kl_coef}
-        return ckpt.save_checkpoint(
+        folder = ckpt.save_checkpoint(
             self.strategy, self.config.output_dir, self.global_step, state, self.config.to_json()
         )
+        self._checkpoint_step = self.global_step
+        return folder
 
     def load(self, folder: str | Path) -> None:
         """Resume from a checkpoint folder: weights, optimizer, step, KL coefficient and RNG states."""
         state = ckpt.load_checkpoint(self.strategy, Path(folder))
         self.global_step, self.kl_coef = state["global_step"], state["kl_coef"]
+        self._checkpoint_step = self.global_step
 
     def save(self, path: str | Path) -> None:
         """The policy (and tokenizer) with ``save_pretrained``, full weights even under ZeRO-3."""

@@ -150,7 +150,12 @@ def run_update(cfg, strategy, model, batches: list[list[TrainBatch]], data: dict
                 dtype=torch.float64,
             )
             units, tokens = strategy.all_reduce(local).tolist()
-            sums: dict[str, float] = {}
+            # every key any rank can report, so a rank whose share is all empty micro-batches (no stats of
+            # its own) reduces a tensor of the same length as the others
+            keys = ["policy_loss"] + (
+                ["clip_frac", "approx_kl"] if cfg.algorithm != "reinforce_baseline" else []
+            )
+            sums = dict.fromkeys(keys + (["value_loss"] if cfg.uses_critic else []), 0.0)
             for i, b in enumerate(mini):
                 strategy.set_boundary(i == len(mini) - 1)
                 n_tok = float(b.resp_mask.sum())
