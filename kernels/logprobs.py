@@ -127,7 +127,8 @@ def logprobs_bwd_row(
         z = tl.load(row_ptr + cols, mask=valid, other=0.0).to(ACC) / temperature
         p = tl.exp(z - lse)
         onehot = (cols == label).to(ACC)
-        d = (onehot - p) * g_lp + g_h * p * (mean_z - z)
+        # p = 0 (a -inf logit) gives 0 · inf: the entropy term is 0 there, whatever g_h is
+        d = (onehot - p) * g_lp + tl.where(p > 0, g_h * p * (mean_z - z), 0.0)
         tl.store(grad_row_ptr + cols, d.to(grad_row_ptr.dtype.element_ty), mask=valid)
 
 

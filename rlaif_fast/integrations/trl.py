@@ -112,6 +112,19 @@ def _add_fused_lm_head(model, temperature=1.0, cast_lm_head_to_fp32=False, outpu
     model.forward = types.MethodType(forward, model)
 
 
+def _trl_backbone(model):
+    """The backbone TRL's fused head runs: ``base_model`` (``model`` for a vision-language model before
+    transformers 5). Not get_decoder(): for a vision-language model that is the text decoder alone, which
+    drops pixel_values and the multimodal position ids."""
+    import transformers
+    from packaging.version import Version
+
+    multimodal = model.config.get_text_config() is not model.config
+    if multimodal and Version(transformers.__version__) < Version("5.0.0"):
+        return model.model
+    return model.base_model
+
+
 def _fused_forward(
     model, args, kw, labels, shift_labels, num_items_in_batch, temperature, to_fp32, want_entropy
 ):
@@ -119,10 +132,10 @@ def _fused_forward(
     from trl.trainer.utils import FusedCausalLMOutput
 
     from rlaif_fast.ops.linear import linear_token_logprobs
-    from rlaif_fast.ops.model import _backbone, _head_transform
+    from rlaif_fast.ops.model import _head_transform
 
     kw["use_cache"] = False
-    hidden = _backbone(model)(*args, **kw).last_hidden_state  # (B, T, H)
+    hidden = _trl_backbone(model)(*args, **kw).last_hidden_state  # (B, T, H)
     if shift_labels is None:  # position t predicts token t + 1
         hidden, labels = hidden[:, :-1], labels[:, 1:]
     else:  # already shifted (context / sequence parallel)

@@ -158,7 +158,8 @@ def _gae_holes(rewards, values, valid, gamma, lam, out_dtype, chunk):
         delta, gamma * lam, chunk, out=_scratch("y", (B * width,), out_dtype, rewards)
     )
     adv = y.gather(1, dest)  # the only fresh buffers are the outputs; masked tokens read column T: 0
-    return adv, torch.addcmul(adv, values.to(out_dtype), valid.view(torch.uint8).to(out_dtype))
+    # where, not a multiply by the 0/1 mask: a masked inf / nan value must not reach the returns
+    return adv, torch.where(valid, adv + values.to(out_dtype), 0.0)
 
 
 def _gae_torch(rewards, values, valid, gamma, lam, out_dtype, chunk=_CHUNK):
@@ -169,8 +170,10 @@ def _gae_torch(rewards, values, valid, gamma, lam, out_dtype, chunk=_CHUNK):
     B, T = rewards.shape
     # 0/1 float mask through uint8: bool -> float directly is 8x slower on CPU (0.145 vs 0.018 ms)
     m = _scratch("m", (B, T), out_dtype, rewards).copy_(valid.view(torch.uint8))
-    v = torch.mul(values.to(out_dtype), m, out=_scratch("v", (B, T), out_dtype, rewards))
-    delta = torch.mul(rewards.to(out_dtype), m, out=_scratch("r", (B, T), out_dtype, rewards))
+    # where, not a multiply by m: inf * 0 = nan would carry a masked inf / nan into the valid tokens
+    zero = torch.zeros((), dtype=out_dtype, device=rewards.device)
+    v = torch.where(valid, values.to(out_dtype), zero, out=_scratch("v", (B, T), out_dtype, rewards))
+    delta = torch.where(valid, rewards.to(out_dtype), zero, out=_scratch("r", (B, T), out_dtype, rewards))
     delta.sub_(v)  # masked rewards and values are 0 from here on
     delta[:, :-1].add_(v[:, 1:], alpha=gamma)
     n = B * -(-T // min(chunk, T)) * min(chunk, T)

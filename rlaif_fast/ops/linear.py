@@ -17,6 +17,7 @@ import torch
 
 from rlaif_fast import _checks
 from rlaif_fast._backend import select_backend
+from rlaif_fast.ops.logprobs import widen_labels
 from rlaif_fast.reference import linear as _ref
 
 # elements of one (chunk, V) fp32 temporary of the torch path: 32 MiB, 262 tokens at V = 32000.
@@ -300,6 +301,7 @@ def linear_token_logprobs(
     "fused"). Labels are range-checked on CPU only (on CUDA it would be a host sync).
     Cut Cross-Entropy (Wijmans et al. 2024, arXiv 2411.09009) is the same idea for the CE loss.
     """
+    labels = widen_labels(labels)
     _check_inputs(hidden, weight, labels, bias, temperature, softcap, logit_scale, chunk_size, ignore_index)
     bwd = _select_impl("backward", backward, BACKWARDS, BACKWARD_ENV, "gemm")
     fwd = _select_impl("forward", forward, FORWARDS, FORWARD_ENV, "fused")

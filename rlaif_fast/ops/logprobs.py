@@ -31,6 +31,14 @@ def check_labels_in_range(labels: torch.Tensor, vocab: int, ignore_index: int) -
         )
 
 
+def widen_labels(labels):
+    """int64 copies of uint8 / int8 / int16 labels (anything else as is). torch compares a small-int tensor with
+    a scalar cast to its dtype: uint8 labels read ignore_index = -100 as 156 and V = 260 as 4."""
+    if isinstance(labels, torch.Tensor) and labels.dtype in (torch.uint8, torch.int8, torch.int16):
+        return labels.long()
+    return labels
+
+
 def check_logprob_inputs(logits, labels, temperature, ignore_index) -> float:
     check_float("logits", logits)
     check_int("labels", labels)
@@ -192,6 +200,7 @@ def token_logprobs(
     The sampling temperature of RLAIF's policy (0.9 in Lee et al. 2023, arXiv 2309.00267) must be the
     one passed here, or the log-probs are those of a different policy.
     """
+    labels = widen_labels(labels)
     temperature = check_logprob_inputs(logits, labels, temperature, ignore_index)
     backend = select_backend(logits)
     if backend == "reference":

@@ -148,6 +148,9 @@ def ppo_loss_from_logprobs(
             f"entropy_coef={entropy_coef} needs entropy; pass token_logprobs(..., return_entropy=True)[1]"
         )
 
+    # constants of the update, as in ppo_policy_loss: no gradient into a critic or an un-detached old_logp
+    old_logp, advantages = old_logp.detach(), advantages.detach()
+    ref_logp = None if ref_logp is None else ref_logp.detach()
     dtype = logp.dtype
     zero = torch.zeros_like(logp)
     # masked positions may hold anything (padding): zero the log-ratio before exp so no inf/NaN leaks
@@ -277,8 +280,9 @@ def ppo_policy_loss(
     Returns (loss 0-d, stats) with the same stats as ``ppo_loss_from_logprobs`` ("entropy" is the true
     entropy of softmax(logits / T) here).
     """
-    from rlaif_fast.ops.logprobs import check_logprob_inputs, token_logprobs
+    from rlaif_fast.ops.logprobs import check_logprob_inputs, token_logprobs, widen_labels
 
+    labels = widen_labels(labels)
     temperature = check_logprob_inputs(logits, labels, temperature, ignore_index)
     clip_eps, eps_high, kl_coef, entropy_coef = check_loss_options(
         clip_eps, clip_eps_high, kl_coef, kl_estimator, entropy_coef, loss_agg
