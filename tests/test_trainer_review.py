@@ -207,3 +207,28 @@ def test_update_stats_reduce_has_the_same_length_on_a_rank_with_only_empty_micro
         run_update(cfg, strategy, model, batches, data, 0.0)
         sizes.append(strategy.reduced)
     assert sizes[0] == sizes[1], sizes
+
+
+def test_learn_checks_external_rollouts_before_any_compute(tmp_path):
+    """learn() on rollouts sampled elsewhere: empty prompts/responses and caller-given scores of the wrong
+    length or non-finite fail with the rollout named, before any forward pass."""
+    from rlaif_fast.trainer import NonFiniteError
+    from rlaif_fast.trainer.generation import Rollouts
+
+    trainer = _trainer(_config(tmp_path))
+    n = trainer.per_rank["batch"]
+
+    def rollouts(responses, scores=None):
+        return Rollouts(["p"] * n, ["c"] * n, [[1, 3, 4]] * n, responses, scores=scores)
+
+    good = [[5, 6]] * n
+    with pytest.raises(ValueError, match="rollout 2 has an empty response"):
+        trainer.learn(rollouts(good[:2] + [[]] + good[3:]))
+    with pytest.raises(ValueError, match="rollout 0 has an empty prompt"):
+        trainer.learn(Rollouts(["p"] * n, ["c"] * n, [[]] + [[1]] * (n - 1), good))
+    with pytest.raises(ValueError, match=f"rollouts.scores gave 3 scores for {n} completions"):
+        trainer.learn(rollouts(good, scores=torch.zeros(3)))
+    with pytest.raises(NonFiniteError, match="1 non-finite rewards"):
+        trainer.learn(rollouts(good, scores=torch.tensor([0.0] * (n - 1) + [float("nan")])))
+    metrics = trainer.learn(rollouts(good, scores=[1.0] * n))  # a plain list works
+    assert metrics["reward"] == pytest.approx(1.0)

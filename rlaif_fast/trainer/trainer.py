@@ -219,8 +219,16 @@ class RLAIFTrainer:
                 f"learn() got {len(rollouts)} rollouts; each rank takes batch_size / ranks = "
                 f"{self.per_rank['batch']}"
             )
+        for i, (p, r) in enumerate(zip(rollouts.prompt_ids, rollouts.response_ids)):
+            if not len(p) or not len(r):
+                raise ValueError(
+                    f"rollout {i} has an empty {'prompt' if not len(p) else 'response'}: every rollout needs at "
+                    "least one prompt token and one response token (keep the EOS the policy sampled)"
+                )
         if rollouts.scores is None:
             rollouts.scores = self._rewards(rollouts)
+        else:  # given by the caller: the same checks as the reward callable's
+            rollouts.scores = self._checked_scores(rollouts, rollouts.scores, "rollouts.scores")
         data = self._score(rollouts)
         batches, update_data = self._mini_batches(rollouts, data)
         try:
@@ -244,11 +252,18 @@ class RLAIFTrainer:
         ]
 
     def _rewards(self, rollouts) -> torch.Tensor:
-        scores = self.reward(rollouts.prompts, rollouts.completions)
+        return self._checked_scores(
+            rollouts, self.reward(rollouts.prompts, rollouts.completions), "the reward"
+        )
+
+    def _checked_scores(self, rollouts, scores, source: str) -> torch.Tensor:
+        """One finite float per rollout as a (B,) fp32 tensor; a non-finite one on any rank stops all."""
+        if isinstance(scores, torch.Tensor):
+            scores = scores.detach().cpu().reshape(-1).tolist()
         if len(scores) != len(rollouts):
             raise ValueError(
-                f"the reward returned {len(scores)} scores for {len(rollouts)} completions; it must "
-                "return one float per completion"
+                f"{source} gave {len(scores)} scores for {len(rollouts)} completions; it must "
+                "give one float per completion"
             )
         scores = torch.as_tensor([float(s) for s in scores], dtype=torch.float32)
         bad = self.strategy.all_reduce((~torch.isfinite(scores)).sum().double())
