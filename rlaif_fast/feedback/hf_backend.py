@@ -158,6 +158,9 @@ class HFBackend:
             mask[i, width - len(s) :] = 1
         return ids.to(self.device), mask.to(self.device)
 
+    def _decode(self, ids: list[int]) -> str:
+        return self.tokenizer.decode(ids, skip_special_tokens=True, clean_up_tokenization_spaces=False)
+
     # ---- scoring ----
     def _last_hidden(self, seqs: list[list[int]], n_last: int) -> torch.Tensor:
         """Backbone hidden states of the last ``n_last`` positions: (B, n_last, H). Never the [B, T, V] logits."""
@@ -176,6 +179,15 @@ class HFBackend:
         bias = getattr(emb, "bias", None)
         if bias is not None:
             out = out + (bias if rows is None else bias[rows]).float()
+        # what the model's own forward does after its LM head: Cohere scales, Granite divides, Gemma-2 soft-caps
+        cfg = self.model.config
+        if getattr(cfg, "logit_scale", None) is not None:
+            out = out * float(cfg.logit_scale)
+        if getattr(cfg, "logits_scaling", None) is not None:
+            out = out / float(cfg.logits_scaling)
+        cap = getattr(cfg, "final_logit_softcapping", None)
+        if cap is not None:
+            out = torch.tanh(out / float(cap)) * float(cap)
         return out
 
     @torch.no_grad()
@@ -188,12 +200,14 @@ class HFBackend:
         q0 = list(maximal[0]) if maximal else []
         h = self._last_hidden([s + q0 for s in seqs], len(q0) + 1)  # (B, m+1, H)
         scores = self._head(h[:, 0], first).double()  # (B, K)
+        done: set[int] = set()  # a candidate's prefix may start two maximal prefixes: add its tail once
         for j, q in enumerate(maximal):
             if j > 0:
                 h = self._last_hidden([s + list(q) for s in seqs], len(q) + 1)
             logp = torch.log_softmax(self._head(h[:, 1:]), dim=-1).double()  # (B, m, V), m = len(q)
             for k, c in enumerate(cand):
-                if len(c) > 1 and tuple(c[:-1]) == q[: len(c) - 1]:
+                if len(c) > 1 and k not in done and tuple(c[:-1]) == q[: len(c) - 1]:
+                    done.add(k)
                     steps = torch.arange(len(c) - 1, device=self.device)
                     scores[:, k] += logp[:, steps, torch.tensor(c[1:], device=self.device)].sum(-1)
         return scores.cpu()
@@ -246,8 +260,8 @@ class HFBackend:
                 do_sample=False,
                 pad_token_id=self.pad_id,
             )
-            for i, text in zip(
-                idx, self.tokenizer.batch_decode(out[:, ids.shape[1] :], skip_special_tokens=True)
-            ):
-                texts[i] = text
+            for i, gen in zip(idx, out[:, ids.shape[1] :].tolist()):
+                # decoded after its prompt: a lone first token ("▁He" in SentencePiece) would lose its space
+                head = self._decode(seqs[i])
+                texts[i] = self._decode(seqs[i] + gen)[len(head) :]
         return texts

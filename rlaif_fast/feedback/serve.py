@@ -175,6 +175,13 @@ class CompletionServer:
         ids = list(self.tokenizer(prompt)["input_ids"])
         if not ids:
             raise ValueError("the prompt is empty")
+        cfg = self.model.config
+        limit = getattr(cfg, "max_position_embeddings", None) or getattr(cfg, "n_positions", None)
+        if limit is not None and len(ids) + max_tokens > limit:  # as vLLM: a 400, not a dropped connection
+            raise ValueError(
+                f"this model's maximum context length is {limit} tokens; the request needs {len(ids) + max_tokens} "
+                f"({len(ids)} in the prompt, {max_tokens} in the completion)"
+            )
         n_prompt, gen_lp = len(ids), []
         with self._lock:
             for _ in range(max_tokens):
@@ -189,18 +196,21 @@ class CompletionServer:
                 if nxt == self.tokenizer.eos_token_id:
                     break
             full = self._logprobs(ids) if (k is not None and echo) else None
-        text = self.tokenizer.decode(ids[n_prompt:])
+        text = self._decode(ids)[len(self._decode(ids[:n_prompt])) :]  # keeps a first token's leading space
         choice = {"index": index, "text": (prompt + text) if echo else text, "finish_reason": "length"}
         if k is not None:
             choice["logprobs"] = self._logprob_block(ids, n_prompt if not echo else 0, full, int(k), gen_lp)
         return choice
 
+    def _decode(self, ids: list[int]) -> str:
+        """As vLLM detokenizes: special tokens skipped, no clean-up of spaces."""
+        return self.tokenizer.decode(ids, skip_special_tokens=True, clean_up_tokenization_spaces=False)
+
     def _logprob_block(self, ids, start, full, k, gen_lp) -> dict:
-        tokens = [self.tokenizer.decode([t]) for t in ids[start:]]
-        offsets, pos = [], 0
-        for t in tokens:
-            offsets.append(pos)
-            pos += len(t)
+        # a token's text is what it adds to the decoded prefix (a lone SentencePiece "▁had" decodes to "had")
+        prefixes = [self._decode(ids[:i]) for i in range(start, len(ids) + 1)]
+        tokens = [b[len(a) :] for a, b in zip(prefixes, prefixes[1:])]
+        offsets = [len(a) - len(prefixes[0]) for a in prefixes[:-1]]
         if full is None:  # no echo: generated tokens only, log-probs from the decode loop
             token_lps, tops = gen_lp, [None] * len(gen_lp)
         else:
