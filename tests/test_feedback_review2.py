@@ -140,3 +140,16 @@ def test_local_rationales_keep_their_leading_space_like_served_ones(shared_data)
         served = OpenAICompatibleBackend(srv.url, "local", max_retries=0).generate(prompts, max_new_tokens=5)
     local = HFBackend(model, tok).generate(prompts, max_new_tokens=5)
     assert served[0].startswith(" ") and local == served
+
+
+def test_a_template_ending_with_whitespace_is_refused():
+    # BPE joins the space and the digit (" 1"): local and served backends would score different tokens
+    from rlaif_fast.feedback.templates import Template
+
+    with pytest.raises(
+        ValueError, match=r"ending='Preferred Summary: ' ends with whitespace.*'Preferred Summary:'"
+    ):
+        Template.from_string("{context}\n1: {first}\n2: {second}\n", ending="Preferred Summary: ")
+    with pytest.raises(ValueError, match="score_ending"):
+        Template.from_string("{context} {first} {second}", ending="A=", score_ending="Rating=\n")
+    Template.from_string("{context}\n1: {first}\n2: {second}\n", ending="Preferred Summary=")  # fine

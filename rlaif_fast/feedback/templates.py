@@ -90,6 +90,16 @@ class Template:
 
     def __post_init__(self):
         _check_fields(self.name, self.sample, PAIRWISE_FIELDS)
+        for key in ("ending", "score_ending"):
+            value = getattr(self, key)
+            if value and value != value.rstrip():
+                # BPE tokenizers join a trailing space with the digit (" 1" is one token): the local backend
+                # would score "1" after a lone space while a served model scores " 1", and neither is the
+                # token the labeler would emit after that text
+                raise ValueError(
+                    f"template {self.name!r} {key}={value!r} ends with whitespace; end it right before the "
+                    f"answer (e.g. {value.rstrip()!r}), as the paper's 'Preferred Summary=' does"
+                )
         if self.score_sample:
             _check_fields(self.name + ".score_sample", self.score_sample, SCORE_FIELDS)
         for i, ex in enumerate(self.exemplars):
