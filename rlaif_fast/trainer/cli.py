@@ -112,8 +112,12 @@ def load_callable(spec: str):
         path = Path(where)
         if not path.is_file():
             raise ValueError(f"--reward file {where!r} does not exist")
-        spec_ = importlib.util.spec_from_file_location(path.stem, path)
+        # registered in sys.modules as an import would, or a dataclass (its module looked up there) or pickling
+        # fails; under a name of its own when the stem is taken (a file named like an imported module)
+        mod_name = path.stem if path.stem not in sys.modules else f"_rlaif_reward_{path.stem}"
+        spec_ = importlib.util.spec_from_file_location(mod_name, path)
         module = importlib.util.module_from_spec(spec_)
+        sys.modules[mod_name] = module
         sys.path.insert(0, str(path.parent.resolve()))  # the file may import its neighbours
         spec_.loader.exec_module(module)
     else:

@@ -135,7 +135,7 @@ class Strategy:
         the policy (an optimizer-free engine, as OpenRLHF does for its reference), so a model that
         needs ZeRO-3 to fit is not copied whole onto every rank; otherwise it just moves to the device."""
         module.eval().requires_grad_(False)
-        if self.config.zero_stage != 3:
+        if self.zero_stage != 3:
             # the dtype the engine gives the policy (DeepSpeed casts it to bf16 when enabled), so that the
             # policy and the reference compute alike: their KL is exactly 0 before the first update
             return module.to(device=self.device, dtype=self.engine_dtype())
@@ -149,7 +149,15 @@ class Strategy:
 
     @property
     def zero_stage(self) -> int:
-        return self.engine.zero_optimization_stage() if self.engine is not None else self.config.zero_stage
+        """The engine's stage; before it exists, the one it will get (the DeepSpeed JSON's when it sets one)."""
+        if self.engine is not None:
+            return self.engine.zero_optimization_stage()
+        if self.config.deepspeed_config is not None:
+            with open(self.config.deepspeed_config) as f:
+                user = json.load(f)
+            if "zero_optimization" in user:  # it replaces the derived section whole (ds_config)
+                return int(user["zero_optimization"].get("stage", 0))
+        return self.config.zero_stage
 
     def register_external(self, module: nn.Module, params: list[nn.Parameter]) -> None:
         """ZeRO-3: gather ``params`` for every forward of ``module`` though another module owns them."""

@@ -40,6 +40,7 @@ from rlaif_fast.trainer.checks import check_inputs, per_rank_sizes
 from rlaif_fast.trainer.config import RLAIFConfig
 from rlaif_fast.trainer.generation import (
     Rollouts,
+    encode_prompts,
     micro_batches,
     sample,
     special_ids,
@@ -192,6 +193,9 @@ class RLAIFTrainer:
                 f"{cfg.prompts_per_step}"
             )
         t0 = time.perf_counter()
+        # every rank checks the whole list (the same everywhere), so a prompt that cannot be sampled stops all
+        # ranks, not only the one whose slice holds it while the others wait for it in a collective
+        encode_prompts(self.tokenizer, list(prompts), cfg.max_prompt_len)
         mine = [prompts[g // cfg.group_size] for g in self._my_rows(rank)]
         rollouts = sample(
             self.policy,
@@ -214,21 +218,21 @@ class RLAIFTrainer:
         """
         cfg = self.config
         t0 = time.perf_counter() if t0 is None else t0
-        if len(rollouts) != self.per_rank["batch"]:
-            raise ValueError(
-                f"learn() got {len(rollouts)} rollouts; each rank takes batch_size / ranks = "
-                f"{self.per_rank['batch']}"
-            )
-        for i, (p, r) in enumerate(zip(rollouts.prompt_ids, rollouts.response_ids)):
-            if not len(p) or not len(r):
-                raise ValueError(
-                    f"rollout {i} has an empty {'prompt' if not len(p) else 'response'}: every rollout needs at "
-                    "least one prompt token and one response token (keep the EOS the policy sampled)"
+        # a rank that raised alone would leave the others waiting in the step's next collective: the checks
+        # and the reward (a labeler can fail on one rank) are agreed on by all ranks before any compute
+        error = None
+        try:
+            self._check_rollouts(rollouts)
+            if rollouts.scores is None:
+                scores = self._as_scores(
+                    rollouts, self.reward(rollouts.prompts, rollouts.completions), "the reward"
                 )
-        if rollouts.scores is None:
-            rollouts.scores = self._rewards(rollouts)
-        else:  # given by the caller: the same checks as the reward callable's
-            rollouts.scores = self._checked_scores(rollouts, rollouts.scores, "rollouts.scores")
+            else:  # given by the caller: the same checks as the reward callable's
+                scores = self._as_scores(rollouts, rollouts.scores, "rollouts.scores")
+        except Exception as err:  # noqa: BLE001 - re-raised below, on this rank as it was
+            error = err
+        self._raise_on_every_rank(error, "the rollout checks or the reward")
+        rollouts.scores = self._checked_scores(rollouts, scores)
         data = self._score(rollouts)
         batches, update_data = self._mini_batches(rollouts, data)
         try:
@@ -251,13 +255,35 @@ class RLAIFTrainer:
             for j in range(per)
         ]
 
-    def _rewards(self, rollouts) -> torch.Tensor:
-        return self._checked_scores(
-            rollouts, self.reward(rollouts.prompts, rollouts.completions), "the reward"
-        )
+    def _check_rollouts(self, rollouts) -> None:
+        if len(rollouts) != self.per_rank["batch"]:
+            raise ValueError(
+                f"learn() got {len(rollouts)} rollouts; each rank takes batch_size / ranks = "
+                f"{self.per_rank['batch']}"
+            )
+        for i, (p, r) in enumerate(zip(rollouts.prompt_ids, rollouts.response_ids)):
+            if not len(p) or not len(r):
+                raise ValueError(
+                    f"rollout {i} has an empty {'prompt' if not len(p) else 'response'}: every rollout needs at "
+                    "least one prompt token and one response token (keep the EOS the policy sampled)"
+                )
 
-    def _checked_scores(self, rollouts, scores, source: str) -> torch.Tensor:
-        """One finite float per rollout as a (B,) fp32 tensor; a non-finite one on any rank stops all."""
+    def _raise_on_every_rank(self, error: Exception | None, what: str) -> None:
+        """Collective: when ``error`` happened on any rank, every rank raises (this one its own error)."""
+        failed = self.strategy.all_reduce(
+            torch.tensor([float(error is not None)], dtype=torch.float64)
+        ).item()
+        if error is not None:
+            raise error
+        if failed > 0:
+            raise RuntimeError(
+                f"step {self.global_step}: {what} failed on {int(failed)} other rank(s) (their log has the "
+                "error); stopped every rank"
+            )
+
+    @staticmethod
+    def _as_scores(rollouts, scores, source: str) -> torch.Tensor:
+        """One float per rollout as a (B,) fp32 tensor."""
         if isinstance(scores, torch.Tensor):
             scores = scores.detach().cpu().reshape(-1).tolist()
         if len(scores) != len(rollouts):
@@ -265,7 +291,10 @@ class RLAIFTrainer:
                 f"{source} gave {len(scores)} scores for {len(rollouts)} completions; it must "
                 "give one float per completion"
             )
-        scores = torch.as_tensor([float(s) for s in scores], dtype=torch.float32)
+        return torch.as_tensor([float(s) for s in scores], dtype=torch.float32)
+
+    def _checked_scores(self, rollouts, scores: torch.Tensor) -> torch.Tensor:
+        """``scores`` when finite on every rank; a non-finite one on any rank stops all."""
         bad = self.strategy.all_reduce((~torch.isfinite(scores)).sum().double())
         if bad > 0:
             rollouts.scores = scores
