@@ -274,6 +274,9 @@ def test_cli_reward_loads_a_train_rm_directory(tmp_path):
     assert len(scores) == 2 and all(isinstance(x, float) for x in scores)
     with pytest.raises(ValueError, match="reward-model directory"):
         load_callable(str(tmp_path))
+    # the model goes where it is told (the CLI passes nothing: this rank's GPU when there is one)
+    on_meta = load_callable(str(tmp_path / "rm"), device="meta")
+    assert {p.device.type for p in on_meta.model.parameters()} == {"meta"} and not on_meta.model.training
 
 
 def test_ctrl_c_mid_step_finishes_the_step_then_resumes_exactly(tmp_path):

@@ -15,6 +15,7 @@ import dataclasses
 import importlib
 import importlib.util
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -91,17 +92,25 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def load_callable(spec: str):
+def load_callable(spec: str, device=None):
     """The reward: a directory saved by ``rlaif-fast train-rm`` (a distilled reward model and its
-    tokenizer), ``pkg.module:name`` or ``path/to/file.py:name``."""
+    tokenizer), ``pkg.module:name`` or ``path/to/file.py:name``. A reward model is put on ``device``
+    (default: this rank's GPU when there is one, so that it does not score on the CPU), in eval mode."""
     from rlaif_fast.reward.model import HEAD_FILE
 
     if (Path(spec) / HEAD_FILE).is_file():
+        import torch
         from transformers import AutoTokenizer
 
         from rlaif_fast.reward import RewardModel, RewardModelScorer
 
-        return RewardModelScorer(RewardModel.from_pretrained(spec), AutoTokenizer.from_pretrained(spec))
+        if device is None:
+            cuda = torch.cuda.is_available()
+            device = (
+                torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0))) if cuda else torch.device("cpu")
+            )
+        model = RewardModel.from_pretrained(spec).to(device).eval()
+        return RewardModelScorer(model, AutoTokenizer.from_pretrained(spec))
     if ":" not in spec:
         raise ValueError(
             f"--reward {spec!r} must be a reward-model directory saved by `rlaif-fast train-rm`, "
