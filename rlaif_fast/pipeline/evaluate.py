@@ -4,6 +4,7 @@ For each evaluation prompt both policies write one response; the AI labeler judg
 orders (``PairwiseLabeler`` averages P(policy first wins) and P(policy second wins) into a debiased
 soft label). A pair counts 1 when the debiased label prefers the policy, 0 when it prefers SFT, and 1/2
 when it is exactly 0.5 (identical responses, or a labeler that flips with the order symmetrically).
+A pair the labeler failed on (NaN label) is neither: it is left out of the rates and counted as failed.
 Where the task has a ground truth, the mean ground-truth score of both policies is reported too.
 ``rlaif-fast eval CONFIG.yaml [--policy DIR] [--baseline DIR]`` runs this on a finished run.
 """
@@ -12,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
@@ -26,17 +28,44 @@ def visible(completions: Sequence[str]) -> list[str]:
 
 
 def win_rate(labels) -> float:
-    """Mean over pairs of 1 (p_a > 0.5), 0 (p_a < 0.5) or 1/2 (p_a == 0.5): ties split evenly."""
+    """Mean over pairs of 1 (p_a > 0.5), 0 (p_a < 0.5) or 1/2 (p_a == 0.5): ties split evenly. Pairs the
+    labeler failed on (NaN p_a) are left out: they are neither wins, losses nor ties."""
     if not labels:
         raise ValueError("win_rate needs at least one labeled pair")
-    return sum(1.0 if lab.p_a > 0.5 else 0.0 if lab.p_a < 0.5 else 0.5 for lab in labels) / len(labels)
+    valid = [lab for lab in labels if math.isfinite(lab.p_a)]
+    if not valid:
+        raise ValueError(f"the labeler failed on all {len(labels)} pairs (NaN labels); there is no win rate")
+    return sum(1.0 if lab.p_a > 0.5 else 0.0 if lab.p_a < 0.5 else 0.5 for lab in valid) / len(valid)
+
+
+def prompt_budget(policy, max_prompt_len: int, max_new_tokens: int) -> int:
+    """``max_prompt_len`` capped so that prompt + ``max_new_tokens`` fit the policy's positions (a GPT-2
+    indexes past its position table otherwise); prompts keep their last tokens."""
+    cfg = getattr(policy, "config", None)
+    limit = getattr(cfg, "max_position_embeddings", None) or getattr(cfg, "n_positions", None)
+    if not isinstance(limit, int):
+        return max_prompt_len
+    if limit <= max_new_tokens:
+        raise ValueError(
+            f"max_new_tokens={max_new_tokens} leaves no room for a prompt in the policy's {limit} positions; "
+            "lower max_new_tokens"
+        )
+    return min(max_prompt_len, limit - max_new_tokens)
 
 
 @torch.no_grad()
 def sample_completions(
-    policy, tokenizer, prompts: Sequence[str], *, max_new_tokens: int, temperature: float, seed: int
+    policy,
+    tokenizer,
+    prompts: Sequence[str],
+    *,
+    max_new_tokens: int,
+    temperature: float,
+    seed: int,
+    max_prompt_len: int = 256,
 ) -> list[str]:
-    """One sampled completion per prompt, with a fixed seed so two evaluations see the same randomness."""
+    """One sampled completion per prompt, with a fixed seed so two evaluations see the same randomness.
+    Prompts keep their last ``max_prompt_len`` tokens, fewer where the policy's context needs it."""
     from rlaif_fast.trainer.generation import sample
 
     state = torch.random.get_rng_state()
@@ -49,7 +78,7 @@ def sample_completions(
             max_new_tokens=max_new_tokens,
             temperature=temperature,
             top_p=1.0,
-            max_prompt_len=256,
+            max_prompt_len=prompt_budget(policy, max_prompt_len, max_new_tokens),
         )
     finally:
         torch.random.set_rng_state(state)  # evaluation must not shift the training RNG stream
@@ -66,8 +95,8 @@ def compare(
     """Judge ``policy_out`` against ``baseline_out`` (one each per prompt) with ``labeler`` in both orders.
 
     Returns win_rate (ties split), mean_p_policy (mean debiased soft label), position_bias (share of pairs
-    whose two orders disagreed), and, with ``ground_truth``, gt_policy / gt_baseline (mean scores) and
-    gt_win_rate (the same win rate judged by the ground truth, ties split).
+    whose two orders disagreed), all three over the pairs the labeler did not fail on (NaN labels, counted in
+    failed_pairs), and, with ``ground_truth``, gt_policy / gt_baseline (mean scores) and gt_win_rate (the same win rate judged by the ground truth, ties split).
     """
     if not (len(prompts) == len(policy_out) == len(baseline_out)):
         raise ValueError(
@@ -75,11 +104,13 @@ def compare(
             "baseline completions; give one of each per prompt"
         )
     labels = labeler.label(list(prompts), visible(policy_out), visible(baseline_out))
+    valid = [lab for lab in labels if math.isfinite(lab.p_a)]
     out = {
         "pairs": len(labels),
+        "failed_pairs": len(labels) - len(valid),
         "win_rate": win_rate(labels),
-        "mean_p_policy": sum(lab.p_a for lab in labels) / len(labels),
-        "position_bias": sum(not lab.consistent for lab in labels) / len(labels),
+        "mean_p_policy": sum(lab.p_a for lab in valid) / len(valid),
+        "position_bias": sum(not lab.consistent for lab in valid) / len(valid),
     }
     if ground_truth is not None:
         g_pol = ground_truth(prompts, policy_out)
@@ -103,14 +134,14 @@ def evaluate_policy(
     temperature: float,
     seed: int,
     ground_truth=None,
+    max_prompt_len: int = 256,
 ) -> dict:
     """Sample from ``policy`` and ``baseline`` on ``prompts`` (same seed), then :func:`compare` them."""
-    pol = sample_completions(
-        policy, tokenizer, prompts, max_new_tokens=max_new_tokens, temperature=temperature, seed=seed
+    kw = dict(
+        max_new_tokens=max_new_tokens, temperature=temperature, seed=seed, max_prompt_len=max_prompt_len
     )
-    base = sample_completions(
-        baseline, tokenizer, prompts, max_new_tokens=max_new_tokens, temperature=temperature, seed=seed
-    )
+    pol = sample_completions(policy, tokenizer, prompts, **kw)
+    base = sample_completions(baseline, tokenizer, prompts, **kw)
     result = compare(labeler, prompts, pol, base, ground_truth)
     result["examples"] = [
         {"prompt": p, "policy": a, "baseline": b} for p, a, b in list(zip(prompts, pol, base))[:5]

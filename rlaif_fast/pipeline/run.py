@@ -133,7 +133,16 @@ class Run(Stages):
             temperature=self.cfg.temperature,
             seed=self.cfg.seed + 12345,
             ground_truth=self.ground_truth,
+            max_prompt_len=self.max_prompt_len(policy),
         )
+
+    def max_prompt_len(self, policy) -> int:
+        """``rl.max_prompt_len`` (the trainer's default when unset), for sampling pairs, RL and evaluation
+        alike, capped so that a prompt and ``max_new_tokens`` fit the policy's positions."""
+        from rlaif_fast.trainer import RLAIFConfig
+
+        wanted = self.rl_settings.get("max_prompt_len", RLAIFConfig.max_prompt_len)
+        return ev.prompt_budget(policy, wanted, self.cfg.max_new_tokens)
 
     def _sample(self, policy, prompts, seed):
         return ev.sample_completions(
@@ -143,6 +152,7 @@ class Run(Stages):
             max_new_tokens=self.cfg.max_new_tokens,
             temperature=self.cfg.temperature,
             seed=seed,
+            max_prompt_len=self.max_prompt_len(policy),
         )
 
     # ---- the loop ---------------------------------------------------------------------------------

@@ -8,6 +8,7 @@ artefact; a stage whose record exists is skipped and its record returned. ``Stag
 from __future__ import annotations
 
 import copy
+import math
 from pathlib import Path
 
 import torch
@@ -80,13 +81,19 @@ class Stages:
             {"context": p, "response_a": x, "response_b": y, **lab.to_dict()}
             for p, x, y, lab in zip(prompts, a, b, labels)
         ]
+        # a pair the labeler failed on (NaN label) is kept in pairs.jsonl but left out of every rate and of
+        # the reward model's data: it is not a confident, consistent label
+        valid = [r for r in records if math.isfinite(r["p_a"])]
+        if not valid:
+            raise ValueError(f"iteration {k}: the labeler failed on all {n} pairs (NaN labels)")
         record = {
             "pairs": n,
-            "position_bias": sum(not r["consistent"] for r in records) / n,
-            "mean_entropy": sum(r["entropy"] for r in records) / n,
+            "failed_pairs": n - len(valid),
+            "position_bias": sum(not r["consistent"] for r in valid) / len(valid),
+            "mean_entropy": sum(r["entropy"] for r in valid) / len(valid),
         }
         if self.ground_truth is not None:
-            record.update(_alignment(records, self.ground_truth))
+            record.update(_alignment(valid, self.ground_truth))
         if self.cfg.feedback == "direct":  # d-RLAIF: the reward RL will see, on the same responses
             scores = self.score_labeler().score(prompts + prompts, a + b)
             for i, r in enumerate(records):
@@ -110,11 +117,11 @@ class Stages:
         records = [
             r
             for r in files.read_jsonl(self.iter_dir(k) / "pairs.jsonl")
-            if r["response_a"] != r["response_b"]
+            if r["response_a"] != r["response_b"] and math.isfinite(r["p_a"])  # failed labels: NaN
         ]
         if len(records) < 2:
             raise ValueError(
-                f"iteration {k}: only {len(records)} pairs with two different responses; raise "
+                f"iteration {k}: only {len(records)} labeled pairs with two different responses; raise "
                 "pairs_per_iteration or the temperature"
             )
         cut = max(1, len(records) // 5)  # last 20% held out to measure the reward model
@@ -169,6 +176,7 @@ class Stages:
                 "seed": self.cfg.seed + k,
                 "max_new_tokens": self.cfg.max_new_tokens,
                 "temperature": self.cfg.temperature,
+                "max_prompt_len": self.max_prompt_len(policy),
                 "progress": self.progress,
             }
         )
