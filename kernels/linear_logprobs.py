@@ -216,6 +216,13 @@ def _dlogits_kernel(u_ptr, dz_ptr, db_ptr, b_ptr, params_ptr, labels_ptr, lse_pt
 _TL_ACC = {torch.float64: tl.float64}
 
 
+def _on_gpu(t: torch.Tensor) -> bool:
+    """Whether the launchers take their GPU branch for ``t`` (tile sizes, no interpreter upcast, cuBLAS GEMMs
+    with an fp32 output). The one place they read ``is_cuda``: tests/test_cuda_branches.py forces it to run
+    those branches on CPU tensors through the interpreter."""
+    return t.is_cuda
+
+
 def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
@@ -226,7 +233,7 @@ def _blocks(hidden: torch.Tensor, V: int) -> tuple[int, int, int]:
     if override:
         bn, bv, bh = (int(x) for x in override.split(","))
         return bn, bv, bh
-    if hidden.is_cuda:
+    if _on_gpu(hidden):
         return 64, 128, 64
     # the interpreter runs a program per grid point in Python: few large tiles are fastest there
     return 32, 512, 128
@@ -235,7 +242,7 @@ def _blocks(hidden: torch.Tensor, V: int) -> tuple[int, int, int]:
 def _upcast(hidden: torch.Tensor) -> bool:
     # the interpreter keeps bf16 as raw uint16 and its tl.dot would multiply the integers: upcast
     # the tiles first (exact: a product of two bf16 / fp16 values fits fp32), keep tensor cores on GPU
-    return not hidden.is_cuda and hidden.dtype in (torch.bfloat16, torch.float16)
+    return not _on_gpu(hidden) and hidden.dtype in (torch.bfloat16, torch.float16)
 
 
 def _params(hidden: torch.Tensor, scale: float, softcap: float | None, temperature: float) -> torch.Tensor:
@@ -308,7 +315,7 @@ def _mm_acc(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     writes its fp32 accumulator out (``out_dtype``): no bf16 rounding of the logits before the softmax.
     CPU has no ``out_dtype`` kernel: upcast there (exact — a product of two bf16 / fp16 values fits fp32)."""
     acc = _acc_dtype(a.dtype)
-    if a.is_cuda and a.dtype != acc and "mm out_dtype" not in GEMM_FALLBACKS:
+    if _on_gpu(a) and a.dtype != acc and "mm out_dtype" not in GEMM_FALLBACKS:
         try:
             return torch.mm(a, b, out_dtype=acc)
         except (RuntimeError, TypeError):
@@ -318,7 +325,7 @@ def _mm_acc(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
 
 def _addmm_acc_(out: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:
     """out += a @ b with out in the accumulation dtype (d weight summed over chunks in fp32)."""
-    if a.is_cuda and a.dtype != out.dtype and "addmm out_dtype" not in GEMM_FALLBACKS:
+    if _on_gpu(a) and a.dtype != out.dtype and "addmm out_dtype" not in GEMM_FALLBACKS:
         try:  # cuBLAS beta = 1 into the fp32 accumulator: one pass over out, no temporary
             torch.addmm(out, a, b, out_dtype=out.dtype, out=out)
             return
@@ -340,8 +347,8 @@ def linear_logprobs_fwd_gemm(hidden, weight, bias, labels, *, temperature, ignor
     ent = torch.empty_like(logp) if entropy else logp
     h_full = torch.empty_like(logp) if entropy else logp
     params = _params(hidden, scale, softcap, temperature)
-    bn, bv = (4, 1024) if hidden.is_cuda else (32, 1024)
-    w_mm = weight if hidden.is_cuda else weight.to(acc)
+    bn, bv = (4, 1024) if _on_gpu(hidden) else (32, 1024)
+    w_mm = weight if _on_gpu(hidden) else weight.to(acc)
     step = chunk or max(1, _GEMM_CHUNK_ELEMS // max(V, 1))
     for s in range(0, N, step):
         e = min(s + step, N)
@@ -376,8 +383,8 @@ def linear_logprobs_bwd_gemm(hidden, weight, bias, labels, lse, h_full, grad_log
     dw = torch.zeros((V, H), dtype=acc, device=hidden.device) if need_dw else None
     db = torch.zeros((V,) if need_db else (1,), dtype=acc, device=hidden.device)
     params = _params(hidden, scale, softcap, temperature)
-    bn, bv = (16, 512) if hidden.is_cuda else (32, 1024)
-    w_mm = weight if hidden.is_cuda else weight.to(acc)  # CPU: upcast W once, not once per chunk
+    bn, bv = (16, 512) if _on_gpu(hidden) else (32, 1024)
+    w_mm = weight if _on_gpu(hidden) else weight.to(acc)  # CPU: upcast W once, not once per chunk
     step = chunk or max(1, _GEMM_CHUNK_ELEMS // max(V, 1))
     for s in range(0, N, step):
         e = min(s + step, N)
@@ -392,7 +399,7 @@ def linear_logprobs_bwd_gemm(hidden, weight, bias, labels, lse, h_full, grad_log
         )  # fmt: skip
         del u
         if dh is not None:
-            if hidden.is_cuda:
+            if _on_gpu(hidden):
                 torch.mm(du, weight, out=dh[s:e])  # fp32 accumulate inside cuBLAS, one rounding
             else:
                 dh[s:e] = torch.mm(du.to(acc), w_mm)

@@ -105,6 +105,12 @@ _SCRATCH = threading.local()  # per thread, so two threads never write the same 
 _SCRATCH_MAX_BYTES = 16 << 20  # larger: plain allocations. Pinned: <= 6 slots x 16 MiB per thread
 
 
+def _on_host(t: torch.Tensor) -> bool:
+    """CPU tensors take the C++ scan and the reused scratch buffers; any other device the chunked matmuls with
+    plain allocations. One place, so tests/test_cuda_branches.py can run the device branch on CPU tensors."""
+    return t.device.type == "cpu"
+
+
 def _scratch(slot: str, shape: tuple[int, ...], dtype: torch.dtype, like: torch.Tensor) -> torch.Tensor:
     """An uninitialized CPU tensor for intermediates that never leave this module, reused across calls.
 
@@ -113,7 +119,7 @@ def _scratch(slot: str, shape: tuple[int, ...], dtype: torch.dtype, like: torch.
     3.2-4.5 ms with fresh intermediates and 1.4 ms with reused ones; with MALLOC_MMAP_THRESHOLD_ raised
     the fresh ones also gave 1.4 ms, so the difference is page faults, not math."""
     n = math.prod(shape)
-    if like.device.type != "cpu" or n * dtype.itemsize > _SCRATCH_MAX_BYTES:
+    if not _on_host(like) or n * dtype.itemsize > _SCRATCH_MAX_BYTES:
         return torch.empty(shape, dtype=dtype, device=like.device)
     bufs = _SCRATCH.__dict__.setdefault("bufs", {})
     buf = bufs.get((slot, dtype))
@@ -250,7 +256,7 @@ def gae(
         if backend == "reference":
             return ref.gae(rewards.to(out_dtype), values.to(out_dtype), mask, gamma, lam)
         valid = mask if mask.dtype == torch.bool else mask != 0
-        if rewards.device.type == "cpu":
+        if _on_host(rewards):
             return _gae_cpu(rewards, values, valid, gamma, lam, out_dtype)
         return _gae_torch(rewards, values, valid, gamma, lam, out_dtype)
 
