@@ -36,6 +36,25 @@ def assert_tolerance(ours, eager, truth, *, atol: float | None = None, dtype=Non
     )
 
 
+def eager_linear_logprobs(hidden, weight, labels, bias, softcap, scale, temperature):
+    """What users run today, in the input dtype: logits materialized by F.linear, then log_softmax (the
+    tolerance rule's baseline for the hidden-state log-prob ops)."""
+    from rlaif_fast.reference.logprobs import token_logprobs as ref_token_logprobs
+
+    z = torch.nn.functional.linear(hidden, weight, bias)  # (N, V) in the input dtype
+    if scale is not None:
+        z = z * scale
+    if softcap is not None:
+        z = softcap * torch.tanh(z / softcap)
+    return ref_token_logprobs(z, labels, temperature=temperature, return_entropy=True)
+
+
+def scaled_atol(dtype, truth):
+    """The rule's "small atol" is sized for unit-scale values; log-probs (~20) and gradients summed over
+    tokens (~10) are larger, so it scales with max |truth| (a relative floor of 2e-6 in fp32)."""
+    return ATOL[dtype] * max(1.0, truth.detach().abs().max().item())
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

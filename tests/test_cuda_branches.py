@@ -46,7 +46,7 @@ from rlaif_fast.reference import rl as ref_rl
 from rlaif_fast.reference.linear import linear_token_logprobs as ref_linear
 from rlaif_fast.reference.logprobs import ppo_policy_loss as ref_ppo
 from rlaif_fast.reference.logprobs import token_logprobs as ref_token_logprobs
-from tests.helpers import ATOL, assert_tolerance
+from tests.helpers import assert_tolerance, eager_linear_logprobs, scaled_atol
 
 B, T, H, V = 2, 35, 96, 1100  # N = 70 tokens
 N = B * T
@@ -175,18 +175,8 @@ def _backward(out, g_lp, g_ent, leaves):
     return [None if x is None else x.grad for x in leaves]
 
 
-def _eager_linear(hidden, weight, labels, bias, softcap, scale, temperature):
-    """The materialized-logits computation users run, in the input dtype (the tolerance rule's baseline)."""
-    z = torch.nn.functional.linear(hidden, weight, bias)
-    if scale is not None:
-        z = z * scale
-    if softcap is not None:
-        z = softcap * torch.tanh(z / softcap)
-    return ref_token_logprobs(z, labels, temperature=temperature, return_entropy=True)
-
-
-def _atol(dtype, truth):
-    return ATOL[dtype] * max(1.0, truth.detach().abs().max().item())
+_eager_linear = eager_linear_logprobs
+_atol = scaled_atol
 
 
 def _check_linear(dtype, variant, fwd, bwd, chunk_size=CHUNK):

@@ -6,8 +6,7 @@ import torch
 
 from rlaif_fast.ops.linear import linear_ppo_policy_loss, linear_token_logprobs
 from rlaif_fast.reference.linear import linear_token_logprobs as ref_linear
-from rlaif_fast.reference.logprobs import token_logprobs as ref_token_logprobs
-from tests.helpers import ATOL, assert_tolerance
+from tests.helpers import assert_tolerance, eager_linear_logprobs, scaled_atol
 
 N, H, V = 37, 96, 2053
 DTYPES = [torch.float32, torch.bfloat16, torch.float16, torch.float64]
@@ -27,20 +26,8 @@ def _inputs(dtype, with_bias, n=N, h=H, v=V):
     return hidden, weight, bias, labels
 
 
-def _eager(hidden, weight, labels, bias, softcap, scale, temperature):
-    """What users run today, in the input dtype: logits materialized by F.linear, then log_softmax."""
-    z = torch.nn.functional.linear(hidden, weight, bias)  # (N, V) in the input dtype
-    if scale is not None:
-        z = z * scale
-    if softcap is not None:
-        z = softcap * torch.tanh(z / softcap)
-    return ref_token_logprobs(z, labels, temperature=temperature, return_entropy=True)
-
-
-def _atol(dtype, truth):
-    # the rule's "small atol" is sized for unit-scale values; log-probs (~20) and gradients summed over
-    # tokens (~10) are larger, so it scales with max |truth| (a relative floor of 2e-6 in fp32).
-    return ATOL[dtype] * max(1.0, truth.detach().abs().max().item())
+_eager = eager_linear_logprobs
+_atol = scaled_atol
 
 
 def _leaves(*xs):

@@ -8,23 +8,10 @@ import pytest
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent / "dist"))
+from test_trainer_train import _config  # noqa: E402
 from toy import PROMPTS, CharTokenizer, count_a, invariance_run, tiny_gpt2  # noqa: E402
 
 from rlaif_fast.trainer import RLAIFConfig, RLAIFTrainer, ValueModel  # noqa: E402
-
-
-def _config(tmp_path, **kw):
-    values = dict(
-        batch_size=8,
-        micro_batch_size=4,
-        max_new_tokens=8,
-        learning_rate=1e-2,
-        progress=False,
-        tensorboard=False,
-        output_dir=str(tmp_path / "run"),
-    )
-    values.update(kw)
-    return RLAIFConfig(**values)
 
 
 def _trainer(cfg, reward=count_a):

@@ -18,17 +18,11 @@ from pathlib import Path
 
 def main(argv: list[str] | None = None) -> int:
     from rlaif_fast.pipeline.config import RunConfig, packaged_config
-    from rlaif_fast.pipeline.run import finish, parse_overrides
+    from rlaif_fast.pipeline.run import add_set_argument, finish, parse_overrides
 
     ap = argparse.ArgumentParser(prog="rlaif-fast demo", description=__doc__.split("\n")[0])
     ap.add_argument("--out", default=None, help="output folder (default: the config's demo_out)")
-    ap.add_argument(
-        "--set",
-        action="append",
-        default=[],
-        metavar="KEY=VALUE",
-        help="override a config key; section.key=value changes one setting of a section (rl.kl_coef=0.05)",
-    )
+    add_set_argument(ap)
     ap.add_argument("--no-progress", action="store_true", help="no progress bars or stage lines")
     args = ap.parse_args(argv)
     overrides = parse_overrides(args.set)

@@ -220,6 +220,17 @@ class Run(Stages):
             print(f"[rlaif-fast] {text}", file=sys.stderr, flush=True)
 
 
+def add_set_argument(ap) -> None:
+    """The ``--set KEY=VALUE`` flag of ``rlaif-fast run`` and ``rlaif-fast demo``."""
+    ap.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a config key; section.key=value changes one setting of a section (rl.kl_coef=0.05)",
+    )
+
+
 def parse_overrides(pairs: list[str]) -> dict:
     """``--set key=value`` pairs; values parse as YAML (``--set iterations=2``). A dotted key reaches into a
     section (``--set rl.kl_coef=0.05``); sections given either way merge into the file's (see from_yaml)."""
@@ -244,13 +255,7 @@ def main(argv: list[str] | None = None) -> int:
     """``rlaif-fast run CONFIG.yaml [--set key=value ...]``: run (or resume) the loop, then report."""
     ap = argparse.ArgumentParser(prog="rlaif-fast run", description=__doc__.split("\n")[0])
     ap.add_argument("config", help="YAML run config (see rlaif_fast/pipeline/configs/demo.yaml)")
-    ap.add_argument(
-        "--set",
-        action="append",
-        default=[],
-        metavar="KEY=VALUE",
-        help="override a config key; section.key=value changes one setting of a section (rl.kl_coef=0.05)",
-    )
+    add_set_argument(ap)
     ap.add_argument("--no-progress", action="store_true", help="no progress bars or stage lines")
     args = ap.parse_args(argv)
     cfg = RunConfig.from_yaml(args.config, parse_overrides(args.set))
