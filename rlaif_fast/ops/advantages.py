@@ -344,10 +344,12 @@ def masked_whiten(x: torch.Tensor, mask: torch.Tensor, shift_mean: bool = True, 
     eps = _checks.check_positive("eps", eps)
     valid = mask != 0
     x = x.to(torch.promote_types(x.dtype, torch.float32))  # bf16 sums of squares lose the variance
-    w = valid.to(x.dtype)
-    n = w.sum()
-    mean = (x * w).sum() / n.clamp(min=1)
-    var = ((x - mean) ** 2 * w).sum() / (n - 1).clamp(min=1)
+    n = valid.sum().to(x.dtype)
+    # where, not a multiply by the 0/1 mask: a masked inf / nan must reach neither the statistics nor,
+    # through 0 * inf in the backward, their gradients
+    x = torch.where(valid, x, 0.0)
+    mean = x.sum() / n.clamp(min=1)
+    var = torch.where(valid, x - mean, 0.0).square().sum() / (n - 1).clamp(min=1)
     out = (x - mean) * torch.rsqrt(var + eps)
     if not shift_mean:
         out = out + mean

@@ -210,12 +210,14 @@ def value_loss(
     dtype = values.dtype
     zero = torch.zeros_like(values)
     count = mask.sum().clamp(min=1).to(dtype)
-    err = (values - returns.to(dtype)) ** 2  # (B, T)
+    # masked positions may hold anything (padding): zero the error before squaring, so that a nan / inf there
+    # gives no nan gradient (0 * 2 (V - nan) = nan) into the value head
+    err = torch.where(mask, values - returns.to(dtype), zero) ** 2  # (B, T)
     clip_frac = torch.zeros((), dtype=dtype, device=values.device)
     if clip_eps is not None:
         old = old_values.to(dtype)
         v_clip = old + torch.clamp(values - old, -clip_eps, clip_eps)
-        err_clip = (v_clip - returns.to(dtype)) ** 2
+        err_clip = torch.where(mask, v_clip - returns.to(dtype), zero) ** 2
         clip_frac = _masked_mean((err_clip > err).to(dtype), mask, count)
         err = torch.maximum(err, err_clip)
     loss = 0.5 * torch.where(mask, err, zero).sum() / count

@@ -62,10 +62,12 @@ def entropy(logits: torch.Tensor, *, temperature: float = 1.0) -> torch.Tensor:
 def aggregate(per_token: torch.Tensor, mask: torch.Tensor, loss_agg: str) -> torch.Tensor:
     """Reduce a per-token loss (B, T) under ``mask`` (B, T) by ``loss_agg`` (see the module docstring)."""
     m = (mask != 0).to(per_token.dtype)
+    # where, not a multiply by m: a masked position may hold anything (nan * 0 = nan)
+    masked = torch.where(mask != 0, per_token, torch.zeros_like(per_token))
     if loss_agg == "token-mean":
-        return (per_token * m).sum() / m.sum().clamp(min=1.0)
+        return masked.sum() / m.sum().clamp(min=1.0)
     row_tokens = m.sum(-1)  # (B,)
-    row_sum = (per_token * m).sum(-1)  # (B,)
+    row_sum = masked.sum(-1)  # (B,)
     if loss_agg == "seq-mean-token-mean":
         per_row = row_sum / row_tokens.clamp(min=1.0)
     elif loss_agg == "seq-mean-token-sum":
@@ -78,7 +80,7 @@ def aggregate(per_token: torch.Tensor, mask: torch.Tensor, loss_agg: str) -> tor
 
 def masked_mean(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     m = (mask != 0).to(x.dtype)
-    return (x * m).sum() / m.sum().clamp(min=1.0)
+    return torch.where(mask != 0, x, torch.zeros_like(x)).sum() / m.sum().clamp(min=1.0)
 
 
 def ppo_loss_from_logprobs(
@@ -169,11 +171,12 @@ def ppo_policy_loss(
 def value_loss(values, old_values, returns, mask, clip_eps=None):
     """Token-mean of 0.5 (V - R)^2; with clip_eps, 0.5 max((V - R)^2, (V_clip - R)^2) where
     V_clip = old_V + clip(V - old_V, -eps, eps) (the PPO2 value clipping)."""
-    err = (values - returns) ** 2
+    valid = mask != 0
+    err = torch.where(valid, values - returns, 0.0) ** 2
     clip_frac = torch.zeros((), dtype=values.dtype)
     if clip_eps is not None:
         v_clip = old_values + torch.clamp(values - old_values, -clip_eps, clip_eps)
-        err_clip = (v_clip - returns) ** 2
+        err_clip = torch.where(valid, v_clip - returns, 0.0) ** 2
         clip_frac = masked_mean((err_clip > err).to(values.dtype), mask)
         err = torch.maximum(err, err_clip)
     loss = 0.5 * masked_mean(err, mask)
