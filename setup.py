@@ -59,8 +59,23 @@ if Pybind11Extension is not None and sources and os.environ.get("RLAIF_FAST_NO_B
             "rlaif_fast._C",
             sources,
             include_dirs=["csrc"],
+            depends=sorted(glob.glob("csrc/*.h")),  # headers: in the sdist, and a rebuild when one changes
             cxx_std=17,
             extra_compile_args=["-O3"],
+        )
+    )
+
+if (
+    not ext_modules
+    and os.environ.get("RLAIF_FAST_REQUIRE_EXT") == "1"
+    and os.environ.get("RLAIF_FAST_NO_BUILD_EXT") != "1"
+):
+    sys.exit(
+        "RLAIF_FAST_REQUIRE_EXT=1 but rlaif_fast._C cannot be built: "
+        + (
+            "pybind11 does not import (pip install pybind11)"
+            if Pybind11Extension is None
+            else "no csrc/*.cpp"
         )
     )
 

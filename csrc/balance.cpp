@@ -292,7 +292,10 @@ py::tuple balanced_microbatches(py::handle lengths, int64_t max_tokens, int64_t 
   }
   const int64_t n = arr.shape(0);
   if (n == 0) value_error("lengths is empty; pass at least one sequence length");
-  const int64_t* len = arr.data();
+  // a copy: arr may be the caller's own buffer, and another thread can write to it once the GIL is
+  // released below (the sorts then see lengths change under them and corrupt the heap)
+  const std::vector<int64_t> owned(arr.data(), arr.data() + n);
+  const int64_t* len = owned.data();
   for (int64_t i = 0; i < n; ++i) check_length(i, len[i], max_tokens);
 
   Plan plan;

@@ -16,6 +16,7 @@ _SUBMODULES = {
     "trainer",
     "integrations",
     "models",
+    "pipeline",
     "reference",
     "cli",
 }
@@ -25,6 +26,10 @@ def __getattr__(name):
     if name in _SUBMODULES:
         return importlib.import_module(f"rlaif_fast.{name}")
     raise AttributeError(f"module 'rlaif_fast' has no attribute {name!r}")
+
+
+def __dir__():  # tab completion and the traceback's "Did you mean: 'ops'?" see the lazy subpackages too
+    return sorted(set(globals()) | _SUBMODULES)
 
 
 __all__ = sorted(_SUBMODULES) + ["__version__"]

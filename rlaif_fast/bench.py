@@ -54,12 +54,15 @@ def eager_logprobs_entropy(logits: torch.Tensor, labels: torch.Tensor):
 
 
 def candidates() -> dict[str, Callable]:
+    from rlaif_fast._backend import select_backend
     from rlaif_fast.ops.logprobs import token_logprobs
 
     def ours(x, y):
         return token_logprobs(x, y, return_entropy=True)
 
-    return {"rlaif_fast (torch path)": ours, "eager torch": eager_logprobs_entropy}
+    # the op's own backend choice (RLAIF_FAST_BACKEND may force triton or reference): the row says which ran
+    path = select_backend(torch.empty(0))
+    return {f"rlaif_fast ({path} path)": ours, "eager torch": eager_logprobs_entropy}
 
 
 def run_case(fn, logits, labels, with_grad: bool, repeat: int):
@@ -97,8 +100,8 @@ def main(argv: list[str] | None = None) -> int:
         f"token_logprobs + entropy, N={args.n} V={args.vocab} {args.dtype}, {mode}, "
         f"{torch.get_num_threads()} threads; logits = {logits.numel() * logits.element_size() / mib:.0f} MiB"
     )
-    print(f"{'implementation':<26} {'time (ms)':>10} {'peak extra (MiB)':>17}")
+    print(f"{'implementation':<28} {'time (ms)':>10} {'peak extra (MiB)':>17}")
     for name, fn in candidates().items():
         seconds, peak = run_case(fn, logits, labels, args.grad, args.repeat)
-        print(f"{name:<26} {seconds * 1e3:>10.1f} {peak / mib:>17.1f}")
+        print(f"{name:<28} {seconds * 1e3:>10.1f} {peak / mib:>17.1f}")
     return 0

@@ -157,10 +157,10 @@ def _read_jsonl(path) -> list[dict]:
 
 def main(argv: list[str] | None = None) -> int:
     """``rlaif-fast train-rm``: prints the metrics as one JSON line; exit 2 on bad input."""
-    from transformers import AutoModel, AutoTokenizer
-
     try:
         cfg = parse_config(RMTrainConfig, argv, prog="rlaif-fast train-rm")
+        from transformers import AutoModel, AutoTokenizer  # after parsing: `--help` stays light
+
         rows = _read_jsonl(cfg.prefs)
         random.Random(cfg.seed).shuffle(rows)
         n_eval = int(len(rows) * cfg.eval_fraction)
