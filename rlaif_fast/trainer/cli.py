@@ -182,4 +182,5 @@ def main(argv: list[str] | None = None) -> int:
     if trainer.strategy.is_main:
         summary.pop("history", None)
         (Path(config.output_dir) / "summary.json").write_text(json.dumps(summary, indent=2))
+    trainer.strategy.close()
     return 0 if summary["stopped"] == "completed" else 130

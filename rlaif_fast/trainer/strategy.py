@@ -205,6 +205,14 @@ class Strategy:
         torch.distributed.all_reduce(out, op=reduce_op)
         return out.to(t.device)
 
+    def close(self) -> None:
+        """Tear the process group down in order (all ranks done, then destroyed). Left to interpreter
+        exit, a gloo rank was once seen to abort ("terminate called without an active exception") after
+        a finished job, which a launcher then reports as a failure."""
+        if self.world_size > 1 and torch.distributed.is_initialized():
+            torch.distributed.barrier()
+            torch.distributed.destroy_process_group()
+
     def barrier(self) -> None:
         if self.world_size > 1:
             torch.distributed.barrier()
