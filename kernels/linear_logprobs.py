@@ -251,6 +251,16 @@ def _params(hidden: torch.Tensor, scale: float, softcap: float | None, temperatu
     )
 
 
+def _fwd_outputs(hidden, N: int, acc, entropy: bool):
+    """The forward's (logp, entropy, lse, h_full) buffers in the accumulation dtype; without entropy the
+    two entropy outputs alias logp (the kernel does not write them)."""
+    logp = torch.empty(N, dtype=acc, device=hidden.device)
+    lse = torch.empty_like(logp)
+    ent = torch.empty_like(logp) if entropy else logp
+    h_full = torch.empty_like(logp) if entropy else logp
+    return logp, ent, lse, h_full
+
+
 def linear_logprobs_fwd(hidden, weight, bias, labels, *, temperature, ignore_index, entropy, softcap, scale):
     """hidden (N, H), weight (V, H), bias (V,) or None, labels (N,) ->
     logp (N,), entropy (N,) or None, lse (N,), h_full (N,) (the entropy before
@@ -258,10 +268,7 @@ def linear_logprobs_fwd(hidden, weight, bias, labels, *, temperature, ignore_ind
     N, H = hidden.shape
     V = weight.shape[0]
     acc = _acc_dtype(hidden.dtype)
-    logp = torch.empty(N, dtype=acc, device=hidden.device)
-    lse = torch.empty_like(logp)
-    ent = torch.empty_like(logp) if entropy else logp
-    h_full = torch.empty_like(logp) if entropy else logp
+    logp, ent, lse, h_full = _fwd_outputs(hidden, N, acc, entropy)
     bn, bv, bh = _blocks(hidden, V)
     _fwd_kernel[(triton.cdiv(N, bn),)](
         hidden, weight, bias if bias is not None else weight, _params(hidden, scale, softcap, temperature),
@@ -342,10 +349,7 @@ def linear_logprobs_fwd_gemm(hidden, weight, bias, labels, *, temperature, ignor
     N, H = hidden.shape
     V = weight.shape[0]
     acc = _acc_dtype(hidden.dtype)
-    logp = torch.empty(N, dtype=acc, device=hidden.device)
-    lse = torch.empty_like(logp)
-    ent = torch.empty_like(logp) if entropy else logp
-    h_full = torch.empty_like(logp) if entropy else logp
+    logp, ent, lse, h_full = _fwd_outputs(hidden, N, acc, entropy)
     params = _params(hidden, scale, softcap, temperature)
     bn, bv = (4, 1024) if _on_gpu(hidden) else (32, 1024)
     w_mm = weight if _on_gpu(hidden) else weight.to(acc)
