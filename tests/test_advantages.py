@@ -1,17 +1,24 @@
 """gae, group_advantages, masked_mean and masked_whiten against the float64 reference (tolerance rule)."""
 
+import math
 import os
 
 import pytest
 import torch
 from helpers import assert_tolerance
-from test_kl import make_mask
+from test_kl import _t, make_mask
 
 from rlaif_fast import batching
 from rlaif_fast.ops import advantages as adv_ops
-from rlaif_fast.ops import gae, group_advantages, masked_mean, masked_whiten
+from rlaif_fast.ops import (
+    gae,
+    group_advantages,
+    masked_mean,
+    masked_whiten,
+)
 from rlaif_fast.ops.advantages import discounted_reverse_cumsum
 from rlaif_fast.reference import rl as ref
+from rlaif_fast.reference import rl as ref_rl
 
 GAMMA_LAM = [(1.0, 0.95), (0.9, 0.7), (0.99, 0.0), (1.0, 1.0)]
 GAE_PATHS = ["triton", "cpp", "torch", "reference"]
@@ -372,3 +379,85 @@ def test_masked_whiten_gradient_and_edge_cases():
     assert (masked_whiten(x.detach(), torch.zeros(3, 11)) == 0).all()
     with pytest.raises(ValueError, match=r"mask has shape \(3, 10\)"):
         masked_whiten(x, mask[:, :10])
+
+
+# -------------------- non-finite values at masked positions
+
+
+def test_gae_torch_fallback_ignores_non_finite_masked_inputs(monkeypatch):
+    # the scan without the C++ extension multiplied by the 0/1 mask: inf * 0 = NaN leaked into valid tokens
+    import rlaif_fast.ops.advantages as adv_mod
+
+    monkeypatch.setenv("RLAIF_FAST_BACKEND", "torch")
+    monkeypatch.setattr(adv_mod, "_extension", lambda: None)
+    contiguous = torch.tensor([[1, 1, 1, 0, 0, 0], [0, 0, 1, 1, 1, 1], [0, 1, 1, 1, 1, 0]])
+    holes = torch.tensor([[1, 1, 1, 0, 0, 0], [0, 0, 1, 1, 1, 1], [1, 0, 1, 1, 0, 1]])
+    for mask in (contiguous, holes):
+        r = torch.randn(3, 6).masked_fill(mask == 0, float("inf"))
+        v = torch.randn(3, 6).masked_fill(mask == 0, float("nan"))
+        got = gae(r, v, mask, 0.9, 0.8)
+        want = ref_rl.gae(r, v, mask, 0.9, 0.8)
+        for a, b in zip(got, want):
+            torch.testing.assert_close(a, b)
+
+
+# -------------------- by hand: expected values from plain floats and math, never from a reference function
+
+
+def test_gae_by_hand_with_padding_and_holes(backend):
+    # gamma = 0.9, lam = 0.8 (gamma lam = 0.72), valid tokens r = (0, 0, 1), V = (0.5, 0.6, 0.7), V after = 0:
+    #   A2 = 1 - 0.7 = 0.3;  A1 = (0.9 * 0.7 - 0.6) + 0.72 * 0.3 = 0.246;  A0 = (0.9 * 0.6 - 0.5) + 0.72 * 0.246
+    a2, a1 = 0.3, 0.03 + 0.72 * 0.3
+    a0 = 0.04 + 0.72 * a1
+    # row 1: left padding (garbage in the pad); row 2: hole at t = 1 (skipped: t0 bootstraps from t2)
+    rewards = _t([[0.0, 0.0, 1.0, 0.0], [99.0, 0.0, 0.0, 1.0], [0.0, 99.0, 1.0, 0.0]])
+    values = _t([[0.5, 0.6, 0.7, 0.0], [99.0, 0.5, 0.6, 0.7], [0.5, 99.0, 0.7, 0.0]])
+    mask = _t([[1, 1, 1, 0], [0, 1, 1, 1], [1, 0, 1, 0]])
+    h0 = (0.9 * 0.7 - 0.5) + 0.72 * a2
+    adv, ret = gae(rewards, values, mask, gamma=0.9, lam=0.8)
+    expect = _t([[a0, a1, a2, 0.0], [0.0, a0, a1, a2], [h0, 0.0, a2, 0.0]])
+    torch.testing.assert_close(adv, expect)
+    torch.testing.assert_close(ret, torch.where(mask != 0, expect + values, 0.0))
+
+
+def test_group_advantages_by_hand(backend):
+    # one group (1, 2, 3, 6): mean 3, deviations (-2, -1, 0, 3), unbiased var 14/3
+    s = _t([1.0, 2.0, 3.0, 6.0])
+    dev = [-2.0, -1.0, 0.0, 3.0]
+    std = math.sqrt(14 / 3)
+    torch.testing.assert_close(group_advantages(s, 4, "grpo"), _t([d / (std + 1e-6) for d in dev]))
+    torch.testing.assert_close(group_advantages(s, 4, "grpo", scale_by_std=False), _t(dev))
+    # rloo: s_i - mean of the other three: 1 - 11/3, 2 - 10/3, 3 - 3, 6 - 2
+    loo = [1 - 11 / 3, 2 - 10 / 3, 0.0, 4.0]
+    torch.testing.assert_close(group_advantages(s, 4, "rloo", scale_by_std=False), _t(loo))
+    loo_std = math.sqrt(sum(x * x for x in loo) / 3)  # mean 0, unbiased
+    torch.testing.assert_close(group_advantages(s, 4, "rloo"), _t([x / (loo_std + 1e-6) for x in loo]))
+    torch.testing.assert_close(group_advantages(s, 4, "reinforce_baseline", scale_by_std=False), _t(dev))
+
+
+def test_masked_whiten_by_hand(backend):
+    # valid (1, 2, 3): mean 2, unbiased var 1 -> (-1, 0, 1); shift_mean=False adds the mean back: (1, 2, 3)
+    x = _t([[1.0, 2.0], [3.0, 100.0]])
+    mask = _t([[1, 1], [1, 0]])
+    k = 1 / math.sqrt(1 + 1e-8)
+    torch.testing.assert_close(masked_whiten(x, mask), _t([[-k, 0.0], [k, 0.0]]))
+    torch.testing.assert_close(masked_whiten(x, mask, shift_mean=False), _t([[2 - k, 2.0], [2 + k, 0.0]]))
+
+
+NAN, INF = float("nan"), float("inf")
+
+
+def test_masked_whiten_ignores_non_finite_masked_entries():
+    # the ops path multiplied by the 0/1 mask: inf * 0 = NaN made every valid output NaN; the reference
+    # whitens x[valid] only. Valid (1, 2): mean 1.5, unbiased var 0.5
+    x = _t([[1.0, 2.0, INF], [NAN, 0.0, 0.0]])
+    mask = _t([[1, 1, 0], [0, 0, 0]])
+    k = 0.5 / math.sqrt(0.5 + 1e-8)
+    expect = _t([[-k, k, 0.0], [0.0, 0.0, 0.0]])
+    torch.testing.assert_close(masked_whiten(x, mask), expect)
+    torch.testing.assert_close(
+        masked_whiten(x, mask, shift_mean=False), _t([[1.5 - k, 1.5 + k, 0.0], [0.0] * 3])
+    )
+    xg = x.clone().requires_grad_()
+    masked_whiten(xg, mask).sum().backward()
+    assert torch.isfinite(xg.grad).all()

@@ -1,10 +1,15 @@
 """kl_penalty and kl_shaped_rewards on every backend against the float64 reference (tolerance rule)."""
 
+import math
+
 import pytest
 import torch
 from helpers import assert_tolerance
 
-from rlaif_fast.ops import kl_penalty, kl_shaped_rewards
+from rlaif_fast.ops import (
+    kl_penalty,
+    kl_shaped_rewards,
+)
 from rlaif_fast.reference import rl as ref
 
 ESTIMATORS = ["k1", "k2", "k3", "abs"]
@@ -210,3 +215,39 @@ def test_bad_inputs_name_the_value():
         kl_shaped_rewards(scores.to("meta"), logp, ref_logp, mask, 0.1)
     with pytest.raises(ValueError, match="estimator='kl'"):
         kl_shaped_rewards(scores, logp, ref_logp, mask, 0.1, "kl")
+
+
+# -------------------- by hand: expected values from plain floats and math, never from a reference function
+
+
+DT = torch.float64
+
+
+def _t(x):
+    return torch.tensor(x, dtype=DT)
+
+
+def test_kl_estimators_by_hand(backend):
+    d = math.log(2)
+    lp, ref = _t([math.log(0.5), math.log(0.25)]), _t([math.log(0.25), math.log(0.5)])
+    expect = {
+        "k1": [d, -d],
+        "k2": [d * d / 2, d * d / 2],
+        "k3": [0.5 + d - 1, 2 - d - 1],
+        "abs": [d, d],
+    }
+    for est, values in expect.items():
+        torch.testing.assert_close(kl_penalty(lp, ref, est), _t(values))
+
+
+def test_kl_shaped_rewards_by_hand(backend):
+    # k1 = logp - ref; the score lands on the last valid token: left padding, a hole, right padding
+    logp = _t([[-1.0, -2.0, -3.0, -4.0, -5.0]] * 2)
+    ref = _t([[-1.5, -2.0, -2.0, -4.5, -9.0]] * 2)
+    mask = _t([[0, 1, 0, 1, 0], [1, 1, 1, 1, 1]])
+    rewards, kl = kl_shaped_rewards(_t([5.0, 7.0]), logp, ref, mask, kl_coef=0.1)
+    k1 = [0.5, 0.0, -1.0, 0.5, 4.0]
+    torch.testing.assert_close(kl, _t([[0.0, 0.0, 0.0, 0.5, 0.0], k1]))
+    torch.testing.assert_close(
+        rewards, _t([[0.0, 0.0, 0.0, 5.0 - 0.05, 0.0], [-0.1 * x for x in k1[:4]] + [7.0 - 0.4]])
+    )

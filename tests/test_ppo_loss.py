@@ -1,10 +1,19 @@
 """PPO policy loss (from log-probs and fused from logits) and value loss against float64 references."""
 
+import math
+
 import pytest
 import torch
 from helpers import assert_tolerance
+from test_kl import DT, _t
+from test_token_logprobs import _masked_vocab_logits
 
-from rlaif_fast.ops import ppo_loss_from_logprobs, ppo_policy_loss, value_loss
+from rlaif_fast.ops import (
+    ppo_loss_from_logprobs,
+    ppo_policy_loss,
+    token_logprobs,
+    value_loss,
+)
 from rlaif_fast.reference import logprobs as ref
 from rlaif_fast.reference.logprobs import LOSS_AGGS
 
@@ -293,3 +302,203 @@ def test_gpu_benchmark_script_smoke(tmp_path, capsys):
     assert [r["V"] for r in results] == [257, 1000]
     assert all(r["max_abs_err_logp"] < 1e-3 and r["ppo_fwd_bwd"]["ms"] > 0 for r in results)
     assert "| 1000 |" in capsys.readouterr().out
+
+
+# -------------------- -inf logits, gradients through log-probs only
+
+
+def test_fused_ppo_gradient_is_finite_with_minus_inf_logits(backend):
+    z = _masked_vocab_logits().requires_grad_()
+    labels = torch.randint(0, 8, (2, 3))
+    old = torch.full((2, 3), -2.0)
+    adv = torch.randn(2, 3)
+    loss, _ = ppo_policy_loss(z, labels, old, adv, torch.ones(2, 3))
+    loss.backward()
+    assert torch.isfinite(z.grad).all()
+
+
+def test_ppo_loss_from_logprobs_differentiates_logp_only():
+    # the docstring: "Gradients flow into logp and entropy only" (ppo_policy_loss detaches the rest). Without
+    # the detach a critic output inside the advantages, or an un-detached old_logp, received policy gradients
+    logp = (torch.randn(2, 4) - 1).requires_grad_()
+    critic = torch.randn(2, 4, requires_grad=True)
+    advantages = critic * 2.0  # e.g. returns - values with values from the value head, not detached
+    old = logp * 1.0  # on-policy, forgot .detach()
+    ref = torch.randn(2, 4, requires_grad=True)
+    mask = torch.ones(2, 4)
+    loss, _ = ppo_loss_from_logprobs(logp, old, advantages, mask, ref_logp=ref, kl_coef=0.1)
+    loss.backward()
+    assert critic.grad is None and ref.grad is None
+    g = logp.grad.clone()
+    logp2 = logp.detach().clone().requires_grad_()
+    loss2, _ = ppo_loss_from_logprobs(
+        logp2, logp.detach(), advantages.detach(), mask, ref_logp=ref.detach(), kl_coef=0.1
+    )
+    loss2.backward()
+    torch.testing.assert_close(g, logp2.grad)
+
+
+# -------------------- by hand: expected values from plain floats and math, never from a reference function
+
+
+# --------------------------------------------------------------------------------------------- PPO loss
+#
+# One row, four tokens, clip_eps = 0.2, clip_eps_high = 0.28 (DAPO clip-higher: r in [0.8, 1.28]):
+#   t0: r = 1.5, A = +1: -A r = -1.5, -A clip = -1.28 -> l = -1.28, clipped, dl/dlogp = 0
+#   t1: r = 0.5, A = +1: -0.5 vs -0.8             -> l = -0.5,  unclipped, dl/dlogp = -A r = -0.5
+#   t2: r = 0.5, A = -1:  0.5 vs  0.8             -> l =  0.8,  clipped, dl/dlogp = 0
+#   t3: r = 1.5, A = -1:  1.5 vs  1.28            -> l =  1.5,  unclipped, dl/dlogp = -A r = 1.5
+RATIOS = [1.5, 0.5, 0.5, 1.5]
+
+
+ADV = [1.0, 1.0, -1.0, -1.0]
+
+
+LOSS = (-1.28 - 0.5 + 0.8 + 1.5) / 4
+
+
+GRAD = [0.0, -0.5 / 4, 0.0, 1.5 / 4]
+
+
+CLIP_FRAC = 0.5
+
+
+APPROX_KL = 0.5 * (2 * math.log(1.5) ** 2 + 2 * math.log(0.5) ** 2) / 4
+
+
+def test_clip_higher_surrogate_by_hand():
+    logp = _t([[-1.0, -2.0, -0.5, -3.0]]).requires_grad_()
+    old = logp.detach() - _t([[math.log(r) for r in RATIOS]])
+    loss, stats = ppo_loss_from_logprobs(
+        logp, old, _t([ADV]), torch.ones(1, 4), clip_eps=0.2, clip_eps_high=0.28
+    )
+    loss.backward()
+    assert loss.item() == pytest.approx(LOSS, abs=1e-12)
+    torch.testing.assert_close(logp.grad, _t([GRAD]))
+    assert stats["clip_frac"].item() == pytest.approx(CLIP_FRAC)
+    assert stats["approx_kl"].item() == pytest.approx(APPROX_KL)
+    assert stats["ratio_mean"].item() == pytest.approx(1.0)
+
+
+def _two_logit_rows(logps):
+    """Logits (1, T, 2) and labels 0 whose log-prob at label 0 is logps[t] by construction: z = (a, 0) with
+    a = log(p / (1 - p))."""
+    a = [math.log(math.exp(lp) / (1 - math.exp(lp))) for lp in logps]
+    z = torch.stack([_t(a), torch.zeros(len(a), dtype=DT)], dim=-1).unsqueeze(0)
+    return z, torch.zeros(1, len(a), dtype=torch.long)
+
+
+def test_fused_clip_higher_surrogate_by_hand(backend):
+    logps = [-1.0, -2.0, -0.5, -3.0]
+    z, labels = _two_logit_rows(logps)
+    z.requires_grad_()
+    old = _t([[lp - math.log(r) for lp, r in zip(logps, RATIOS)]])
+    loss, stats = ppo_policy_loss(
+        z, labels, old, _t([ADV]), torch.ones(1, 4), clip_eps=0.2, clip_eps_high=0.28
+    )
+    loss.backward()
+    assert loss.item() == pytest.approx(LOSS, abs=1e-9)
+    assert stats["clip_frac"].item() == pytest.approx(CLIP_FRAC)
+    assert stats["approx_kl"].item() == pytest.approx(APPROX_KL)
+    # d logp / d z = onehot - p: (1 - p0, -(1 - p0)) for label 0
+    expect = [[g * (1 - math.exp(lp)), -g * (1 - math.exp(lp))] for g, lp in zip(GRAD, logps)]
+    torch.testing.assert_close(z.grad, _t([expect]))
+
+
+def test_k3_kl_in_loss_and_its_gradient_by_hand(backend):
+    # GRPO's estimator: pi_ref/pi - log(pi_ref/pi) - 1, with pi = 0.5, pi_ref = 0.25 -> 0.5 + ln 2 - 1;
+    # d/d logp = 1 - pi_ref/pi = 0.5. A = 0, r = 1: the surrogate is 0 and the loss is kl_coef * k3.
+    z, labels = _two_logit_rows([math.log(0.5)])
+    z.requires_grad_()
+    logp = _t([[math.log(0.5)]])
+    ref = _t([[math.log(0.25)]])
+    loss, stats = ppo_policy_loss(z, labels, logp, _t([[0.0]]), torch.ones(1, 1), ref_logp=ref, kl_coef=0.1)
+    loss.backward()
+    k3 = 0.5 + math.log(2) - 1
+    assert loss.item() == pytest.approx(0.1 * k3, abs=1e-12)
+    assert stats["kl"].item() == pytest.approx(k3, abs=1e-12)
+    # dL/dz = 0.1 * 0.5 * (onehot - p) = 0.05 * (0.5, -0.5)
+    torch.testing.assert_close(z.grad, _t([[[0.025, -0.025]]]))
+
+
+def test_loss_agg_normalizations_by_hand(backend):
+    # r = 1 everywhere, so l = -A. Row 0: tokens A = 1, 2, 3 (fourth masked); row 1: A = 4; row 2: empty.
+    adv = _t([[1.0, 2.0, 3.0, 50.0], [4.0, 60.0, 70.0, 80.0], [90.0, 90.0, 90.0, 90.0]])
+    mask = _t([[1, 1, 1, 0], [1, 0, 0, 0], [0, 0, 0, 0]])
+    logp = torch.full((3, 4), -1.0, dtype=DT)
+    expect = {
+        "token-mean": -(1 + 2 + 3 + 4) / 4,  # every valid token of the batch weighs the same
+        "seq-mean-token-mean": -((1 + 2 + 3) / 3 + 4 / 1) / 2,  # over the 2 non-empty rows
+        "seq-mean-token-sum": -((1 + 2 + 3) + 4) / 2,
+    }
+    z, labels = _two_logit_rows([-1.0] * 12)
+    z, labels = z.view(3, 4, 2), labels.view(3, 4)
+    for agg, value in expect.items():
+        loss, _ = ppo_loss_from_logprobs(logp, logp, adv, mask, loss_agg=agg)
+        assert loss.item() == pytest.approx(value, abs=1e-12), agg
+        loss, _ = ppo_policy_loss(z, labels, logp, adv, mask, loss_agg=agg)
+        assert loss.item() == pytest.approx(value, abs=1e-9), agg
+
+
+def test_entropy_bonus_and_temperature_by_hand(backend):
+    # logits (0, ln 3) at T = 2: z' = (0, ln 3 / 2), p = (1, sqrt 3) / (1 + sqrt 3)
+    z = _t([[[0.0, math.log(3.0)]]])
+    s3 = math.sqrt(3.0)
+    p = [1 / (1 + s3), s3 / (1 + s3)]
+    H = -sum(q * math.log(q) for q in p)
+    lp, ent = token_logprobs(z, torch.tensor([[1]]), temperature=2.0, return_entropy=True)
+    assert lp.item() == pytest.approx(math.log(p[1]), abs=1e-12)
+    assert ent.item() == pytest.approx(H, abs=1e-12)
+    # entropy bonus: l = surrogate - c H, A = 0 -> loss = -0.01 H
+    loss, stats = ppo_policy_loss(
+        z, torch.tensor([[1]]), lp, _t([[0.0]]), torch.ones(1, 1), entropy_coef=0.01, temperature=2.0
+    )
+    assert loss.item() == pytest.approx(-0.01 * H, abs=1e-12)
+    assert stats["entropy"].item() == pytest.approx(H, abs=1e-12)
+
+
+def test_value_loss_ppo2_clipping_by_hand():
+    # t0: V = 1, old = 0.5, R = 2: (V - R)^2 = 1; V_clip = 0.5 + 0.2 = 0.7, (0.7 - 2)^2 = 1.69 -> 1.69 (clipped)
+    # t1: V = 2, old = 2,   R = 1: 1 and 1 -> 1 (tie: not counted as clipped); t2 masked
+    v = _t([[1.0, 2.0, 7.0]]).requires_grad_()
+    loss, stats = value_loss(v, _t([[0.5, 2.0, 0.0]]), _t([[2.0, 1.0, 0.0]]), _t([[1, 1, 0]]), clip_eps=0.2)
+    loss.backward()
+    assert loss.item() == pytest.approx(0.5 * (1.69 + 1.0) / 2)
+    assert stats["clip_frac"].item() == pytest.approx(0.5)
+    # d/dV: t0 the clipped branch is constant in V (V - old > eps): 0; t1: 0.5 * 2 (V - R) / 2 = 0.5
+    torch.testing.assert_close(v.grad, _t([[0.0, 0.5, 0.0]]))
+    loss, stats = value_loss(v.detach(), _t([[0.5, 2.0, 0.0]]), _t([[2.0, 1.0, 0.0]]), _t([[1, 1, 0]]))
+    assert loss.item() == pytest.approx(0.5 * (1.0 + 1.0) / 2)
+
+
+NAN, INF = float("nan"), float("inf")
+
+
+@pytest.mark.parametrize("backend", ["reference"], indirect=True)
+def test_reference_ppo_loss_ignores_nan_advantages_at_masked_tokens(backend):
+    # RLAIF_FAST_BACKEND=reference aggregated with a multiply by the mask: NaN * 0 = NaN, where the triton
+    # and torch paths give the loss of the valid tokens. Hand value: r = 1, l = -A on the one valid token
+    z, labels = _two_logit_rows([-1.0, -1.0])
+    logp = _t([[-1.0, -1.0]])
+    for agg in ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum"):
+        loss, _ = ppo_policy_loss(z, labels, logp, _t([[2.0, NAN]]), _t([[1, 0]]), loss_agg=agg)
+        assert loss.item() == pytest.approx(-2.0), agg
+
+
+def test_value_loss_ignores_nan_padding_in_returns():
+    # returns / old values padded with NaN: the loss was finite but d values at the padding was
+    # 0 * 2 (V - NaN) = NaN, which reaches every weight of the value head through its backward
+    from rlaif_fast.reference.logprobs import value_loss as ref_value_loss
+
+    v = _t([[1.0, 2.0, 3.0]]).requires_grad_()
+    old, ret, mask = _t([[0.5, 2.0, NAN]]), _t([[2.0, 1.0, NAN]]), _t([[1, 1, 0]])
+    for eps in (None, 0.2):
+        v.grad = None
+        loss, stats = value_loss(v, old, ret, mask, clip_eps=eps)
+        loss.backward()
+        expect = 0.5 * ((1.69 if eps else 1.0) + 1.0) / 2
+        assert loss.item() == pytest.approx(expect)
+        torch.testing.assert_close(v.grad, _t([[0.0 if eps else -0.5, 0.5, 0.0]]))
+        ref_loss, ref_stats = ref_value_loss(v.detach(), old, ret, mask, clip_eps=eps)
+        assert ref_loss.item() == pytest.approx(expect)
+        assert ref_stats["value_mean"].item() == pytest.approx(stats["value_mean"].item())

@@ -4,7 +4,8 @@ import pytest
 import torch
 from helpers import assert_tolerance
 
-from rlaif_fast.ops import token_logprobs
+from rlaif_fast.ops import ppo_policy_loss, token_logprobs
+from rlaif_fast.reference import logprobs as ref_logprobs
 from rlaif_fast.reference.logprobs import token_logprobs as reference
 
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
@@ -172,3 +173,61 @@ def test_bench_cli_prints_a_table(capsys):
     assert main(["bench", "--n", "16", "--vocab", "100", "--repeat", "1", "--grad"]) == 0
     out = capsys.readouterr().out
     assert "rlaif_fast (torch path)" in out and "eager torch" in out
+
+
+# -------------------- -inf logits and uint8 labels
+
+
+def _masked_vocab_logits(B=2, T=3, V=11, dtype=torch.float32):
+    """Logits with -inf on the last vocabulary entries, as a logits processor or a padded vocab leaves them."""
+    z = torch.randn(B, T, V, dtype=dtype)
+    z[..., V - 3 :] = float("-inf")
+    return z
+
+
+def test_logprob_gradient_is_finite_with_minus_inf_logits(backend):
+    # triton's backward formed g_H * p * (E[z] - z) = 0 * 0 * inf = NaN at every -inf logit, even with no
+    # entropy gradient at all: NaN weights after one step on the default CUDA path
+    z = _masked_vocab_logits().requires_grad_()
+    labels = torch.randint(0, 8, (2, 3))
+    token_logprobs(z, labels, temperature=0.7).sum().backward()
+    assert torch.isfinite(z.grad).all()
+    z_ref = z.detach().clone().requires_grad_()
+    ref_logprobs.token_logprobs(z_ref, labels, temperature=0.7).sum().backward()
+    torch.testing.assert_close(z.grad, z_ref.grad)
+
+
+@pytest.mark.parametrize("backend", ["triton"], indirect=True)
+def test_entropy_gradient_is_finite_with_minus_inf_logits(backend):
+    # the triton forward gives a finite entropy for -inf logits (p = 0 there): its gradient must be finite too,
+    # and equal to the gradient of the same logits with the -inf columns dropped (which carry zero gradient)
+    z = _masked_vocab_logits().requires_grad_()
+    labels = torch.randint(0, 8, (2, 3))
+    lp, ent = token_logprobs(z, labels, return_entropy=True)
+    (lp.sum() + ent.sum()).backward()
+    finite = z.detach()[..., :-3].clone().requires_grad_()
+    lp2, ent2 = ref_logprobs.token_logprobs(finite, labels, return_entropy=True)
+    (lp2.sum() + ent2.sum()).backward()
+    torch.testing.assert_close(z.grad[..., :-3], finite.grad)
+    assert torch.equal(z.grad[..., -3:], torch.zeros_like(z.grad[..., -3:]))
+
+
+def test_uint8_labels_are_not_mistaken_for_ignore_index(backend):
+    # torch compares a uint8 tensor with -100 as with 156 (-100 mod 256): token 156 of a byte-level vocabulary
+    # was silently ignored (log-prob 0, no gradient) on the torch and reference paths; triton widened first
+    from rlaif_fast.ops import linear_token_logprobs
+
+    V, H = 260, 8
+    labels = torch.tensor([[156, 3, 255], [0, 156, 7]])
+    z = torch.randn(2, 3, V)
+    want = ref_logprobs.token_logprobs(z, labels)
+    assert want[0, 0] != 0
+    torch.testing.assert_close(token_logprobs(z, labels.to(torch.uint8)), want)
+    h, w = torch.randn(2, 3, H), torch.randn(V, H)
+    torch.testing.assert_close(
+        linear_token_logprobs(h, w, labels.to(torch.uint8)), linear_token_logprobs(h, w, labels)
+    )
+    args = (torch.full((2, 3), -5.0), torch.randn(2, 3), torch.ones(2, 3))
+    loss8, _ = ppo_policy_loss(z, labels.to(torch.uint8), *args)
+    loss64, _ = ppo_policy_loss(z, labels, *args)
+    torch.testing.assert_close(loss8, loss64)

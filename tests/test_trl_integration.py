@@ -168,3 +168,41 @@ def test_moved_names_warn_and_do_nothing(monkeypatch):
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         assert not integ.unpatch()
+
+
+# -------------------- vision-language models
+
+
+def test_trl_fused_lm_head_sees_the_images_of_a_vision_language_model():
+    # the patched add_fused_lm_head ran get_decoder() (the text-only decoder) where TRL runs base_model:
+    # pixel_values were dropped and M-RoPE positions lost, so VLM log-probs ignored the image
+    cfg = transformers.Qwen2VLConfig(
+        text_config=dict(
+            hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=1,
+            vocab_size=200, rope_scaling={"type": "mrope", "mrope_section": [4, 2, 2]}, bos_token_id=1,
+            eos_token_id=2,
+        ),
+        vision_config=dict(
+            depth=1, embed_dim=32, hidden_size=32, num_heads=2, mlp_ratio=2, in_chans=3, patch_size=14,
+            spatial_merge_size=2, temporal_patch_size=2,
+        ),
+        image_token_id=150, video_token_id=151, vision_start_token_id=152,
+    )  # fmt: skip
+    theirs = transformers.Qwen2VLForConditionalGeneration(cfg).eval()
+    ours = copy.deepcopy(theirs)
+    ids = torch.tensor([[5, 152, 150, 7, 8, 9, 10, 11]])
+    labels = ids.masked_fill(torch.arange(8) < 4, -100)
+    inputs = dict(
+        input_ids=ids, pixel_values=torch.randn(4, 3 * 2 * 14 * 14), image_grid_thw=torch.tensor([[1, 2, 2]]),
+        mm_token_type_ids=(ids == 150).long(), labels=labels, fused_lm_head=True,
+    )  # fmt: skip
+    trl_utils.add_fused_lm_head(theirs)
+    try:
+        assert integ.patch()
+        trl_utils.add_fused_lm_head(ours)
+        with torch.no_grad():
+            want = theirs(**inputs).log_probs
+            got = ours(**inputs).log_probs
+    finally:
+        integ.unpatch()
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
