@@ -6,6 +6,9 @@ from __future__ import annotations
 import json
 import logging
 import math
+import socket
+import threading
+import urllib.error
 import urllib.request
 
 import pytest
@@ -14,12 +17,21 @@ import torch
 from rlaif_fast.feedback import (
     BackendError,
     HFBackend,
+    LabelJobConfig,
     OpenAICompatibleBackend,
     PairwiseLabeler,
     ScoreLabeler,
+    run_label_job,
 )
 from rlaif_fast.feedback.serve import CompletionServer
-from tests.test_feedback_labelers import CONTEXTS, RESP_A, RESP_B, gpt2_tokenizer, tiny_gpt2
+from tests.test_feedback_labelers import (
+    CONTEXTS,
+    RESP_A,
+    RESP_B,
+    _stories,
+    gpt2_tokenizer,
+    tiny_gpt2,
+)
 
 KEY = "sk-test-secret-4242"
 
@@ -132,7 +144,6 @@ def test_bad_backend_arguments():
 
 
 def test_label_job_over_http_counts_failures_and_resumes(server, tmp_path, monkeypatch):
-    from rlaif_fast.feedback import LabelJobConfig, run_label_job
 
     monkeypatch.setenv("TEST_LABELER_KEY", KEY)
     inp = tmp_path / "in.jsonl"
@@ -155,3 +166,117 @@ def test_label_job_over_http_counts_failures_and_resumes(server, tmp_path, monke
     assert len(lines) == 4 and all(0 <= json.loads(x)["p_a"] <= 1 for x in lines)  # no partial record
     second = run_label_job(cfg)  # the rerun labels only the failed pair
     assert second["new"] == 1 and second["skipped_done"] == 4 and second["labeled"] == 5
+
+
+# -------------------- dropped connections and failed rationales
+
+
+class _TruncatingServer:
+    """A raw socket server that promises a 500-byte body, sends 13 bytes and closes the connection."""
+
+    def __init__(self):
+        self.sock = socket.socket()
+        self.sock.bind(("127.0.0.1", 0))
+        self.sock.listen(16)
+        self.url = f"http://127.0.0.1:{self.sock.getsockname()[1]}/v1"
+        self.requests = 0
+        threading.Thread(target=self._serve, daemon=True).start()
+
+    def _serve(self):
+        while True:
+            try:
+                conn, _ = self.sock.accept()
+            except OSError:
+                return
+            with conn:
+                conn.recv(65536)
+                self.requests += 1
+                conn.sendall(
+                    b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: 500\r\n\r\n"
+                    b'{"choices": ['
+                )
+
+    def close(self):
+        self.sock.close()
+
+
+def test_a_connection_dropped_mid_body_is_retried_then_counted():
+    srv = _TruncatingServer()
+    try:
+        kw = {"max_retries": 2, "backoff": 0.01, "timeout": 5.0, "concurrency": 1}
+        with pytest.raises(BackendError, match="failed after 3 attempts: IncompleteRead"):
+            OpenAICompatibleBackend(srv.url, "m", **kw).candidate_logprobs(["x"], ["1", "2"])
+        assert srv.requests == 3
+        nan_client = OpenAICompatibleBackend(srv.url, "m", on_error="nan", **kw)
+        rows = nan_client.candidate_logprobs(["x"], ["1", "2"])  # the labeling job's setting: a NaN row
+        assert torch.isnan(rows).all() and nan_client.stats["failures"] == 1
+        assert nan_client.generate(["x"], max_new_tokens=2) == [None]
+    finally:
+        srv.close()
+
+
+def test_the_http_backend_reports_a_failed_rationale_as_none(monkeypatch):
+    client = OpenAICompatibleBackend("http://127.0.0.1:1/v1", "m", on_error="nan", max_retries=0, timeout=1.0)
+    assert client.generate(["x"], max_new_tokens=2) == [None]
+
+
+# -------------------- served models: sentencepiece, echo tokens, long prompts
+
+
+def test_served_sentencepiece_labeler_scores_like_the_local_one(shared_data):
+    """tok512 (SentencePiece-style) decodes a lone "▁had" as "had": per-token text offsets fell behind the
+    prompt, so the client found no candidate token (or only part of "10") after the prompt."""
+    model, tok = _stories(shared_data)
+    ctx, resp = ["Tom had a red ball and he liked to play with it every day."], ["Tom had a ball."]
+    with CompletionServer(model, tok) as srv:
+        http = OpenAICompatibleBackend(srv.url, "local", max_retries=0)
+        got = ScoreLabeler(http, "summarization").score(ctx, resp)
+    ref = ScoreLabeler(HFBackend(model, tok), "summarization").score(ctx, resp)
+    assert got[0] == pytest.approx(ref[0], abs=2e-5)
+
+
+def test_served_echo_tokens_concatenate_to_the_text(shared_data):
+    model, tok = _stories(shared_data)
+    with CompletionServer(model, tok) as srv:
+        body = {
+            "prompt": "Tom had a red ball.",
+            "max_tokens": 2,
+            "echo": True,
+            "logprobs": 0,
+            "temperature": 0,
+        }
+        req = urllib.request.Request(
+            srv.url + "/completions",
+            data=json.dumps(body).encode(),
+            headers={"Content-Type": "application/json"},
+        )
+        with urllib.request.urlopen(req, timeout=30) as resp:
+            ch = json.loads(resp.read())["choices"][0]
+    lp = ch["logprobs"]
+    assert "".join(lp["tokens"]) == ch["text"]
+    assert lp["text_offset"] == [sum(len(t) for t in lp["tokens"][:i]) for i in range(len(lp["tokens"]))]
+
+
+def test_a_prompt_longer_than_the_served_model_gets_a_400(shared_data):
+    """GPT-2 has n_positions learned positions: a longer prompt raised IndexError in the request thread and the
+    connection dropped without an answer, which the client retries as a transient failure."""
+    model, tok = tiny_gpt2(n_positions=32), gpt2_tokenizer(shared_data)
+    with CompletionServer(model, tok) as srv:
+        body = {"prompt": "word " * 40, "max_tokens": 0, "echo": True, "logprobs": 0}
+        req = urllib.request.Request(
+            srv.url + "/completions",
+            data=json.dumps(body).encode(),
+            headers={"Content-Type": "application/json"},
+        )
+        with pytest.raises(urllib.error.HTTPError) as exc:
+            urllib.request.urlopen(req, timeout=30)
+        assert exc.value.code == 400 and b"32" in exc.value.read()
+        body = {"prompt": "word " * 20, "max_tokens": 20}  # fits, but its completion would not
+        req = urllib.request.Request(
+            srv.url + "/completions",
+            data=json.dumps(body).encode(),
+            headers={"Content-Type": "application/json"},
+        )
+        with pytest.raises(urllib.error.HTTPError) as exc:
+            urllib.request.urlopen(req, timeout=30)
+        assert exc.value.code == 400

@@ -15,10 +15,17 @@ from itertools import islice
 import pytest
 import torch
 
-from rlaif_fast.feedback import HFBackend, LabelJobConfig, read_pairs, run_label_job
+from rlaif_fast.feedback import (
+    HFBackend,
+    LabelJobConfig,
+    OpenAICompatibleBackend,
+    PairwiseLabeler,
+    read_pairs,
+    run_label_job,
+)
 from rlaif_fast.feedback.job import main as label_main
 from rlaif_fast.feedback.pairs import PairFormatError, split_dialogue
-from tests.test_feedback_labelers import gpt2_tokenizer, tiny_gpt2
+from tests.test_feedback_labelers import FixedBackend, gpt2_tokenizer, tiny_gpt2
 
 HH = "hh_rlhf_harmless_base_test/test.jsonl.gz"
 
@@ -223,7 +230,7 @@ def test_sigkilled_cli_job_resumes(tmp_path, shared_data):
 
 
 def test_make_backend_specs(shared_data, monkeypatch):
-    from rlaif_fast.feedback import OpenAICompatibleBackend, PairwiseLabeler, make_backend
+    from rlaif_fast.feedback import make_backend
 
     monkeypatch.setenv("MY_KEY", "sk-from-env")
     cfg = LabelJobConfig(
@@ -324,3 +331,54 @@ def test_score_mode_cli_and_bad_settings(tmp_path, shared_data, capsys):
     assert "mode='scores' is not supported" in capsys.readouterr().err
     assert label_main(args + ["--chain-of-thought"]) == 2
     assert "drop --chain-of-thought for --mode score" in capsys.readouterr().err
+
+
+# -------------------- resuming into an output of the other mode, byte-order marks
+
+
+def _write(path, rows):
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+    return path
+
+
+class _CheckFree(FixedBackend):
+    def generate(self, prompts, *, max_new_tokens=64):
+        return ["r"] * len(prompts)
+
+
+def test_resuming_into_an_output_of_the_other_mode_fails_before_labeling(tmp_path):
+    rows = [{"context": f"c{i}", "response_a": f"a{i}", "response_b": f"b{i}"} for i in range(3)]
+    inp = _write(tmp_path / "in.jsonl", rows)
+    out = tmp_path / "out.jsonl"
+    cfg = lambda mode: LabelJobConfig(  # noqa: E731
+        input=str(inp), out=str(out), labeler="hf:unused", mode=mode, progress=False
+    )
+    assert run_label_job(cfg("pairwise"), _CheckFree())["new"] == 3
+    before = out.read_text()
+    with pytest.raises(ValueError, match=r"out\.jsonl.*pairwise.*--mode score"):
+        run_label_job(cfg("score"), _CheckFree())
+    assert out.read_text() == before  # nothing appended: the file stays one mode
+    out2 = tmp_path / "scores.jsonl"
+    assert (
+        run_label_job(
+            LabelJobConfig(input=str(inp), out=str(out2), labeler="hf:unused", mode="score", progress=False),
+            _CheckFree(),
+        )["new"]
+        == 6
+    )
+    with pytest.raises(ValueError, match=r"scores\.jsonl.*score.*--mode pairwise"):
+        run_label_job(
+            LabelJobConfig(input=str(inp), out=str(out2), labeler="hf:unused", progress=False), _CheckFree()
+        )
+
+
+def test_input_with_a_utf8_bom_loses_no_pair(tmp_path):
+    path = tmp_path / "in.jsonl"
+    rows = [
+        {"prompt": "p", "chosen": "é ok", "rejected": "no"},
+        {"prompt": "q", "chosen": "yes", "rejected": "no"},
+    ]
+    path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8-sig")
+    errors = []
+    pairs = list(read_pairs(path, errors=errors))
+    assert errors == [] and [p.response_a for p in pairs] == ["é ok", "yes"]

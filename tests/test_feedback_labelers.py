@@ -8,8 +8,16 @@ import math
 import pytest
 import torch
 
-from rlaif_fast.feedback import HFBackend, PairwiseLabeler, RuleReward, ScoreLabeler, load_template
+from rlaif_fast.feedback import (
+    HFBackend,
+    OpenAICompatibleBackend,
+    PairwiseLabeler,
+    RuleReward,
+    ScoreLabeler,
+    load_template,
+)
 from rlaif_fast.feedback.labelers import PAIR_CANDIDATES, SCORE_CANDIDATES, pair_label_from_orders
+from rlaif_fast.feedback.serve import CompletionServer
 
 GPT2_DIR = "gpt2_bpe_tokenizer_whisper"
 
@@ -257,3 +265,95 @@ def test_batches_respect_row_and_token_budgets(shared_data):
         HFBackend(tiny_gpt2())
     with pytest.raises(ValueError, match="does not exist"):
         HFBackend("/nonexistent/labeler")
+
+
+# -------------------- chain of thought with a failed rationale
+
+
+class _FlakyRationales(FixedBackend):
+    """FixedBackend plus ``generate``: the rationale request of prompt ``fail`` failed (on_error="nan")."""
+
+    def __init__(self, fail: int):
+        self.fail = fail
+
+    def generate(self, prompts, *, max_new_tokens=64):
+        return [None if i == self.fail else f"rationale {i}" for i in range(len(prompts))]
+
+
+def test_chain_of_thought_with_a_failed_rationale_marks_the_pair_failed():
+    labeler = PairwiseLabeler(_FlakyRationales(fail=3), "summarization", chain_of_thought=True)
+    labs = labeler.label(["c0", "c1"], ["a0", "a1"], ["b0", "b1"])  # prompt 3 = pair 1, order (b, a)
+    assert 0.0 <= labs[0].p_a <= 1.0 and labs[0].rationales == ("rationale 0", "rationale 1")
+    assert math.isnan(labs[1].p_a)  # not a label computed after an empty rationale: the job retries it
+
+
+# -------------------- logit post-processing, shared prefixes, rationales
+
+
+def _stories(shared_data):
+    from rlaif_fast.models.llama2c import Llama2cTokenizer, load_llama2c
+
+    d = shared_data / "stories260K"
+    return load_llama2c(d / "stories260K.bin").eval(), Llama2cTokenizer(str(d / "tok512.bin"))
+
+
+def _scaled_model(kind: str):
+    """A tiny config-built model whose LM head post-processes h @ W.T (Gemma-2 soft-capping, Granite scaling)."""
+    torch.manual_seed(0)
+    common = dict(vocab_size=50257, hidden_size=32, intermediate_size=64, num_hidden_layers=2)
+    common.update(num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=128)
+    if kind == "gemma2":
+        from transformers import Gemma2Config, Gemma2ForCausalLM
+
+        cfg = Gemma2Config(**common, head_dim=16, final_logit_softcapping=2.0, pad_token_id=0)
+        model = Gemma2ForCausalLM(cfg)
+        emb = model.model.embed_tokens
+    else:
+        from transformers import GraniteConfig, GraniteForCausalLM
+
+        model = GraniteForCausalLM(GraniteConfig(**common, logits_scaling=4.0))
+        emb = model.model.embed_tokens
+    with torch.no_grad():
+        emb.weight.normal_(0, 1.0)
+    return model.eval()
+
+
+@pytest.mark.parametrize("kind", ["gemma2", "granite"])
+def test_candidate_logits_get_the_models_own_logit_postprocessing(shared_data, kind):
+    """Gemma-2 soft-caps its logits (tanh(x/c)*c) and Granite divides them; h @ W.T alone skipped that."""
+    model, tok = _scaled_model(kind), gpt2_tokenizer(shared_data)
+    backend = HFBackend(model, tok)
+    prompts = ["Text - a cat\nPreferred Summary=", "Text - it rained all day long\nSummary 1 - rain\nRating="]
+    cand = ["1", "2", "10"]
+    got = backend.candidate_logprobs(prompts, cand)
+    ids = backend.candidate_ids(cand, "=")
+    with torch.no_grad():
+        for row, p in zip(got, prompts):
+            ref = naive_candidate_logprobs(model, tok, tok(p)["input_ids"], ids)
+            torch.testing.assert_close(torch.softmax(row, -1), torch.softmax(ref, -1), atol=2e-5, rtol=0)
+
+
+def test_a_shared_prefix_of_two_maximal_prefixes_is_counted_once(shared_data):
+    """tok512 spells "10" "100" "110" as 1 0 / 1 0 0 / 1 1 0: "10" continues both (1,0) and (1,1)."""
+    model, tok = _stories(shared_data)
+    backend = HFBackend(model, tok)
+    cand = ["10", "100", "110", "11"]
+    ids = backend.candidate_ids(cand, "=")
+    # "10" = "1" "0": a proper prefix of "100", sharing "1" with "110"
+    assert ids[0] == ids[2][:1] + ids[1][1:2]
+    p = "Tom had a red ball.\nRating="
+    got = backend.candidate_logprobs([p], cand)[0]
+    with torch.no_grad():
+        ref = naive_candidate_logprobs(model, tok, tok(p)["input_ids"], ids)
+    torch.testing.assert_close(torch.softmax(got, -1), torch.softmax(ref, -1), atol=2e-5, rtol=0)
+
+
+def test_local_rationales_keep_their_leading_space_like_served_ones(shared_data):
+    """A lone "▁He" decodes to "He": the local backend's rationale lost the space the model generated, so
+    chain of thought read "Rationale:He ..." locally and "Rationale: He ..." over HTTP."""
+    model, tok = _stories(shared_data)
+    prompts = ["Tom had a red ball.", "Once upon a time there was a little girl named Lily."]
+    with CompletionServer(model, tok) as srv:
+        served = OpenAICompatibleBackend(srv.url, "local", max_retries=0).generate(prompts, max_new_tokens=5)
+    local = HFBackend(model, tok).generate(prompts, max_new_tokens=5)
+    assert served[0].startswith(" ") and local == served

@@ -90,3 +90,19 @@ def test_bad_templates_name_the_missing_placeholder():
         load_template(3)
     with pytest.raises(ValueError, match="has no score_sample"):
         Template.from_string("{context}{first}{second}").render_score("c", "r")
+
+
+# -------------------- templates ending with whitespace
+
+
+def test_a_template_ending_with_whitespace_is_refused():
+    # BPE joins the space and the digit (" 1"): local and served backends would score different tokens
+    from rlaif_fast.feedback.templates import Template
+
+    with pytest.raises(
+        ValueError, match=r"ending='Preferred Summary: ' ends with whitespace.*'Preferred Summary:'"
+    ):
+        Template.from_string("{context}\n1: {first}\n2: {second}\n", ending="Preferred Summary: ")
+    with pytest.raises(ValueError, match="score_ending"):
+        Template.from_string("{context} {first} {second}", ending="A=", score_ending="Rating=\n")
+    Template.from_string("{context}\n1: {first}\n2: {second}\n", ending="Preferred Summary=")  # fine

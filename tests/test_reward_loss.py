@@ -5,10 +5,16 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import pytest
 import torch
 
-from rlaif_fast.reward import ai_human_alignment, pairwise_accuracy, position_bias_rate, soft_bt_loss
+from rlaif_fast.reward import (
+    ai_human_alignment,
+    pairwise_accuracy,
+    position_bias_rate,
+    soft_bt_loss,
+)
 from tests.helpers import assert_tolerance
 
 
@@ -80,3 +86,33 @@ def test_metrics():
         ai_human_alignment([0.5], [True, False])
     with pytest.raises(ValueError, match="is empty"):
         position_bias_rate([], [])
+
+
+# -------------------- metrics on soft labels and the loss definition
+
+
+def test_pairwise_accuracy_binarizes_soft_labels_of_any_numeric_type():
+    r_a, r_b = [1.0, 1.0], [0.0, 0.0]  # the model prefers a in both pairs; the labels prefer b
+    for labels in ([0.2, 0.3], torch.tensor([0.2, 0.3]), np.array([0.2, 0.3], dtype=np.float32)):
+        assert pairwise_accuracy(r_a, r_b, labels) == 0.0, type(labels)
+    assert pairwise_accuracy(r_a, r_b, torch.tensor([0.8, 0.9])) == 1.0
+    assert pairwise_accuracy(r_a, r_b, [True, False]) == 0.5
+
+
+def test_pairwise_accuracy_counts_an_undecided_label_half():
+    # p_a = 0.5 (a labeler that only follows position gives exactly this) prefers neither response
+    assert pairwise_accuracy([1.0], [0.0], [0.5]) == 0.5
+    assert pairwise_accuracy([0.0], [1.0], [0.5]) == 0.5
+
+
+def test_soft_bt_loss_matches_the_cross_entropy_definition():
+    from rlaif_fast.reward import soft_bt_loss
+
+    r_a = torch.tensor([0.3, -2.0, 50.0], dtype=torch.float64)
+    r_b = torch.tensor([0.1, 1.0, -50.0], dtype=torch.float64)
+    p = torch.tensor([0.7, 0.5, 0.0], dtype=torch.float64)
+    q = torch.softmax(torch.stack([r_a, r_b], -1), -1)
+    ref = -(p * q[:, 0].log() + (1 - p) * q[:, 1].clamp_min(1e-300).log())
+    got = soft_bt_loss(r_a, r_b, p, reduction="none")
+    torch.testing.assert_close(got[:2], ref[:2])
+    assert got[2].item() == pytest.approx(100.0)  # finite for a gap of 100 where softmax underflows

@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from rlaif_fast.reward import RewardModel, RewardModelScorer, train_reward_model
+from rlaif_fast.reward.model import encode_pairs_side
 from rlaif_fast.reward.train import main as train_rm_main
 from tests.test_feedback_labelers import gpt2_tokenizer
 
@@ -115,3 +116,36 @@ def test_train_rm_cli(tmp_path, shared_data, capsys):
     assert len(RewardModelScorer(rm, gpt2_tokenizer(shared_data))(["q"], ["a"])) == 1
     assert train_rm_main(["--prefs", str(tmp_path / "nope.jsonl"), "--base-model", "x", "--out", "y"]) == 2
     assert "run `rlaif-fast label` first" in capsys.readouterr().err
+
+
+# -------------------- encoding and saving
+
+
+def test_encode_pairs_side_keeps_a_context_that_fits(shared_data):
+    tok = gpt2_tokenizer(shared_data)
+    ctx = " ".join(f"w{i}" for i in range(150))  # 300 tokens
+    resp = " ".join(f"r{i}" for i in range(40))  # 80 tokens: 380 <= 512, nothing needs cutting
+    n_ctx, n_resp = len(tok(ctx)["input_ids"]), len(tok(resp)["input_ids"])
+    assert n_ctx + n_resp <= 512
+    ids, mask = encode_pairs_side(tok, [ctx], [resp], 512)
+    assert int(mask.sum()) == n_ctx + n_resp
+    assert ids[0, :n_ctx].tolist() == tok(ctx)["input_ids"]
+    # and when it does not fit, the context loses its left and the row is exactly max_length long
+    ids, mask = encode_pairs_side(tok, [ctx], [resp], 100)
+    assert int(mask.sum()) == 100 and ids[0, 100 - n_resp :].tolist() == tok(resp)["input_ids"]
+    assert ids[0, : 100 - n_resp].tolist() == tok(ctx)["input_ids"][n_ctx - (100 - n_resp) :]
+
+
+def test_head_saved_on_gpu_loads_on_a_cpu_machine(tmp_path, monkeypatch):
+    import torch.serialization as ser
+
+    rm = tiny_rm().eval()
+    with monkeypatch.context() as m:  # what torch.save writes for a head that lives on cuda:0
+        m.setattr(ser, "location_tag", lambda storage: "cuda:0")
+        rm.save_pretrained(tmp_path / "rm")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    back = RewardModel.from_pretrained(tmp_path / "rm")
+    torch.testing.assert_close(back.head.weight, rm.head.weight)
+    ids = torch.tensor([[5, 6, 7]])
+    with torch.no_grad():
+        torch.testing.assert_close(back(ids), rm(ids), atol=1e-6, rtol=0)
