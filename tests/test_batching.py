@@ -14,6 +14,7 @@ import sys
 import numpy as np
 import pytest
 import torch
+from test_package import _run
 
 from rlaif_fast import batching
 from rlaif_fast.reference import batching as ref
@@ -414,3 +415,41 @@ def test_fallback_switch_and_single_warning():
     missing = subprocess.run([sys.executable, "-c", code, "missing"], env=env, capture_output=True, text=True)
     assert missing.returncode == 0, missing.stderr
     assert missing.stdout.split() == ["python", "1"]
+
+
+# ------------------------------------------------------------------------------ thread safety
+
+
+def test_balanced_microbatches_survives_a_thread_writing_the_lengths():
+    """The planner ran without the GIL on the caller's own int64 buffer: a thread writing to that array
+    meanwhile made std::sort's comparator inconsistent, and the process died (free(): invalid pointer)."""
+    out = _run(
+        """
+        import threading
+        import numpy as np
+        from rlaif_fast.batching import balanced_microbatches
+        rng = np.random.default_rng(0)
+        a = rng.integers(1, 500, 20000)
+        b = rng.integers(1, 4096, 20000)
+        arr, stop = a.copy(), []
+        def writer():
+            while not stop:
+                arr[:] = b
+                arr[:] = a
+        t = threading.Thread(target=writer)
+        t.start()
+        try:
+            for _ in range(30):
+                # the snapshot the planner copied may mix a and b (numpy copies without the GIL too):
+                # check what holds for any snapshot
+                plan = balanced_microbatches(arr, max_tokens=4096, num_ranks=8)
+                assert len({len(rank) for rank in plan.microbatches}) == 1
+                assert sorted(i for rank in plan.microbatches for mb in rank for i in mb) == list(range(20000))
+        finally:
+            stop.append(1)
+            t.join()
+        print("ok")
+        """,
+        timeout=240,
+    )
+    assert out.returncode == 0 and out.stdout.strip() == "ok", (out.returncode, out.stderr[-2000:])

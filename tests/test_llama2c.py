@@ -3,6 +3,7 @@ numpy re-implementation of llama2.c stored in ../shared/data/stories260K/referen
 
 import json
 import random
+import struct
 
 import pytest
 import torch
@@ -116,3 +117,46 @@ def test_tokenizer_save_and_reload(stories, tmp_path):
     text = ref["greedy_text"].lstrip(" ")
     assert again(text).input_ids == tok(text).input_ids == ref["greedy_tokens_from_bos"]
     assert again.pad_token_id == tok.pad_token_id == 0
+
+
+# -------------------- damaged checkpoints and tokenizers
+
+
+# ---- llama2.c loader: damaged files give the loader's own errors --------------------------------------------
+def _header(dim=8, hidden=16, layers=1, heads=2, kv=2, vocab=10, seq=4):
+    return struct.pack("<7i", dim, hidden, layers, heads, kv, vocab, seq)
+
+
+@pytest.mark.parametrize(
+    "content, message",
+    [
+        (b"", "too short for a llama2.c header"),
+        (b"\x01\x02\x03", "too short for a llama2.c header"),
+        (_header() + b"\0" * 203, "truncated"),  # cut mid-float: not a multiple of 4 bytes
+        (_header(dim=6, heads=2) + b"\0" * 4000, "valid llama2.c v0 header"),  # head_dim 3: RoPE needs even
+        (_header(dim=8, heads=2, kv=3) + b"\0" * 4000, "valid llama2.c v0 header"),  # heads % kv_heads != 0
+        (_header(dim=10, heads=4) + b"\0" * 4000, "valid llama2.c v0 header"),  # dim % heads != 0
+    ],
+)
+def test_damaged_llama2c_checkpoint_is_reported(tmp_path, content, message):
+    from rlaif_fast.models.llama2c import load_llama2c
+
+    path = tmp_path / "model with spaces.bin"
+    path.write_bytes(content)
+    with pytest.raises(ValueError, match=message):
+        load_llama2c(path)
+
+
+def test_truncated_llama2c_tokenizer_is_reported(tmp_path):
+    from rlaif_fast.models import Llama2cTokenizer
+
+    pieces = [(0.0, b"<unk>"), (0.0, b"\n<s>\n"), (0.0, b"\n</s>\n"), (-1.0, b"ab")]
+    raw = struct.pack("<i", 6) + b"".join(struct.pack("<fi", s, len(p)) + p for s, p in pieces)
+    good = tmp_path / "tok512.bin"
+    good.write_bytes(raw)
+    assert Llama2cTokenizer(good).vocab_size == 4
+    for cut in (len(raw) - 1, len(raw) - 3):  # inside the last piece, inside its (score, length) record
+        bad = tmp_path / f"cut{cut}.bin"
+        bad.write_bytes(raw[:cut])
+        with pytest.raises(ValueError, match="truncated"):
+            Llama2cTokenizer(bad)

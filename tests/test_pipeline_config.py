@@ -1,7 +1,11 @@
 """RunConfig: YAML loading, unknown keys and contradictory settings fail with errors that name the fix."""
 
-import pytest
+from pathlib import Path
 
+import pytest
+import yaml
+
+from rlaif_fast.feedback import load_template
 from rlaif_fast.pipeline.config import RunConfig, packaged_config
 
 
@@ -99,3 +103,90 @@ def test_real_llm_example_config_is_valid():
     cfg = RunConfig.from_yaml(path)
     assert cfg.task is None and cfg.labeler.startswith("http") and cfg.labeler_model
     assert cfg.rl["algorithm"] == "reinforce_baseline"
+
+
+# -------------------- bad values, empty values and edited templates
+
+
+# ---- config validation: a bad value names its key, before any model is built ---------------------------
+@pytest.mark.parametrize(
+    "settings, message",
+    [
+        (
+            {"pairs_per_iteration": "1e3"},
+            "pairs_per_iteration must be an integer",
+        ),  # YAML 1.1 reads 1e3 as str
+        ({"pairs_per_iteration": 512.0}, "pairs_per_iteration must be an integer"),
+        ({"labeler": None}, "labeler must be a string"),
+        ({"output_dir": None}, "output_dir must be a string"),
+        ({"template": None}, "template must be a string"),
+        ({"labeler_model": 5, "labeler": "http://127.0.0.1:1"}, "labeler_model must be a string or null"),
+        ({"policy_dim": 30}, "policy_dim must be a multiple of 4"),
+    ],
+)
+def test_bad_values_name_the_key(settings, message):
+    with pytest.raises((ValueError, TypeError), match=message):
+        RunConfig(**settings)
+
+
+def test_policy_dim_is_free_for_a_loaded_policy_and_a_real_labeler():
+    RunConfig(task=None, prompts_file="p.jsonl", policy="p", labeler="hf:x", policy_dim=30)
+
+
+def test_empty_yaml_value_names_the_key(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("output_dir:\n")  # an empty value is null in YAML
+    with pytest.raises(TypeError, match="output_dir must be a string"):
+        RunConfig.from_yaml(path)
+
+
+# ---- resume: a template file edited between a killed run and its rerun is a changed config ---------------
+def test_edited_template_file_is_a_changed_config(tmp_path):
+    from rlaif_fast.pipeline.run import Run
+
+    template = tmp_path / "my template.yaml"
+    template.write_text((packaged_config("demo").parent / "demo_template.yaml").read_text())
+    cfg = RunConfig(output_dir=str(tmp_path / "out dir"), template=str(template))
+    Run(cfg, progress=False)._check_same_config()
+    Run(cfg, progress=False)._check_same_config()  # unchanged: resumes
+    template.write_text(template.read_text().replace("happier", "sadder"))
+    with pytest.raises(ValueError, match=r"different config \(changed: template"):
+        Run(cfg, progress=False)._check_same_config()
+
+
+# -------------------- every shipped config
+
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+SHIPPED = sorted((ROOT / "rlaif_fast" / "pipeline" / "configs").glob("*.yaml")) + sorted(
+    (ROOT / "examples").glob("*.yaml")
+)
+
+
+# ---- every shipped config parses, validates, and each key it sets reaches its stage ----------------------
+@pytest.mark.parametrize("path", SHIPPED, ids=[p.name for p in SHIPPED])
+def test_every_shipped_config_loads_and_its_keys_arrive(path, tmp_path):
+    from rlaif_fast.pipeline.run import RL_OWNED, Run
+    from rlaif_fast.trainer import RLAIFConfig
+
+    raw = yaml.safe_load(path.read_text())
+    if "sample" in raw and "output_dir" not in raw:  # a labeler template, not a run config
+        template = load_template(path)
+        assert template.render_pairwise("c", "a", "b") and template.render_score("c", "a")
+        return
+    cfg = RunConfig.from_yaml(path)
+    for key, value in raw.items():  # nothing set in the file is dropped or replaced on the way in
+        if key in ("template", "prompts_file") and (path.parent / value).is_file():
+            value = str(path.parent / value)
+        assert getattr(cfg, key) == value, key
+    load_template(cfg.template)
+    run = Run.__new__(Run)  # the user task's tokenizer is not here; the rl section is checked without it
+    run.cfg, run.out = cfg, tmp_path
+    settings = run._rl_settings()
+    rl = RLAIFConfig.from_dict({**settings, "output_dir": str(tmp_path), "seed": 1})
+    for key, value in (raw.get("rl") or {}).items():
+        assert key not in RL_OWNED and getattr(rl, key) == value, key
+    if cfg.task is not None:
+        Run(cfg, progress=False)

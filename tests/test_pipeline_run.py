@@ -1,12 +1,18 @@
 """`rlaif-fast run` end to end on a tiny config, stage-wise resume, `rlaif-fast eval`, and the demo labeler."""
 
 import json
+import math
 
 import pytest
+import torch
 
 from rlaif_fast import cli
+from rlaif_fast.feedback import load_template, pair_label_from_orders
+from rlaif_fast.pipeline import evaluate as ev
+from rlaif_fast.pipeline import files
 from rlaif_fast.pipeline import labeler_model as L
 from rlaif_fast.pipeline import task as T
+from rlaif_fast.pipeline.config import RunConfig, packaged_config
 
 TINY = """
 output_dir: {out}
@@ -93,7 +99,6 @@ def test_eval_without_a_run_says_what_to_do(tiny_config):
 
 
 def test_demo_labeler_is_cached_and_trained_on_dense_targets(tmp_path, monkeypatch):
-    from rlaif_fast.feedback import load_template
 
     tok = T.build_tokenizer()
     render = load_template("helpfulness").render_pairwise
@@ -216,7 +221,6 @@ def test_score_token_buckets_the_ground_truth_into_ten_equal_bins():
 
 
 def test_average_ranks_and_correlations_match_hand_computed_values():
-    import torch
 
     from rlaif_fast.pipeline.stages import _average_ranks, _pearson, _score_agreement
 
@@ -239,7 +243,6 @@ def test_demo_labeler_is_trained_on_the_score_prompt(tmp_path):
     """With the template's score prompt in training, the labeler answers it with ratings (an untrained
     model spreads its mass over the whole vocabulary, a pairwise-only one on "1"/"2"), and the score
     prompt enters the cache key."""
-    import torch
 
     from rlaif_fast.feedback import HFBackend, ScoreLabeler, load_template
     from rlaif_fast.pipeline.config import packaged_config
@@ -298,3 +301,159 @@ def test_run_direct_rlaif_end_to_end(tiny_config, capsys):
     assert reward([p["context"]] * 2, ["", "(empty)"]) == pytest.approx(
         run.score_labeler().score([p["context"]], ["(empty)"]) * 2, abs=1e-6
     )
+
+
+# -------------------- older runs, Ctrl-C in the demo, the report, the labeler cache
+
+
+def test_config_json_of_an_older_run_without_file_hashes_still_resumes(tmp_path):
+    from rlaif_fast.pipeline.run import Run
+
+    template = tmp_path / "t.yaml"
+    template.write_text((packaged_config("demo").parent / "demo_template.yaml").read_text())
+    cfg = RunConfig(output_dir=str(tmp_path / "out"), template=str(template))
+    (tmp_path / "out").mkdir()
+    (tmp_path / "out" / "config.json").write_text(json.dumps(cfg.to_dict()))
+    Run(cfg, progress=False)._check_same_config()
+
+
+# ---- demo: Ctrl-C returns 130 with the resume hint, no traceback and no stale report ---------------------
+def test_interrupted_demo_returns_130_without_reading_a_report(tmp_path, monkeypatch, capsys):
+    from rlaif_fast.pipeline import run as run_mod
+
+    monkeypatch.setattr(run_mod, "finish", lambda cfg, progress: 130)
+    out = tmp_path / "demo"
+    assert cli.main(["demo", "--no-progress", "--out", str(out)]) == 130  # no report.json yet
+    out.mkdir()
+    (out / "report.json").write_text(json.dumps({"gt_improved": False, "gt_sft": 0.1, "gt_policy": 0.0}))
+    assert cli.main(["demo", "--no-progress", "--out", str(out)]) == 130  # a stale one is not reported
+    printed = capsys.readouterr().out
+    assert "demo finished" not in printed and "did NOT improve" not in printed
+
+
+# ---- report: RL steps are the trainer's steps, not its logged rows -----------------------------------------
+def test_report_counts_rl_steps_not_logged_rows():
+    from rlaif_fast.pipeline import report
+
+    history = [{"iteration": 1, "step": s, "reward": 0.1, "kl": 0.0} for s in (5, 10)]  # log_every: 5
+    result = {
+        "sft": {},
+        "iterations": [
+            {
+                "iteration": 1,
+                "label": {"position_bias": 0.1, "alignment": 0.8},
+                "rl": {"summary": {"steps": 10, "stopped": "completed"}, "history": history},
+                "eval": {"win_rate": 0.6},
+            }
+        ],
+    }
+    rep = report.build_report(result, RunConfig())
+    assert rep["per_iteration"][0]["rl_steps"] == 10
+    assert "| 1 | 80.0% | 10.0% | n/a | n/a | 10 | 60.0% | n/a |" in report.render_markdown(rep)
+
+
+# ---- demo labeler cache: two runs that train the same labeler at once both finish ------------------------
+def test_labeler_cache_published_meanwhile_by_another_run_is_kept(tmp_path, monkeypatch):
+    from rlaif_fast.pipeline import labeler_model as L
+
+    tok = T.build_tokenizer()
+    render = load_template("helpfulness").render_pairwise
+    real = L.train_labeler
+    entry = tmp_path / f"labeler-{L.cache_key(render, 64, 2, 0)}"
+
+    def train_while_another_run_publishes_first(*args, **kwargs):
+        model = real(*args, **kwargs)
+        model.save_pretrained(entry)  # the other run, same key, finished and renamed its copy first
+        tok.save_pretrained(entry)
+        return model
+
+    monkeypatch.setattr(L, "train_labeler", train_while_another_run_publishes_first)
+    model, where = L.load_or_train_labeler(render, tok, tmp_path, steps=2, progress=False)
+    assert where == entry and (where / "config.json").is_file()
+    assert sorted(p.name for p in tmp_path.iterdir()) == [entry.name]  # no temporary folder left behind
+
+
+# -------------------- long prompts, rl_max_prompt_len, failed labels
+
+
+# ---- a prompt longer than the policy's context keeps its last tokens instead of crashing ----------------
+@pytest.fixture
+def small_policy():
+    from rlaif_fast.pipeline.sft import build_policy
+
+    tok = T.build_tokenizer()
+    return tok, build_policy(len(tok), dim=16, layers=1, max_positions=64).eval()
+
+
+def test_prompt_longer_than_the_policy_context_is_cut_not_a_crash(small_policy):
+    tok, policy = small_policy
+    long = " ".join(["the cat is happy ."] * 20)  # 100 tokens, the policy has 64 positions
+    assert len(tok.encode(long)) > 64
+    out = ev.sample_completions(
+        policy, tok, [long, T.make_prompt("cat")], max_new_tokens=8, temperature=0.9, seed=0
+    )
+    assert len(out) == 2
+    assert ev.prompt_budget(policy, 256, 14) == 50 and ev.prompt_budget(policy, 10, 14) == 10
+    with pytest.raises(ValueError, match="max_new_tokens=64 leaves no room"):
+        ev.prompt_budget(policy, 256, 64)
+
+
+def _run_with_sft(tmp_path, policy, tok, **settings):
+    from rlaif_fast.pipeline.run import Run
+
+    run = Run(RunConfig(output_dir=str(tmp_path / "out"), **settings), progress=False)
+    policy.save_pretrained(run.sft_dir())
+    tok.save_pretrained(run.sft_dir())
+    files.write_json(run.out / "sft.json", {"steps": 0, "final_loss": None})
+    return run
+
+
+def test_rl_max_prompt_len_reaches_pair_sampling_and_rl_capped_to_the_context(
+    small_policy, tmp_path, monkeypatch
+):
+    import rlaif_fast.trainer as trainer_mod
+    from rlaif_fast.trainer import generation
+
+    tok, policy = small_policy
+    run = _run_with_sft(tmp_path, policy, tok, rl={"max_prompt_len": 5})
+    seen = []
+    real = generation.sample
+    monkeypatch.setattr(
+        generation, "sample", lambda *a, **k: seen.append(k["max_prompt_len"]) or real(*a, **k)
+    )
+    run._sample(policy, [T.make_prompt("cat")], seed=0)
+    assert seen == [5]  # the rl section's prompt length is also the one pairs are sampled with
+
+    class Stop(Exception):
+        pass
+
+    def fake_trainer(policy, tokenizer, reward, rl_cfg, **kw):
+        raise Stop(rl_cfg.max_prompt_len)
+
+    monkeypatch.setattr(trainer_mod, "RLAIFTrainer", fake_trainer)
+    run = _run_with_sft(tmp_path / "b", policy, tok)  # no max_prompt_len: the trainer's 256 does not fit 64
+    with pytest.raises(Stop) as got:
+        run.stage_rl(1, policy, reward=None)
+    assert got.value.args == (64 - run.cfg.max_new_tokens,)
+
+
+class HalfFailingLabeler:
+    """Pair 0 failed (NaN both orders); the others prefer response a in both orders."""
+
+    def label(self, prompts, a, b):
+        return [pair_label_from_orders(math.nan, math.nan)] + [
+            pair_label_from_orders(0.9, 0.1) for _ in prompts[1:]
+        ]
+
+
+def test_failed_labels_are_left_out_of_label_stats_and_the_reward_model(small_policy, tmp_path):
+    tok, policy = small_policy
+    run = _run_with_sft(tmp_path, policy, tok, pairs_per_iteration=12, rm_epochs=1, max_new_tokens=8)
+    run._labeler = HalfFailingLabeler()
+    rec = run.stage_label(1, policy)
+    rm = run.stage_rm(1)  # before: "pair 0 has p_a=nan; soft labels must lie in [0, 1]", on every rerun
+    assert rm["train_pairs"] + rm["held_out_pairs"] <= 11
+    assert rec["failed_pairs"] == 1 and rec["position_bias"] == 0.0
+    assert rec["mean_entropy"] == pytest.approx(
+        -(0.9 * math.log(0.9) + 0.1 * math.log(0.1))
+    )  # NaN: not "certain"

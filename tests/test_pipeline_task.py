@@ -62,3 +62,16 @@ def test_tokenizer_roundtrips_task_text_and_has_single_digit_tokens():
     assert [len(tok(d, add_special_tokens=False)["input_ids"]) for d in ("1", "2")] == [1, 1]
     assert tok.tokenize("Preferred Response=1") == ["preferred", "response", "=", "1"]
     assert (tok.pad_token_id, tok.eos_token_id) == (0, 3)
+
+
+# -------------------- damaged prompts files
+
+
+# ---- prompts file: a damaged line names the file and the line --------------------------------------------
+def test_damaged_prompts_file_names_file_and_line(tmp_path):
+    from rlaif_fast.pipeline import files
+
+    path = tmp_path / "p.jsonl"
+    path.write_text('{"prompt": "a"}\n{"prompt": "b"}\n{"prompt": "c",\n')
+    with pytest.raises(ValueError, match=r"p\.jsonl:3 is not JSON"):
+        files.read_prompts(path)
