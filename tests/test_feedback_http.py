@@ -106,18 +106,23 @@ def test_injected_faults_are_retried(server, fault):
 
 
 def test_exhausted_retries_raise_or_count(server):
+    client = _client(server, concurrency=1)
+    client.probe()  # the route probe runs once, before the faults below
     server.inject(*["500"] * 3)
     with pytest.raises(BackendError, match="failed after 3 attempts: HTTP 500"):
-        _client(server, concurrency=1).candidate_logprobs(["x"], ["1", "2"])
+        client.candidate_logprobs(["x"], ["1", "2"])
     nan_client = _client(server, concurrency=1, on_error="nan")
+    nan_client.probe()
     server.inject(*["500"] * 3)
     rows = nan_client.candidate_logprobs(["x", "y"], ["1", "2"])  # first prompt fails, second succeeds
     assert torch.isnan(rows[0]).all() and torch.isfinite(rows[1]).all()
     assert nan_client.stats["failures"] == 1
     labels = PairwiseLabeler(nan_client, "summarization").label(["c"], ["a"], ["b"])
     assert 0 <= labels[0].p_a <= 1
+    bad_client = _client(server, concurrency=1, on_error="nan", max_retries=0)
+    bad_client.probe()
     server.inject(*["500"] * 3)
-    bad = PairwiseLabeler(_client(server, concurrency=1, on_error="nan", max_retries=0), "summarization")
+    bad = PairwiseLabeler(bad_client, "summarization")
     assert math.isnan(bad.label(["c"], ["a"], ["b"])[0].p_a)
 
 
@@ -159,8 +164,12 @@ def test_label_job_over_http_counts_failures_and_resumes(server, tmp_path, monke
         batch_size=2,
         progress=False,
     )
+    from rlaif_fast.feedback import make_backend
+
+    backend = make_backend(cfg.labeler, cfg)
+    backend.probe()  # the route probe runs once, before the fault below
     server.inject("500")  # one request (one order of one pair) fails with no retry left
-    first = run_label_job(cfg)
+    first = run_label_job(cfg, backend)
     assert first["failed"] == 1 and first["new"] == 4
     lines = (tmp_path / "out.jsonl").read_text().splitlines()
     assert len(lines) == 4 and all(0 <= json.loads(x)["p_a"] <= 1 for x in lines)  # no partial record
