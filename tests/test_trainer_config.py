@@ -7,7 +7,7 @@ import pytest
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent / "dist"))
-from toy import CharTokenizer, count_a, tiny_gpt2  # noqa: E402
+from toy import PROMPTS, CharTokenizer, count_a, tiny_gpt2  # noqa: E402
 
 from rlaif_fast.trainer import RLAIFConfig, RLAIFTrainer, ValueModel  # noqa: E402
 
@@ -172,3 +172,59 @@ def test_token_budget_too_small_for_a_rollout_raises_before_the_update(tmp_path)
     with pytest.raises(ValueError, match="a rollout of 12 tokens does not fit max_tokens_per_microbatch=8"):
         trainer.learn(long)
     assert all(torch.equal(a, b) for a, b in zip(before, trainer.policy.parameters()))
+
+
+# -------------------- bf16 references, Ctrl-C, resume, progress, external rollouts
+
+
+def test_yaml_batch_size_overridden_by_a_flag_keeps_the_default_mini_batch(tmp_path, monkeypatch):
+    """mini_batch_size defaults to batch_size: a --batch-size flag over a YAML batch_size must not keep
+    the YAML's derived mini_batch_size (a silent extra optimizer step per batch, or a divisibility error)."""
+    import rlaif_fast.trainer as trainer_pkg
+    from rlaif_fast.trainer import cli
+
+    seen = {}
+
+    class Stop(Exception):
+        pass
+
+    class FakeTrainer:
+        def __init__(self, policy, tokenizer, reward, config, value_model=None):
+            seen["config"] = config
+            raise Stop
+
+    monkeypatch.setattr(cli, "load_callable", lambda spec: count_a)
+    monkeypatch.setattr(cli, "load_prompts", lambda path: PROMPTS)
+    monkeypatch.setattr(cli, "load_policy", lambda policy, tok: (tiny_gpt2(), CharTokenizer()))
+    monkeypatch.setattr(trainer_pkg, "RLAIFTrainer", FakeTrainer, raising=False)
+    yaml_cfg = tmp_path / "run.yaml"
+    yaml_cfg.write_text("batch_size: 4\nalgorithm: rloo\ngroup_size: 2\n")
+    argv = ["--policy", "p", "--prompts", "x", "--reward", "m:f", "--config", str(yaml_cfg)]
+    with pytest.raises(Stop):
+        cli.main([*argv, "--batch-size", "8"])
+    assert (seen["config"].batch_size, seen["config"].mini_batch_size) == (8, 8)
+    with pytest.raises(Stop):  # 6 is not a multiple of the YAML-derived 4: it raised before
+        cli.main([*argv, "--batch-size", "6"])
+    assert seen["config"].mini_batch_size == 6
+
+
+@pytest.mark.parametrize(
+    "values, match",
+    [
+        ({"algorithm": "ppo", "clip_eps": 0.0}, r"clip_eps=0.0 must be > 0"),
+        ({"algorithm": "grpo", "group_size": 2, "clip_eps": 0}, r"clip_eps=0 must be > 0"),
+        ({"adaptive_kl": True, "kl_coef": 0.0}, r"adaptive_kl=True needs kl_coef > 0"),
+        ({"algorithm": "reinforce_baseline", "kl_coef": 1.5}, r"kl_coef=1.5: .* inverts the reward"),
+        (
+            {"algorithm": "rloo", "group_size": 2, "temperature": 0.0},
+            r"temperature=0 \(greedy\).*every advantage 0",
+        ),
+    ],
+)
+def test_config_rejects_values_that_fail_only_at_the_first_update(values, match):
+    with pytest.raises(ValueError, match=match):
+        RLAIFConfig(**values)
+
+
+def test_reinforce_ignores_clip_eps_so_zero_is_accepted():
+    assert RLAIFConfig(algorithm="reinforce_baseline", clip_eps=0.0).clip_eps == 0.0

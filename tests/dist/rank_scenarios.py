@@ -1,6 +1,6 @@
-"""Run under torchrun with 2 ranks (tests/test_trainer_review2.py): second-pass review scenarios.
+"""Run under torchrun with 2 ranks (tests/test_trainer_dist.py): failures and ZeRO-3 scenarios.
 
-torchrun --nproc_per_node=2 tests/dist/review2_dist.py SCENARIO OUT_DIR
+torchrun --nproc_per_node=2 tests/dist/rank_scenarios.py SCENARIO OUT_DIR
 
 failures: an error on one rank only (a prompt that encodes to no tokens in rank 1's slice, a reward that
 raises or returns the wrong count on rank 1, learn() given an empty response on rank 1). Each rank writes
