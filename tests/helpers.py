@@ -55,6 +55,16 @@ def scaled_atol(dtype, truth):
     return ATOL[dtype] * max(1.0, truth.detach().abs().max().item())
 
 
+def assert_backend_tolerance(backend: str, ours, eager, truth, *, dtype, name: str = "value"):
+    """The tolerance rule for an op run on ``backend``. The "reference" backend *is* the eager torch
+    formula (run in fp32), so measuring it against eager would compare it with itself and could not
+    fail: it is held to float64 truth instead, within the dtype's atol scaled to the values."""
+    if backend == "reference":
+        assert_tolerance(ours, truth, truth, atol=scaled_atol(dtype, truth), name=f"reference/{name}")
+    else:
+        assert_tolerance(ours, eager, truth, dtype=dtype, name=f"{backend}/{name}")
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

@@ -4,7 +4,7 @@ import math
 
 import pytest
 import torch
-from helpers import assert_tolerance
+from helpers import assert_backend_tolerance, assert_tolerance
 
 from rlaif_fast.ops import (
     kl_penalty,
@@ -21,6 +21,13 @@ def _logps(shape, dtype, spread=1.0):
     logp = (-2.0 + spread * torch.randn(shape)).clamp(max=0.0).to(dtype)
     ref_logp = (-2.0 + spread * torch.randn(shape)).clamp(max=0.0).to(dtype)
     return logp, ref_logp
+
+
+def eager_kl(logp, ref_logp, estimator, clamp=None):
+    """What a user writes in plain torch, in the inputs' own dtype (the tolerance rule's yardstick)."""
+    d = logp - ref_logp
+    kl = {"k1": d, "k2": d * d / 2, "k3": torch.exp(-d) + d - 1, "abs": d.abs()}[estimator]
+    return kl if clamp is None else kl.clamp(-clamp, clamp)
 
 
 def make_mask(B, T, kind):
@@ -55,11 +62,23 @@ def test_kl_penalty_forward_and_grads(backend, estimator, dtype, clamp, shape):
         return out, a.grad, b.grad
 
     ours = run(kl_penalty, logp, ref_logp, dtype)
-    eager = run(ref.kl_penalty, logp, ref_logp, dtype)
+    eager = run(eager_kl, logp, ref_logp, dtype)
     truth = run(ref.kl_penalty, logp, ref_logp, torch.float64)
     assert ours[0].dtype == dtype and ours[1].dtype == dtype and ours[2].dtype == dtype
     for name, o, e, t in zip(("kl", "d logp", "d ref_logp"), ours, eager, truth):
-        assert_tolerance(o, e, t, dtype=dtype, name=f"{backend}/{estimator}/{name}")
+        assert_backend_tolerance(backend, o, e, t, dtype=dtype, name=f"{estimator}/{name}")
+
+
+@pytest.mark.parametrize("estimator", ESTIMATORS)
+def test_every_backend_computes_in_fp32_and_returns_the_input_dtype(backend, estimator):
+    # one dtype contract: bf16 in, fp32 math, bf16 out. k3 at d ~ 0.01 is ~5e-5: bf16 math loses it
+    # (exp(-d) near 1 has a resolution of 2^-8), which the reference backend did before
+    logp = torch.tensor([-1.0, -1.0, -2.0, -3.0], dtype=torch.bfloat16)
+    ref_logp = (logp.float() + torch.tensor([0.01, -0.02, 0.015, 1.5])).to(torch.bfloat16)
+    got = kl_penalty(logp, ref_logp, estimator)
+    want = eager_kl(logp.float(), ref_logp.float(), estimator).to(torch.bfloat16)
+    assert got.dtype == torch.bfloat16
+    torch.testing.assert_close(got, want, rtol=2**-8, atol=0)
 
 
 def test_kl_penalty_clamp_zeroes_the_gradient_where_clipped(backend):
@@ -130,8 +149,8 @@ def test_kl_shaped_rewards(backend, estimator, dtype, kind, T):
     d = torch.float64
     truth = ref.kl_shaped_rewards(scores.to(d), logp.to(d), ref_logp.to(d), mask, kl_coef, estimator)
     assert rewards.dtype == torch.float32 and kl.dtype == torch.float32
-    assert_tolerance(rewards, eager[0], truth[0], dtype=dtype, name="rewards")
-    assert_tolerance(kl, eager[1], truth[1], dtype=dtype, name="kl")
+    assert_backend_tolerance(backend, rewards, eager[0], truth[0], dtype=dtype, name="rewards")
+    assert_backend_tolerance(backend, kl, eager[1], truth[1], dtype=dtype, name="kl")
     # the empty row gets nothing, and the score lands exactly once per non-empty row
     assert (rewards[1] == 0).all() and (kl[~mask] == 0).all()
     score_part = rewards + kl_coef * kl
@@ -167,8 +186,8 @@ def test_kl_shaped_rewards_with_clamp(backend, estimator):
     truth = ref.kl_shaped_rewards(scores.to(d), logp.to(d), ref_logp.to(d), mask, 0.2, estimator, 0.5)
     eager = ref.kl_shaped_rewards(scores, logp, ref_logp, mask, 0.2, estimator, 0.5)
     assert got[1].abs().max() <= 0.5
-    assert_tolerance(got[0], eager[0], truth[0], name="rewards")
-    assert_tolerance(got[1], eager[1], truth[1], name="kl")
+    assert_backend_tolerance(backend, got[0], eager[0], truth[0], dtype=torch.float32, name="rewards")
+    assert_backend_tolerance(backend, got[1], eager[1], truth[1], dtype=torch.float32, name="kl")
 
 
 def test_kl_shaped_rewards_carry_no_gradient(backend):
