@@ -525,3 +525,25 @@ def test_learn_checks_external_rollouts_before_any_compute(tmp_path):
         trainer.learn(rollouts(good, scores=torch.tensor([0.0] * (n - 1) + [float("nan")])))
     metrics = trainer.learn(rollouts(good, scores=[1.0] * n))  # a plain list works
     assert metrics["reward"] == pytest.approx(1.0)
+
+
+# -------------------- fast mode never falls back to the naive path
+
+
+def test_fast_mode_fails_loudly_instead_of_running_the_naive_path(monkeypatch):
+    # rl_op and the batch padding caught ImportError/AttributeError and ran the reference math / Python
+    # loop instead, while the run said ops="fast"
+    import types
+
+    from rlaif_fast.reference import rl as ref_rl
+    from rlaif_fast.trainer import generation, scoring
+
+    monkeypatch.setitem(sys.modules, "rlaif_fast.ops", types.ModuleType("rlaif_fast.ops"))
+    with pytest.raises(ImportError, match=r"rlaif_fast\.ops\.gae is missing, so ops='fast' cannot run"):
+        scoring.rl_op("gae", fast=True)
+    assert scoring.rl_op("gae", fast=False) is ref_rl.gae
+    monkeypatch.setitem(sys.modules, "rlaif_fast.batching", None)
+    with pytest.raises(ImportError):
+        generation._pad_right([[1, 2]], [[3]], 0, 4, fast=True)
+    ids, attn, _ = generation._pad_right([[1, 2]], [[3]], 0, 4, fast=False)  # the naive mode needs neither
+    assert ids.tolist() == [[1, 2, 3, 0]] and attn.tolist() == [[1, 1, 1, 0]]

@@ -148,16 +148,13 @@ def _pad_right_python(prompt_ids, response_ids, pad_id, width):
 
 
 def _pad_right(prompt_ids, response_ids, pad_id, width, fast: bool):
-    if fast:
-        try:
-            from rlaif_fast.batching import pad_rollouts
-        except ImportError:  # engineer D's module not there: the plain loop below is equivalent
-            pad_rollouts = None
-        if pad_rollouts is not None:
-            out = pad_rollouts(
-                prompt_ids, response_ids, pad_id, padding_side="right", max_len=width, truncation="error"
-            )
-            return out.input_ids, out.attention_mask, out.response_mask.long()
+    if fast:  # no fallback: an import error here is a broken install, not a reason to run the slow loop
+        from rlaif_fast.batching import pad_rollouts
+
+        out = pad_rollouts(
+            prompt_ids, response_ids, pad_id, padding_side="right", max_len=width, truncation="error"
+        )
+        return out.input_ids, out.attention_mask, out.response_mask.long()
     return _pad_right_python(prompt_ids, response_ids, pad_id, width)
 
 

@@ -19,13 +19,17 @@ from rlaif_fast.trainer.generation import TrainBatch
 
 
 def rl_op(name: str, fast: bool):
-    """``rlaif_fast.ops.<name>`` when ``fast`` and the op has landed, else the plain reference."""
-    if fast:
-        try:
-            return getattr(importlib.import_module("rlaif_fast.ops"), name)
-        except (ImportError, AttributeError):
-            pass
-    return getattr(importlib.import_module("rlaif_fast.reference.rl"), name)
+    """``rlaif_fast.ops.<name>`` when ``fast``, else the plain reference (the naive baseline). A fast op
+    that cannot load is an error: falling back would run the naive path while reporting the fast one."""
+    if not fast:
+        return getattr(importlib.import_module("rlaif_fast.reference.rl"), name)
+    try:
+        return getattr(importlib.import_module("rlaif_fast.ops"), name)
+    except AttributeError as e:
+        raise ImportError(
+            f"rlaif_fast.ops.{name} is missing, so ops='fast' cannot run; reinstall rlaif_fast "
+            "(pip install -e .), or set ops='reference' to run the naive path on purpose"
+        ) from e
 
 
 class ValueModel(nn.Module):
