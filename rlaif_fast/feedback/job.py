@@ -203,6 +203,9 @@ def _open_output(out: Path):
         raise LabelJobError(
             f"--out {str(out)!r} is a directory; give a file path such as {str(out / 'prefs.jsonl')!r}"
         )
+    above = next((p for p in out.parents if p.exists()), None)
+    if above is not None and not above.is_dir():
+        raise LabelJobError(f"cannot write --out {str(out)!r}: {str(above)!r} is a file (Not a directory)")
     try:
         out.parent.mkdir(parents=True, exist_ok=True)
         f = open(out, "a+b")
