@@ -2,8 +2,9 @@
 
 Workload (issue 4): 4096 rollouts, prompt lengths 16-512 and response lengths 1-2048, both log-normal
 (long-tailed) and clipped; token ids arrive as Python lists, as they do from ``generate(...).tolist()``
-or a tokenizer. Micro-batch plans: max_tokens = 16384, 8 ranks, against fixed-size micro-batches in
-input order (as many sequences as the longest allows) dealt round-robin to the ranks.
+or a tokenizer. Micro-batch plans: max_tokens = 16384, 8 ranks, against fixed-size micro-batches (as many
+sequences as the longest allows) dealt round-robin to the ranks, twice: in input order, and length-sorted
+(the simple fix anyone tries first: sort, then cut into equal-count micro-batches).
 
     python -m pytest benchmarks/bench_batching.py --benchmark-enable --benchmark-only   # pytest-benchmark
     python benchmarks/bench_batching.py [--n 4096] [--repeats 5]                        # the table
@@ -56,10 +57,15 @@ def pad_with_pad_sequence(prompts, responses, pad_id: int = PAD_ID, side: str = 
     )
 
 
-def fixed_size_plan(lengths: list[int], max_tokens: int = MAX_TOKENS, num_ranks: int = NUM_RANKS):
-    """Baseline: micro-batches of b = max_tokens // longest sequences in input order, round-robin to ranks.
-    Returns (padding fraction, max/mean rank load, steps of the busiest rank)."""
+def fixed_size_plan(
+    lengths: list[int], max_tokens: int = MAX_TOKENS, num_ranks: int = NUM_RANKS, *, sort: bool = False
+):
+    """Baseline: micro-batches of b = max_tokens // longest sequences, in input order (or longest first
+    when ``sort``), round-robin to ranks. Returns (padding fraction, max/mean rank load, steps of the
+    busiest rank)."""
     b = max(1, max_tokens // max(lengths))
+    if sort:
+        lengths = sorted(lengths, reverse=True)
     batches = [lengths[i : i + b] for i in range(0, len(lengths), b)]
     padded = sum(len(mb) * max(mb) for mb in batches)
     loads = [sum(sum(mb) for mb in batches[r::num_ranks]) for r in range(num_ranks)]
@@ -180,20 +186,23 @@ def main(argv=None) -> None:
         print(f"| balanced ({backend}) | {wall:.2f} ({cpu:.2f}) | {plan.padding_fraction:.1%} | "
               f"{plan.imbalance:.4f} | {plan.num_steps} | {plan.strategy} |")  # fmt: skip
     use("cpp")
-    waste, imbalance, steps = fixed_size_plan(lengths)
-    print(f"| fixed-size, input order | - | {waste:.1%} | {imbalance:.4f} | {steps} | - |")
+    for label, sort in (("input order", False), ("length-sorted", True)):
+        waste, imbalance, steps = fixed_size_plan(lengths, sort=sort)
+        print(f"| fixed-size, {label} | - | {waste:.1%} | {imbalance:.4f} | {steps} | - |")
 
     # smaller batches: fewer micro-batches per rank make the balance coarser
     print(
-        "\n| rollouts | padding | max/mean rank load | steps | strategy | fixed-size padding | fixed-size load |"
+        "\n| rollouts | padding | max/mean rank load | steps | strategy | fixed-size padding | fixed-size load "
+        "| sorted fixed-size padding | sorted fixed-size load |"
     )
-    print("| ---: | ---: | ---: | ---: | --- | ---: | ---: |")
+    print("| ---: | ---: | ---: | ---: | --- | ---: | ---: | ---: | ---: |")
     for n in (64, 256, 1024, 4096):
         small = [len(p) + len(r) for p, r in zip(*make_workload(n, seed=1))]
         plan = batching.balanced_microbatches(small, max_tokens=MAX_TOKENS, num_ranks=NUM_RANKS)
         waste, imbalance, _ = fixed_size_plan(small)
+        s_waste, s_imbalance, _ = fixed_size_plan(small, sort=True)
         print(f"| {n} | {plan.padding_fraction:.1%} | {plan.imbalance:.3f} | {plan.num_steps} | {plan.strategy} | "
-              f"{waste:.1%} | {imbalance:.3f} |")  # fmt: skip
+              f"{waste:.1%} | {imbalance:.3f} | {s_waste:.1%} | {s_imbalance:.3f} |")  # fmt: skip
 
 
 if __name__ == "__main__":

@@ -1,15 +1,23 @@
-"""One RL step of RLAIFTrainer: rlaif_fast ops + batching vs the same trainer on reference ops + naive padding.
+"""The learn half of one RL step: RLAIFTrainer with rlaif_fast ops + batching ("fast", ``ops="fast"``) vs
+the same trainer on the naive path ("naive", ``ops="reference"``: full logits, reference math, every
+micro-batch padded to the batch's longest rollout).
+
+Timed: ``RLAIFTrainer.learn(rollouts)`` on fixed, pre-made rollouts = old and reference log-probs
+(forwards), KL-shaped rewards and RLOO advantages, the micro-batch layout, then forward + backward +
+one AdamW step per mini-batch. NOT timed: sampling (``generate``) and scoring the responses; sampling is
+the same HF ``generate`` in both modes and often dominates a real step, so these figures are not the
+speed of a whole RL step.
 
 Workload (issue 6): a config-built Llama of ~11M parameters (vocab 32,000, hidden 256, 4 layers, tied
 embeddings), 64 rollouts of ~256 tokens (32-token prompts, responses uniform in [32, 448]), RLOO with
-group size 4, KL to the frozen SFT copy, micro-batches of 8, one optimizer step, 1 rank (ZeRO-0) on CPU.
-Measured, after one warm-up step on short rollouts: the scoring + update part of one step (``RLAIFTrainer.learn`` on fixed rollouts; sampling is
-the same HF ``generate`` in both modes and is left out), as tokens per second (prompt + response tokens
-of the batch) and the peak resident memory the step adds over the process before it (VmHWM after
-resetting it through /proc/self/clear_refs). Each mode runs in its own process, so neither inherits the
-other's allocator high-water mark.
+group size 4, KL to the frozen SFT copy, micro-batches of 8, 1 rank (ZeRO-0) on CPU, after one warm-up
+step on short rollouts. Reported per run: wall seconds, process CPU seconds (all threads;
+``time.process_time``, steadier than wall time on a shared machine), tokens per wall second (prompt +
+response tokens of the batch), and the peak resident memory the step adds (VmHWM after resetting it
+through /proc/self/clear_refs). Each run is its own process, and the modes alternate (naive, fast,
+naive, fast, ...) so that a change in the machine's load hits both.
 
-    python benchmarks/bench_trainer.py                    # both modes side by side, markdown table
+    python benchmarks/bench_trainer.py --repeats 2        # both modes interleaved, markdown table
     python benchmarks/bench_trainer.py --mode fast --json # one mode, one JSON line (used by the table)
     python benchmarks/bench_trainer.py --max-tokens 3840  # adds fast with token-budget micro-batches
     python -m pytest benchmarks/bench_trainer.py --benchmark-enable --benchmark-only   # small size
@@ -20,6 +28,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import statistics
 import subprocess
 import sys
 import time
@@ -114,9 +123,10 @@ def run_mode(
     with open("/proc/self/clear_refs", "w") as f:
         f.write("5")  # reset the peak RSS to the current RSS
     base = _rss_kib("VmRSS")
-    t0 = time.perf_counter()
+    load0 = os.getloadavg()[0]
+    t0, c0 = time.perf_counter(), time.process_time()
     metrics = trainer.learn(rollouts)
-    seconds = time.perf_counter() - t0
+    seconds, cpu_seconds = time.perf_counter() - t0, time.process_time() - c0
     peak = _rss_kib("VmHWM") - base
     params = sum(p.numel() for p in policy.parameters())
     return {
@@ -124,37 +134,64 @@ def run_mode(
         "params": params,
         "tokens": tokens,
         "seconds": seconds,
+        "cpu_seconds": cpu_seconds,
+        "load_avg_1min": (load0, os.getloadavg()[0]),
         "tokens_per_s": tokens / seconds,
         "peak_extra_mib": peak / 1024,
         "kl": metrics["kl"],
     }
 
 
+NAMES = {"reference": "naive (ops='reference')", "fast": "fast (ops='fast')"}
+
+
 def table(args) -> str:
-    rows = {}
     runs = [("reference", []), ("fast", [])]
     if args.max_tokens is not None:
         runs.append(("budget", ["--max-tokens", str(args.max_tokens)]))
-    for name, extra in runs:
-        mode = "fast" if name == "budget" else name
-        cmd = [sys.executable, __file__, "--mode", mode, "--json", "--n", str(args.n), "--hi", str(args.hi)]
-        out = subprocess.run(cmd + extra, capture_output=True, text=True, check=True, env={**os.environ})
-        rows[name] = json.loads(out.stdout.strip().splitlines()[-1])
-    ref, fast = rows["reference"], rows["fast"]
+    rows: dict[str, list[dict]] = {name: [] for name, _ in runs}
+    for _ in range(args.repeats):  # interleaved: naive, fast, naive, fast, ...
+        for name, extra in runs:
+            mode = "fast" if name == "budget" else name
+            cmd = [
+                sys.executable,
+                __file__,
+                "--mode",
+                mode,
+                "--json",
+                "--n",
+                str(args.n),
+                "--hi",
+                str(args.hi),
+            ]
+            out = subprocess.run(cmd + extra, capture_output=True, text=True, check=True, env={**os.environ})
+            rows[name].append(json.loads(out.stdout.strip().splitlines()[-1]))
+    first = rows["fast"][0]
     lines = [
-        f"policy {fast['params'] / 1e6:.1f}M params, {args.n} rollouts, {fast['tokens']} tokens, "
-        f"torch threads {torch.get_num_threads()}",
+        f"policy {first['params'] / 1e6:.1f}M params, {args.n} rollouts, {first['tokens']} tokens, "
+        f"torch threads {torch.get_num_threads()}; timed: RLAIFTrainer.learn on fixed rollouts "
+        "(sampling excluded); runs interleaved, each its own process",
         "",
-        "| mode | step s | tokens/s | peak extra MiB |",
-        "| --- | --- | --- | --- |",
+        "| mode | run | learn wall s | learn CPU s | tokens/wall s | peak extra MiB | load avg (start, end) |",
+        "| --- | ---: | ---: | ---: | ---: | ---: | --- |",
     ]
-    for r in rows.values():
-        lines.append(
-            f"| {r['mode']} | {r['seconds']:.2f} | {r['tokens_per_s']:.0f} | {r['peak_extra_mib']:.0f} |"
-        )
+    for name, rs in rows.items():
+        for k, r in enumerate(rs):
+            label = NAMES.get(name, r["mode"])
+            la = ", ".join(f"{x:.1f}" for x in r["load_avg_1min"])
+            lines.append(
+                f"| {label} | {k + 1} | {r['seconds']:.2f} | {r['cpu_seconds']:.2f} | "
+                f"{r['tokens_per_s']:.0f} | {r['peak_extra_mib']:.0f} | {la} |"
+            )
+
+    def med(name, key):
+        return statistics.median(r[key] for r in rows[name])
+
     lines.append(
-        f"| ratio fast/reference | | {fast['tokens_per_s'] / ref['tokens_per_s']:.2f}x | "
-        f"{fast['peak_extra_mib'] / max(ref['peak_extra_mib'], 1e-9):.2f}x |"
+        f"| median ratio fast/naive | | {med('fast', 'seconds') / med('reference', 'seconds'):.2f}x | "
+        f"{med('fast', 'cpu_seconds') / med('reference', 'cpu_seconds'):.2f}x | "
+        f"{med('fast', 'tokens_per_s') / med('reference', 'tokens_per_s'):.2f}x | "
+        f"{med('fast', 'peak_extra_mib') / max(med('reference', 'peak_extra_mib'), 1e-9):.2f}x | |"
     )
     return "\n".join(lines)
 
@@ -184,6 +221,7 @@ def main(argv=None) -> int:
     p.add_argument("--json", action="store_true")
     p.add_argument("--n", type=int, default=64)
     p.add_argument("--hi", type=int, default=448)
+    p.add_argument("--repeats", type=int, default=2, help="runs per mode, interleaved (table only)")
     p.add_argument(
         "--max-tokens",
         type=int,
