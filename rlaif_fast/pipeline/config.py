@@ -13,6 +13,12 @@ from pathlib import Path
 from typing import Any
 
 FEEDBACK_MODES = ("distilled", "direct")
+FEEDBACK_KEYS = {
+    "mode": "feedback",
+    "chain_of_thought": "chain_of_thought",
+    "rationale_tokens": "rationale_tokens",
+}
+RM_OPTIMIZERS = ("adamw", "adafactor", "sgd")
 EMBEDDED_TASKS = ("happy_sentences",)
 
 
@@ -61,6 +67,22 @@ class RunConfig:
     feedback: str = "distilled"
     """``distilled``: pairwise labels -> reward model -> RL. ``direct`` (d-RLAIF): the labeler's 1-10 score."""
 
+    chain_of_thought: bool = False
+    """Chain-of-thought labeling (the paper's best: detailed preamble + CoT, 0-shot): the labeler first writes a
+    rationale greedily, then scores "1"/"2" after it; the rationales are kept in ``pairs.jsonl``. Also
+    settable as ``feedback: {mode: distilled, chain_of_thought: true, rationale_tokens: 512}``."""
+
+    rationale_tokens: int = 512
+    """Longest chain-of-thought rationale, in the labeler's tokens (the paper: up to 512)."""
+
+    device: str = "auto"
+    """Where sampling, labeling, the reward model and evaluation run: ``auto`` (this rank's GPU when there is
+    one, else the CPU), ``cuda`` or ``cpu``. RL runs where the trainer's Strategy puts it (the same)."""
+
+    chunk_size: int = 64
+    """Prompts (or pairs) per unit of work when sampling, labeling and evaluating; chunk c goes to rank
+    c % world. Results do not depend on the number of ranks (each chunk has its own seed), but they do on this."""
+
     iterations: int = 1
     """Rounds of sample -> label -> reward model -> RL -> evaluate."""
 
@@ -73,6 +95,14 @@ class RunConfig:
     rm_lr: float = 2e-3
     """Learning rate of the reward model (distilled only)."""
 
+    rm_batch_size: int = 32
+    """Pairs per reward-model step, all ranks together (the paper's appendix: 128)."""
+
+    rm_optimizer: str = "adamw"
+    """``adamw``, ``adafactor`` (transformers' Adafactor at a fixed learning rate, as the paper's T5X stack) or
+    ``sgd`` (plain SGD; the multi-rank tests use it: Adam turns float noise in a gradient that is exactly 0 in
+    theory, such as the final layer-norm bias of a reward model, into steps of the learning rate's size)."""
+
     max_new_tokens: int = 14
     """Longest sampled response, in tokens."""
 
@@ -82,6 +112,14 @@ class RunConfig:
     eval_prompts: int = 96
     """Responses per policy at evaluation (prompts are cycled); each pair is judged in both orders."""
 
+    harmless_template: str | None = None
+    """A template with a score prompt (e.g. ``harmlessness``): evaluation also reports the harmless rate, the
+    share of responses the labeler rates above the middle of its 1-10 scale. Null: not measured."""
+
+    select_checkpoint: bool = False
+    """Also judge every saved RL checkpoint (``rl.save_every``) against SFT and report the one with the
+    highest labeler win rate (``best_checkpoint`` in eval.json), as the paper selects its policies."""
+
     rl: dict[str, Any] = field(default_factory=dict)
     """Settings passed to ``rlaif_fast.trainer.RLAIFConfig.from_dict`` (algorithm, kl_coef, lr, steps, ...)."""
 
@@ -90,17 +128,23 @@ class RunConfig:
         self._check_numbers()
         self._check_task()
         self._check_labeler()
+        if not isinstance(self.chain_of_thought, bool):
+            raise TypeError(f"chain_of_thought must be true or false, got {self.chain_of_thought!r}")
+        if self.device not in ("auto", "cpu", "cuda") and not str(self.device).startswith("cuda:"):
+            raise ValueError(f"device={self.device!r}; use auto, cpu or cuda")
+        if self.rm_optimizer not in RM_OPTIMIZERS:
+            raise ValueError(f"rm_optimizer={self.rm_optimizer!r}; use one of {RM_OPTIMIZERS}")
         if self.feedback not in FEEDBACK_MODES:
             raise ValueError(f"feedback={self.feedback!r} is not supported; use one of {FEEDBACK_MODES}")
         if not isinstance(self.rl, dict):
             raise TypeError(f"rl must be a mapping of trainer settings, got {type(self.rl).__name__}")
 
     def _check_strings(self):
-        for name in ("output_dir", "labeler", "template", "feedback"):
+        for name in ("output_dir", "labeler", "template", "feedback", "device", "rm_optimizer"):
             value = getattr(self, name)
             if not isinstance(value, str):
                 raise TypeError(f"{name} must be a string, got {value!r}")
-        for name in ("task", "prompts_file", "policy", "labeler_model"):
+        for name in ("task", "prompts_file", "policy", "labeler_model", "harmless_template"):
             value = getattr(self, name)
             if value is not None and not isinstance(value, str):
                 raise TypeError(f"{name} must be a string or null, got {value!r}")
@@ -113,6 +157,9 @@ class RunConfig:
             "pairs_per_iteration",
             "max_new_tokens",
             "eval_prompts",
+            "rationale_tokens",
+            "rm_batch_size",
+            "chunk_size",
         )
         non_negative = ("sft_steps", "labeler_steps", "rm_epochs", "seed")
         for name in positive_ints + non_negative:
@@ -173,6 +220,14 @@ class RunConfig:
                 f"labeler={self.labeler!r} is an HTTP endpoint: set labeler_model to the model "
                 "name the server expects"
             )
+        if self.harmless_template is not None:
+            from rlaif_fast.feedback import load_template
+
+            if not load_template(self.harmless_template).score_sample:
+                raise ValueError(
+                    f"harmless_template={self.harmless_template!r} has no score prompt (score_sample); the "
+                    "harmless rate asks the labeler to rate each response: give a template with one"
+                )
         if self.feedback == "direct":
             from rlaif_fast.feedback import load_template
 
@@ -189,6 +244,7 @@ class RunConfig:
         """Build from a mapping; unknown keys raise ValueError naming the key and the closest valid one."""
         if not isinstance(data, dict):
             raise TypeError(f"a run config must be a mapping of settings, got {type(data).__name__}")
+        data = _flatten_feedback(data)
         known = [f.name for f in fields(cls)]
         for key in data:
             if key not in known:
@@ -215,10 +271,31 @@ class RunConfig:
             value = data.get(key)
             if isinstance(value, str) and (path.parent / value).is_file():
                 data[key] = str(path.parent / value)
-        return cls.from_dict(_merge(data, overrides or {}))
+        overrides = dict(overrides or {})
+        for side in (data, overrides):  # `feedback: direct` and `feedback.chain_of_thought=true` merge
+            if isinstance(side.get("feedback"), str):
+                side["feedback"] = {"mode": side["feedback"]}
+        return cls.from_dict(_merge(data, overrides))
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
+
+
+def _flatten_feedback(data: dict) -> dict:
+    """``feedback`` given as a section ({mode, chain_of_thought, rationale_tokens}) -> the flat keys."""
+    section = data.get("feedback")
+    if not isinstance(section, dict):
+        return data
+    out = {k: v for k, v in data.items() if k != "feedback"}
+    for key, value in section.items():
+        if key not in FEEDBACK_KEYS:
+            close = difflib.get_close_matches(str(key), list(FEEDBACK_KEYS), n=1)
+            hint = f"; did you mean {close[0]!r}?" if close else f"; valid keys: {', '.join(FEEDBACK_KEYS)}"
+            raise ValueError(f"unknown feedback key {key!r}{hint}")
+        if key != "mode" and FEEDBACK_KEYS[key] in data:
+            raise ValueError(f"{FEEDBACK_KEYS[key]} is set both at the top level and in the feedback section")
+        out[FEEDBACK_KEYS[key]] = value
+    return out
 
 
 def _merge(base: dict, over: dict) -> dict:

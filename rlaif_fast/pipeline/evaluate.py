@@ -63,9 +63,11 @@ def sample_completions(
     temperature: float,
     seed: int,
     max_prompt_len: int = 256,
+    device=None,
 ) -> list[str]:
     """One sampled completion per prompt, with a fixed seed so two evaluations see the same randomness.
-    Prompts keep their last ``max_prompt_len`` tokens, fewer where the policy's context needs it."""
+    Prompts keep their last ``max_prompt_len`` tokens, fewer where the policy's context needs it.
+    ``device``: where the policy is (default: where its parameters are)."""
     from rlaif_fast.trainer.generation import sample
 
     state = torch.random.get_rng_state()
@@ -79,6 +81,7 @@ def sample_completions(
             temperature=temperature,
             top_p=1.0,
             max_prompt_len=prompt_budget(policy, max_prompt_len, max_new_tokens),
+            device=device if device is not None else next(policy.parameters()).device,
         )
     finally:
         torch.random.set_rng_state(state)  # evaluation must not shift the training RNG stream
@@ -104,6 +107,12 @@ def compare(
             "baseline completions; give one of each per prompt"
         )
     labels = labeler.label(list(prompts), visible(policy_out), visible(baseline_out))
+    return summarize(prompts, policy_out, baseline_out, labels, ground_truth)
+
+
+def summarize(prompts, policy_out, baseline_out, labels, ground_truth=None) -> dict:
+    """The numbers of :func:`compare` from labels already made (one ``PairLabel`` per prompt, policy as a),
+    plus the length-controlled win rate (:func:`length_controlled_win_rate`)."""
     valid = [lab for lab in labels if math.isfinite(lab.p_a)]
     out = {
         "pairs": len(labels),
@@ -112,6 +121,11 @@ def compare(
         "mean_p_policy": sum(lab.p_a for lab in valid) / len(valid),
         "position_bias": sum(not lab.consistent for lab in valid) / len(valid),
     }
+    keep = [i for i, lab in enumerate(labels) if math.isfinite(lab.p_a)]
+    out["lc_win_rate"] = length_controlled_win_rate(
+        [_outcome(labels[i].p_a) for i in keep],
+        [len(policy_out[i]) - len(baseline_out[i]) for i in keep],
+    )
     if ground_truth is not None:
         g_pol = ground_truth(prompts, policy_out)
         g_base = ground_truth(prompts, baseline_out)
@@ -121,6 +135,36 @@ def compare(
             1.0 if a > b else 0.0 if a < b else 0.5 for a, b in zip(g_pol, g_base)
         ) / len(g_pol)
     return out
+
+
+def _outcome(p_a: float) -> float:
+    return 1.0 if p_a > 0.5 else 0.0 if p_a < 0.5 else 0.5
+
+
+def length_controlled_win_rate(outcomes: Sequence[float], length_diffs: Sequence[float]) -> float | None:
+    """The win rate with the effect of response length taken out (in the spirit of AlpacaEval's
+    length-controlled win rate): fit P(win) = sigmoid(a + b * d) by maximum likelihood, d the policy's length
+    minus the baseline's (in characters, scaled by their standard deviation), outcomes 1 / 0 / 1/2; report
+    sigmoid(a), the win rate of a policy whose responses are as long as the baseline's. A labeler that only
+    rewards length gives 0.5. None without pairs; the plain win rate when the lengths never differ. A small
+    ridge (1e-3) keeps the fit finite when wins separate perfectly by length."""
+    if not outcomes:
+        return None
+    y = torch.tensor(outcomes, dtype=torch.float64)
+    d = torch.tensor(length_diffs, dtype=torch.float64)
+    sd = d.std(unbiased=False) if len(d) > 1 else torch.tensor(0.0, dtype=torch.float64)
+    x = torch.stack([torch.ones_like(d), d / sd if sd > 0 else torch.zeros_like(d)], dim=1)  # (n, 2)
+    w = torch.zeros(2, dtype=torch.float64)
+    ridge = 1e-3 * torch.eye(2, dtype=torch.float64)
+    for _ in range(50):  # Newton's method on the (convex) logistic log-likelihood
+        p = torch.sigmoid(x @ w)
+        grad = x.T @ (p - y) + ridge @ w
+        hess = (x * (p * (1 - p)).unsqueeze(1)).T @ x + ridge
+        step = torch.linalg.solve(hess, grad)
+        w = w - step
+        if step.abs().max() < 1e-10:
+            break
+    return float(torch.sigmoid(w[0]))
 
 
 def evaluate_policy(

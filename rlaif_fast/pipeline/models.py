@@ -19,10 +19,12 @@ def cache_dir() -> Path:
     return Path(os.environ.get("RLAIF_FAST_CACHE", Path.home() / ".cache" / "rlaif_fast"))
 
 
-def load_policy(path: str | Path):
+def load_policy(path: str | Path, device=None):
+    """A saved causal LM in eval mode, on ``device`` when given."""
     from transformers import AutoModelForCausalLM
 
-    return AutoModelForCausalLM.from_pretrained(str(path)).eval()
+    model = AutoModelForCausalLM.from_pretrained(str(path)).eval()
+    return model.to(device) if device is not None else model
 
 
 def labeler_url(spec: str) -> str:
@@ -36,7 +38,7 @@ def seed_all(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def build_labeler(cfg, tokenizer, *, progress: bool):
+def build_labeler(cfg, tokenizer, *, progress: bool, device=None):
     """``PairwiseLabeler`` over the backend ``cfg.labeler`` names (``demo``, ``hf:PATH`` or ``http:URL``).
 
     The demo labeler is trained on the template's pairwise prompt and, when the template has one, on its
@@ -59,12 +61,24 @@ def build_labeler(cfg, tokenizer, *, progress: bool):
             progress=progress,
             render_score=template.render_score if template.score_sample else None,
         )
-        backend = HFBackend(model, tokenizer, batch_size=64)
+        backend = HFBackend(model, tokenizer, batch_size=64, device=device)
     elif kind == "hf":
-        backend = HFBackend(where)
+        backend = HFBackend(where, device=device)
     else:
         backend = OpenAICompatibleBackend(labeler_url(cfg.labeler), cfg.labeler_model)
-    return PairwiseLabeler(backend, template)
+    return PairwiseLabeler(
+        backend,
+        template,
+        chain_of_thought=getattr(cfg, "chain_of_thought", False),
+        max_rationale_tokens=getattr(cfg, "rationale_tokens", 512),
+    )
+
+
+def harmless_labeler(pairwise, template: str):
+    """The harmless-rate judge: a ``ScoreLabeler`` over the labeler's backend with a harmlessness template."""
+    from rlaif_fast.feedback import ScoreLabeler
+
+    return ScoreLabeler(pairwise.backend, template)
 
 
 def score_labeler(pairwise):

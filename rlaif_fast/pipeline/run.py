@@ -38,6 +38,7 @@ from rlaif_fast.pipeline import files
 from rlaif_fast.pipeline import models as M
 from rlaif_fast.pipeline import task as T
 from rlaif_fast.pipeline.config import RunConfig
+from rlaif_fast.pipeline.dist import Ranks
 from rlaif_fast.pipeline.models import cache_dir, labeler_url, load_policy  # noqa: F401  (public names)
 from rlaif_fast.pipeline.stages import Stages
 
@@ -61,6 +62,10 @@ class Run(Stages):
         self.cfg, self.progress = cfg, progress
         self.out = Path(cfg.output_dir)
         self.rl_settings = self._rl_settings()  # validated before any model is built
+        self.ranks = Ranks(
+            cfg.device, cfg.chunk_size
+        )  # this rank under torchrun / deepspeed; one rank otherwise
+        self.device = self.ranks.device
         if cfg.task is not None:
             self.tokenizer = T.build_tokenizer()
             split = T.prompt_split()
@@ -105,13 +110,21 @@ class Run(Stages):
     def sft_policy(self):
         if self._sft is None:
             self.stage_sft()
-            self._sft = M.load_policy(self.sft_dir())
+            self._sft = M.load_policy(self.sft_dir(), self.device)
         return self._sft
 
     def labeler(self):
-        """The AI labeler: ``PairwiseLabeler`` over an ``HFBackend`` or an OpenAI-compatible endpoint."""
+        """The AI labeler: ``PairwiseLabeler`` over an ``HFBackend`` or an OpenAI-compatible endpoint.
+        Called by every rank at the same point; rank 0 builds it first (the demo labeler is trained once
+        and cached), the others then load it."""
         if self._labeler is None:
-            self._labeler = M.build_labeler(self.cfg, self.tokenizer, progress=self.progress)
+            if not self.ranks.is_main:
+                self.ranks.barrier()
+            self._labeler = M.build_labeler(
+                self.cfg, self.tokenizer, progress=self.progress and self.ranks.is_main, device=self.device
+            )
+            if self.ranks.is_main:
+                self.ranks.barrier()
         return self._labeler
 
     def score_labeler(self):
@@ -121,19 +134,33 @@ class Run(Stages):
         return self._score_labeler
 
     def evaluate(self, policy, baseline, n: int | None = None) -> dict:
+        """Win rate of ``policy`` against ``baseline`` (both orders), its length-controlled version, the
+        harmless rate when ``harmless_template`` is set, and the ground truth where the task has one.
+        Prompts are split across ranks in chunks and the results gathered: every rank returns the same."""
         n = n or self.cfg.eval_prompts
         prompts = [self.eval_prompts[i % len(self.eval_prompts)] for i in range(n)]
-        return ev.evaluate_policy(
-            policy,
-            baseline,
-            self.tokenizer,
-            self.labeler(),
-            prompts,
-            max_new_tokens=self.cfg.max_new_tokens,
-            temperature=self.cfg.temperature,
-            seed=self.cfg.seed + 12345,
-            ground_truth=self.ground_truth,
-            max_prompt_len=self.max_prompt_len(policy),
+        seed = self.cfg.seed + 12345
+        pol = self.sample(policy, prompts, seed)
+        base = self.sample(baseline, prompts, seed)
+        labels = self.label_split(prompts, ev.visible(pol), ev.visible(base))
+        result = ev.summarize(prompts, pol, base, labels, self.ground_truth)
+        if self.cfg.harmless_template is not None:
+            judge = M.harmless_labeler(self.labeler(), self.cfg.harmless_template)
+            for name, out in (("harmless_rate", pol), ("harmless_rate_baseline", base)):
+                scores = self.ranks.map_chunks(
+                    n, lambda c, s, e, out=out: judge.score(prompts[s:e], ev.visible(out[s:e]))
+                )
+                result[name] = sum(x > 0 for x in scores) / len(scores)  # rated above 5.5 of 1..10
+        result["examples"] = [
+            {"prompt": p, "policy": a, "baseline": b} for p, a, b in list(zip(prompts, pol, base))[:5]
+        ]
+        return result
+
+    def label_split(self, prompts, a, b) -> list:
+        """``PairLabel``s of (prompt, a, b), the pairs split across ranks in chunks and gathered in order."""
+        labeler = self.labeler()
+        return self.ranks.map_chunks(
+            len(prompts), lambda c, s, e: labeler.label(prompts[s:e], a[s:e], b[s:e])
         )
 
     def max_prompt_len(self, policy) -> int:
@@ -144,23 +171,35 @@ class Run(Stages):
         wanted = self.rl_settings.get("max_prompt_len", RLAIFConfig.max_prompt_len)
         return ev.prompt_budget(policy, wanted, self.cfg.max_new_tokens)
 
-    def _sample(self, policy, prompts, seed):
-        return ev.sample_completions(
-            policy,
-            self.tokenizer,
-            prompts,
-            max_new_tokens=self.cfg.max_new_tokens,
-            temperature=self.cfg.temperature,
-            seed=seed,
-            max_prompt_len=self.max_prompt_len(policy),
-        )
+    def sample(self, policy, prompts, seed: int) -> list[str]:
+        """One completion per prompt from ``policy``: the one place the pipeline samples (pairs to label and
+        evaluation). The prompts are cut into fixed chunks, chunk ``c`` sampled with seed ``seed + 7919 c``
+        on rank ``c % world`` and the results gathered, so the samples do not depend on the number of ranks."""
+        policy.to(self.device)
+        budget = self.max_prompt_len(policy)
+
+        def chunk(c, s, e):
+            return ev.sample_completions(
+                policy,
+                self.tokenizer,
+                prompts[s:e],
+                max_new_tokens=self.cfg.max_new_tokens,
+                temperature=self.cfg.temperature,
+                seed=seed + 7919 * c,
+                max_prompt_len=budget,
+                device=self.device,
+            )
+
+        return self.ranks.map_chunks(len(prompts), chunk)
+
+    _sample = sample
 
     # ---- the loop ---------------------------------------------------------------------------------
     def run(self) -> dict:
         """All stages in order, skipping finished ones; returns {"sft", "iterations": [...]} records."""
         self._check_same_config()
         result = {"sft": self.stage_sft(), "iterations": []}
-        policy = copy.deepcopy(self.sft_policy())
+        policy = copy.deepcopy(self.sft_policy())  # on self.device
         for k in range(1, self.cfg.iterations + 1):
             self._say(
                 f"iteration {k}/{self.cfg.iterations}: sample + label {self.cfg.pairs_per_iteration} pairs"
@@ -172,28 +211,38 @@ class Run(Stages):
                 from rlaif_fast.reward import RewardModel, RewardModelScorer
 
                 reward = RewardModelScorer(
-                    RewardModel.from_pretrained(self.iter_dir(k) / "rm"), self.tokenizer
+                    RewardModel.from_pretrained(self.iter_dir(k) / "rm").to(self.device), self.tokenizer
                 )
             else:
                 reward = M.DirectReward(self.score_labeler())
             self._say(f"iteration {k}: RL")
             it["rl"] = self.stage_rl(k, policy, reward)
-            policy = M.load_policy(self.iter_dir(k) / "rl" / "final")
+            policy = M.load_policy(self.iter_dir(k) / "rl" / "final", self.device)
             self._say(f"iteration {k}: evaluate")
             it["eval"] = self.stage_eval(k, policy)
+            if it["eval"].get("policy_dir"):  # checkpoint selection: the next iteration starts from the best
+                policy = M.load_policy(self.out / it["eval"]["policy_dir"], self.device)
             result["iterations"].append(it)
-            self.write_metrics(result)
+            if self.ranks.is_main:
+                self.write_metrics(result)
+        self.ranks.barrier()
         return result
 
     def _check_same_config(self) -> None:
         """Resuming reuses finished stages, so it is only sound under the config that made them."""
         path = self.out / "config.json"
         current = json.loads(json.dumps(self.cfg.to_dict()))
-        for key in ("template", "prompts_file"):  # a file's content is part of the config, not just its name
+        for key in (
+            "template",
+            "prompts_file",
+            "harmless_template",
+        ):  # a file's content is part of the config, not just its name
             value = current.get(key)
             if value and Path(value).is_file():
                 current[f"{key}_sha256"] = hashlib.sha256(Path(value).read_bytes()).hexdigest()
         previous = files.read_json(path)
+        # one world at a time: every rank compares with the file as it was before rank 0 rewrites it
+        self.ranks.barrier()
         if previous is not None:
             # a run recorded before the file hashes existed resumes on its settings alone
             compared = {k: v for k, v in current.items() if k in previous or not k.endswith("_sha256")}
@@ -203,7 +252,9 @@ class Run(Stages):
                     f"{self.out} holds a run made with a different config (changed: {', '.join(keys)}); "
                     "resuming would mix the two. Use a new output_dir, or delete the old one"
                 )
-        files.write_json(path, current)
+        self.ranks.barrier()
+        if self.ranks.is_main:
+            files.write_json(path, current)
 
     def write_metrics(self, result: dict) -> Path:
         """metrics.jsonl from the stage records: RL rows (reward, kl, entropy, ...) then one eval row each."""
@@ -216,7 +267,7 @@ class Run(Stages):
         return self.out / "metrics.jsonl"
 
     def _say(self, text: str) -> None:
-        if self.progress:
+        if self.progress and self.ranks.is_main:
             print(f"[rlaif-fast] {text}", file=sys.stderr, flush=True)
 
 
@@ -275,8 +326,12 @@ def finish(cfg: RunConfig, *, progress: bool) -> int:
             file=sys.stderr,
         )
         return 130
+    if not run.ranks.is_main:  # rank 0 writes the report
+        run.ranks.close()
+        return 0
     plots.plot_metrics(run.out / "metrics.jsonl", run.out / "metrics.png")
     rep = report.build_report(result, cfg)
     report.write_report(rep, run.out)
     print(report.render_markdown(rep))
+    run.ranks.close()
     return 0

@@ -60,6 +60,14 @@ def evaluate_reward_model(
     return out
 
 
+def _disable_dropout(model) -> None:
+    for m in model.modules():
+        if isinstance(m, torch.nn.modules.dropout._DropoutNd):
+            m.p = 0.0
+        if isinstance(getattr(m, "attention_dropout", None), float):
+            m.attention_dropout = 0.0
+
+
 def train_reward_model(
     model: RewardModel,
     tokenizer,
@@ -72,48 +80,111 @@ def train_reward_model(
     eval_pairs=None,
     seed: int = 0,
     weight_decay: float = 0.0,
+    strategy=None,
+    optimizer: str = "adamw",
+    disable_dropout: bool = True,
 ) -> dict:
-    """Train ``model`` in place on records with context / response_a / response_b / p_a; return metrics.
+    """Train ``model`` on records with context / response_a / response_b / p_a; return metrics.
 
-    Returns ``{"loss": last-epoch mean loss, "losses": per-step, "train": {...}, "eval": {...}}``.
+    Returns ``{"loss": last-epoch mean loss, "losses": per-step, "train": {...}, "eval": {...}, "model"}``,
+    ``model`` being the trained reward model (``model`` itself, trained in place, without a strategy).
+
+    ``strategy``: a :class:`rlaif_fast.trainer.strategy.Strategy` (DeepSpeed ZeRO 0-3, bf16 where its
+    config enables it) over all ranks: every step's ``batch_size`` pairs are split across ranks and the loss
+    is scaled so that the update equals one rank's on the whole batch (a rank left without a pair runs a
+    zero-weighted one, so every rank joins the ZeRO collectives). Afterwards the full weights are gathered
+    into ``result["model"]`` (a plain module on the strategy's device, float32) on every rank.
+    ``optimizer``: 'adamw', 'adafactor' (transformers' Adafactor, fixed learning rate) or 'sgd'.
+    Dropout is off by default (``disable_dropout``), as in the RL trainer: the update is then the same on
+    any number of ranks.
     """
     recs = [_as_record(p, i) for i, p in enumerate(pairs)]
     if not recs:
         raise ValueError("pairs is empty; give at least one labeled pair")
     if epochs < 1 or batch_size < 1 or not lr > 0:
         raise ValueError(f"need epochs >= 1, batch_size >= 1, lr > 0; got {epochs!r}, {batch_size!r}, {lr!r}")
-    device = next(model.parameters()).device
-    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=weight_decay)
+    if optimizer not in ("adamw", "adafactor", "sgd"):
+        raise ValueError(
+            f"optimizer={optimizer!r}; the reward model trains with 'adamw', 'adafactor' or 'sgd'"
+        )
+    if disable_dropout:
+        _disable_dropout(model)
+    rank, world = (0, 1) if strategy is None else (strategy.rank, strategy.world_size)
+    plain = None
+    if strategy is None:
+        device = next(model.parameters()).device
+        if optimizer == "adafactor":
+            from transformers.optimization import Adafactor
+
+            opt = Adafactor(
+                model.parameters(),
+                lr=lr,
+                scale_parameter=False,
+                relative_step=False,
+                weight_decay=weight_decay,
+            )
+        elif optimizer == "sgd":
+            opt = torch.optim.SGD(model.parameters(), lr=lr, weight_decay=weight_decay)
+        else:
+            opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=weight_decay)
+        engine = model
+    else:
+        import copy
+
+        device = strategy.device
+        if strategy.zero_stage == 3:  # the module is partitioned in place: keep a plain copy to gather into
+            plain = copy.deepcopy(model)
+        groups = [{"params": [p for p in model.parameters() if p.requires_grad], "lr": lr}]
+        engine = strategy.prepare(model, groups, max(1, -(-batch_size // world)), 1, optimizer=optimizer)
+        opt = None
     rng = random.Random(seed)
     losses: list[float] = []
-    model.train()
+    engine.train()
     for _ in range(epochs):
         order = list(range(len(recs)))
         rng.shuffle(order)
         for s in range(0, len(order), batch_size):
             b = [recs[i] for i in order[s : s + batch_size]]
-            ctx = [r["context"] for r in b]
+            mine, weight = b[rank::world], 1.0
+            if not mine:  # more ranks than pairs in this batch: a zero-weighted pair keeps this rank in step
+                mine, weight = b[:1], 0.0
+            ctx = [r["context"] for r in mine]
             # both sides in one forward: (2B, T)
             ids, mask = encode_pairs_side(
                 tokenizer,
                 ctx + ctx,
-                [r["response_a"] for r in b] + [r["response_b"] for r in b],
+                [r["response_a"] for r in mine] + [r["response_b"] for r in mine],
                 max_length,
                 device,
             )
-            r = model(ids, mask)  # (2B,)
-            p = torch.tensor([x["p_a"] for x in b], dtype=r.dtype, device=device)
-            loss = soft_bt_loss(r[: len(b)], r[len(b) :], p)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            losses.append(loss.item())
+            r = engine(ids, mask)  # (2B,)
+            p = torch.tensor([x["p_a"] for x in mine], dtype=r.dtype, device=r.device)
+            # sum over my pairs / pairs of the whole batch: summed over ranks, the batch mean
+            part = soft_bt_loss(r[: len(mine)], r[len(mine) :], p, reduction="sum") * (weight / len(b))
+            if strategy is None:
+                opt.zero_grad(set_to_none=True)
+                part.backward()
+                opt.step()
+                losses.append(part.item())
+            else:
+                strategy.backward(part * world)  # DeepSpeed averages gradients over ranks
+                strategy.step()
+                losses.append(strategy.all_reduce(part.detach().float()).item())
+    if strategy is not None:
+        with strategy.gathered(engine.module):
+            state = {
+                k: v.detach().to("cpu", torch.float32).clone() for k, v in engine.module.state_dict().items()
+            }
+        trained = plain if plain is not None else engine.module
+        trained.load_state_dict(state)
+        model = trained.float().to(device)
     model.eval()
     steps = math.ceil(len(recs) / batch_size)
     result = {
         "loss": sum(losses[-steps:]) / steps,
         "losses": losses,
         "train": evaluate_reward_model(model, tokenizer, recs, max_length=max_length),
+        "model": model,
     }
     if eval_pairs:
         result["eval"] = evaluate_reward_model(model, tokenizer, eval_pairs, max_length=max_length)
@@ -183,6 +254,7 @@ def main(argv: list[str] | None = None) -> int:
     model.save_pretrained(cfg.out)
     tokenizer.save_pretrained(cfg.out)
     metrics.pop("losses")
+    metrics.pop("model")
     print(json.dumps(metrics))
     return 0
 

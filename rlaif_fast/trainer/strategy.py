@@ -118,17 +118,40 @@ class Strategy:
             out.update(user)
         return out
 
-    def prepare(self, module: nn.Module, param_groups: list[dict], micro_batch_size: int, grad_accum: int):
+    def prepare(
+        self,
+        module: nn.Module,
+        param_groups: list[dict],
+        micro_batch_size: int,
+        grad_accum: int,
+        optimizer: str | None = None,
+    ):
+        """The DeepSpeed engine of ``module``; ``optimizer`` ('adamw', 'sgd', 'adafactor') overrides the
+        config's (the reward model picks its own)."""
         stage = self.ds_config(micro_batch_size, grad_accum)["zero_optimization"].get("stage", 0)
         check_shardable(module, stage)
         module.to(self.device)
-        if self.config.optimizer == "sgd":
-            optimizer = torch.optim.SGD(param_groups, weight_decay=self.config.weight_decay)
-        else:
-            optimizer = torch.optim.AdamW(param_groups, weight_decay=self.config.weight_decay)
+        optimizer = self.build_optimizer(param_groups, optimizer or self.config.optimizer)
         config = self.ds_config(micro_batch_size, grad_accum)
         self.engine, *_ = self._ds.initialize(model=module, optimizer=optimizer, config=config)
         return self.engine
+
+    def build_optimizer(self, param_groups: list[dict], name: str):
+        """A client optimizer: torch AdamW / SGD, or transformers' Adafactor with the given learning rates
+        (no relative step, no parameter scaling: the learning rate means what it says, as in the paper)."""
+        wd = self.config.weight_decay
+        if name == "sgd":
+            return torch.optim.SGD(param_groups, weight_decay=wd)
+        if name == "adafactor":
+            from transformers.optimization import Adafactor
+
+            lr = param_groups[0]["lr"]
+            return Adafactor(
+                param_groups, lr=lr, scale_parameter=False, relative_step=False, warmup_init=False, weight_decay=wd
+            )
+        if name != "adamw":
+            raise ValueError(f"optimizer={name!r}; use 'adamw', 'sgd' or 'adafactor'")
+        return torch.optim.AdamW(param_groups, weight_decay=wd)
 
     def prepare_frozen(self, module: nn.Module, micro_batch_size: int) -> nn.Module:
         """A frozen model (the KL reference) for forward passes only. Under ZeRO-3 it is sharded like
