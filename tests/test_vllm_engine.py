@@ -186,3 +186,5 @@ def test_two_ranks_each_engine_holds_the_zero3_update(tmp_path):
         assert got["before"] < 1e-4 and got["after"] < 1e-4, got  # the engine follows the policy
         assert got["stale"] > 1e-2, got
         assert got["partitioned"], got
+        # the sync streamed every parameter (twice: before the step, then after) holding one whole at a time
+        assert got["streamed"] == 2 * 21 and got["most_whole_at_once"] == 1, got

@@ -3,7 +3,8 @@
 - :class:`PairwiseLabeler`: P(a > b) from the labeler's "1"/"2" log-probs, both orders averaged, kept soft.
 - :class:`ScoreLabeler`: d-RLAIF, the expected 1-10 rating rescaled to [-1, 1], callable as a reward.
 - :class:`RuleReward`: any ``(prompts, completions) -> scores`` callable.
-- Backends: :class:`HFBackend` (a local transformers model, last-position candidate logits only) and
+- Backends: :class:`HFBackend` (a local transformers model, last-position candidate logits only),
+  :class:`VLLMBackend` (a local model in an in-process vLLM engine) and
   :class:`OpenAICompatibleBackend` (a vLLM / SGLang / TGI ``/v1/completions`` endpoint).
 - ``rlaif-fast label``: :mod:`rlaif_fast.feedback.job`.
 
@@ -23,6 +24,7 @@ _EXPORTS = {
     "RuleReward": "labelers",
     "pair_label_from_orders": "labelers",
     "HFBackend": "hf_backend",
+    "VLLMBackend": "vllm_backend",
     "OpenAICompatibleBackend": "http_backend",
     "BackendError": "http_backend",
     "Pair": "pairs",

@@ -66,7 +66,8 @@ class LabelJobConfig:
     out: str = field(metadata={"help": "output preferences JSONL (appended to; resumable)"})
     labeler: str = field(
         metadata={
-            "help": "hf:LOCAL_MODEL_DIR, llama2c:MODEL.bin (tok512.bin beside it) or http://HOST:PORT/v1"
+            "help": "hf:LOCAL_MODEL_DIR, vllm:LOCAL_MODEL_DIR (an in-process vLLM engine), llama2c:MODEL.bin "
+            "(tok512.bin beside it) or http://HOST:PORT/v1"
         }
     )
     mode: str = field(
@@ -101,9 +102,10 @@ class LabelJobConfig:
     progress: bool = field(default=True, metadata={"help": "show a tqdm progress bar"})
 
     def __post_init__(self):
-        if not self.labeler.startswith(("hf:", "llama2c:", "http:", "https:")):
+        if not self.labeler.startswith(("hf:", "vllm:", "llama2c:", "http:", "https:")):
             raise ValueError(
-                f"labeler={self.labeler!r}: use hf:LOCAL_MODEL_DIR, llama2c:MODEL.bin or http://HOST:PORT/v1"
+                f"labeler={self.labeler!r}: use hf:LOCAL_MODEL_DIR, vllm:LOCAL_MODEL_DIR, llama2c:MODEL.bin or "
+                "http://HOST:PORT/v1"
             )
         if self.mode not in MODES:
             raise ValueError(f"mode={self.mode!r} is not supported; use one of {MODES}")
@@ -122,8 +124,12 @@ class LabelJobConfig:
 
 
 def make_backend(spec: str, cfg: LabelJobConfig | None = None):
-    """``hf:PATH`` -> HFBackend; ``http://...`` or ``http:URL`` -> OpenAICompatibleBackend (failures -> NaN rows)."""
+    """``hf:PATH`` -> HFBackend; ``vllm:PATH`` -> VLLMBackend; ``http://...`` or ``http:URL`` -> OpenAICompatibleBackend (failures -> NaN rows)."""
     cfg = cfg or LabelJobConfig(input="-", out="-.out", labeler=spec)
+    if spec.startswith("vllm:"):  # the labeler in an in-process vLLM engine (rlaif_fast/feedback/vllm_backend.py)
+        from rlaif_fast.feedback import vllm_backend
+
+        return vllm_backend.VLLMBackend(spec[len("vllm:") :], max_length=cfg.max_length)
     if spec.startswith(("hf:", "llama2c:")):
         from rlaif_fast.feedback.hf_backend import HFBackend
 

@@ -9,10 +9,10 @@ The loop, per RL step (the trainer drives it, ``rollout_engine="vllm"``):
    beside the engine's. Then the prefix cache is reset: KV blocks cached before the sync hold the old
    policy's keys and values, and a prompt that hits them would be scored by the old policy (measured up
    to 38 nats off on a 77M Llama).
-2. ``sample(prompts, step=k)``: ``n`` samples per distinct prompt in one request each, with the trainer's
+2. ``sample(prompts, step=k)``: one request of ``n`` samples per run of equal prompts, with the trainer's
    temperature / top-p / ``max_prompt_len`` / ``max_new_tokens`` and the same EOS rule as the hf engine
    (stop at the tokenizer's EOS and keep it). Every request carries its own seed, derived from
-   (``seed``, rank, step, request index), so the rollouts of step k do not depend on what the engine did
+   (``seed``, rank, step, request), so the rollouts of step k do not depend on what the engine did
    before: a run killed and resumed samples exactly what an uninterrupted one samples.
 
 The sampler's own per-token log-probs come back in ``Rollouts.extra["sampler_logp"]``. The engine is
@@ -164,6 +164,15 @@ def build_llm(policy, cfg, world_size: int):
     return llm
 
 
+def shutdown_engines() -> None:
+    """Shut this process's engines down. Call it before tearing down the process group yourself: vLLM's
+    shutdown (also run at interpreter exit) destroys its groups *and* torch's default process group, and
+    fails with "Invalid process group specified" when that group is already gone."""
+    while _ENGINES:
+        _, llm = _ENGINES.popitem()
+        llm.llm_engine.engine_core.shutdown()
+
+
 def _seed(*parts: int) -> int:
     """A 31-bit seed from integers, stable across processes and Python versions."""
     digest = hashlib.blake2b("/".join(str(int(p)) for p in parts).encode(), digest_size=4).digest()
@@ -270,6 +279,7 @@ class VLLMRolloutEngine:
         self._calls += 1
         requests, params = [], []
         for j, (first, count) in enumerate(runs):
+            # n samples of one prompt in one request: vLLM prefills the prompt once for all of them
             requests.append(TokensPrompt(prompt_token_ids=prompt_ids[first]))
             params.append(
                 SamplingParams(
@@ -327,7 +337,8 @@ def sampler_mismatch(data: dict, rollouts: Rollouts, tis_cap: float | None, all_
     if sampler is None:
         return {}
     r = (data["old_logp"] - sampler) * mask
-    k3 = (torch.exp(r) - 1.0 - r) * mask
+    r64 = r.double()  # exp(r) - 1 - r cancels to ~r^2 / 2: in fp32 it rounds below 0 for |r| ~ 1e-5
+    k3 = (torch.exp(r64) - 1.0 - r64) * mask
     local = torch.tensor([float(k3.sum()), float(mask.sum())], dtype=torch.float64)
     s_kl, n = all_reduce(local).tolist()
     most = all_reduce(torch.tensor([float(r.abs().max()) if r.numel() else 0.0]), op="max").item()
