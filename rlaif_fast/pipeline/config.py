@@ -52,7 +52,8 @@ class RunConfig:
     """AdamW learning rate of SFT."""
 
     labeler: str = "demo"
-    """``demo`` (train the tiny task labeler, then query it like any LM), ``hf:PATH`` or ``http:URL``."""
+    """``demo`` (train the tiny task labeler, then query it like any LM), ``hf:PATH``, ``http:URL``, or ``sft``
+    (the run's own SFT checkpoint labels: the paper's "same-size" self-improvement setting)."""
 
     labeler_model: str | None = None
     """Model name sent to an OpenAI-compatible ``http:`` labeler (required for ``http:``)."""
@@ -204,8 +205,8 @@ class RunConfig:
     def _check_labeler(self):
         kind = self.labeler.split(":", 1)[0]
         kind = "http" if kind == "https" else kind
-        if self.labeler != "demo" and kind not in ("hf", "http"):
-            raise ValueError(f"labeler={self.labeler!r}; use 'demo', 'hf:PATH' or 'http:URL'")
+        if self.labeler not in ("demo", "sft") and kind not in ("hf", "http"):
+            raise ValueError(f"labeler={self.labeler!r}; use 'demo', 'sft', 'hf:PATH' or 'http:URL'")
         if kind in ("hf", "http") and not self.labeler.split(":", 1)[1].strip("/"):
             raise ValueError(
                 f"labeler={self.labeler!r} names no {'path' if kind == 'hf' else 'URL'} after ':'"

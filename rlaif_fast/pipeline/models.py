@@ -38,7 +38,7 @@ def seed_all(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def build_labeler(cfg, tokenizer, *, progress: bool, device=None):
+def build_labeler(cfg, tokenizer, *, progress: bool, device=None, sft_dir=None):
     """``PairwiseLabeler`` over the backend ``cfg.labeler`` names (``demo``, ``hf:PATH`` or ``http:URL``).
 
     The demo labeler is trained on the template's pairwise prompt and, when the template has one, on its
@@ -62,6 +62,8 @@ def build_labeler(cfg, tokenizer, *, progress: bool, device=None):
             render_score=template.render_score if template.score_sample else None,
         )
         backend = HFBackend(model, tokenizer, batch_size=64, device=device)
+    elif cfg.labeler == "sft":  # the same-size setting: the SFT checkpoint (saved with its tokenizer) labels
+        backend = HFBackend(str(sft_dir), device=device)
     elif kind == "hf":
         backend = HFBackend(where, device=device)
     else:

@@ -120,8 +120,14 @@ class Run(Stages):
         if self._labeler is None:
             if not self.ranks.is_main:
                 self.ranks.barrier()
+            if self.cfg.labeler == "sft":
+                self.stage_sft()
             self._labeler = M.build_labeler(
-                self.cfg, self.tokenizer, progress=self.progress and self.ranks.is_main, device=self.device
+                self.cfg,
+                self.tokenizer,
+                progress=self.progress and self.ranks.is_main,
+                device=self.device,
+                sft_dir=self.sft_dir(),
             )
             if self.ranks.is_main:
                 self.ranks.barrier()
