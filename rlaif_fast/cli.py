@@ -64,6 +64,13 @@ def _strip_launcher_args(argv: list[str]) -> list[str]:
     return out
 
 
+def user_error(prog: str, exc: BaseException) -> int:
+    """How every command answers a user's mistake (a bad value, a missing or broken file), as
+    ``rlaif-fast label`` does: ``prog: error: message`` on stderr and exit status 2, no traceback."""
+    print(f"{prog}: error: {exc}", file=sys.stderr)
+    return 2
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = _strip_launcher_args(list(sys.argv[1:] if argv is None else argv))
     if not argv or argv[0] in ("-h", "--help", "help"):

@@ -199,7 +199,18 @@ def test_yaml_batch_size_overridden_by_a_flag_keeps_the_default_mini_batch(tmp_p
     monkeypatch.setattr(trainer_pkg, "RLAIFTrainer", FakeTrainer, raising=False)
     yaml_cfg = tmp_path / "run.yaml"
     yaml_cfg.write_text("batch_size: 4\nalgorithm: rloo\ngroup_size: 2\n")
-    argv = ["--policy", "p", "--prompts", "x", "--reward", "m:f", "--config", str(yaml_cfg)]
+    (tmp_path / "policy").mkdir()
+    (tmp_path / "policy" / "config.json").write_text("{}")  # the policy path is checked before loading
+    argv = [
+        "--policy",
+        str(tmp_path / "policy"),
+        "--prompts",
+        "x",
+        "--reward",
+        "m:f",
+        "--config",
+        str(yaml_cfg),
+    ]
     with pytest.raises(Stop):
         cli.main([*argv, "--batch-size", "8"])
     assert (seen["config"].batch_size, seen["config"].mini_batch_size) == (8, 8)

@@ -547,3 +547,19 @@ def test_fast_mode_fails_loudly_instead_of_running_the_naive_path(monkeypatch):
         generation._pad_right([[1, 2]], [[3]], 0, 4, fast=True)
     ids, attn, _ = generation._pad_right([[1, 2]], [[3]], 0, 4, fast=False)  # the naive mode needs neither
     assert ids.tolist() == [[1, 2, 3, 0]] and attn.tolist() == [[1, 1, 1, 0]]
+
+
+# -------------------- resuming: a moved folder, changed settings, the whole-run summary
+
+
+def test_a_moved_run_resumes_and_a_changed_setting_is_refused(tmp_path):
+    import shutil
+
+    first = _trainer(tiny_gpt2(), _config(tmp_path / "a", total_steps=2)).train(PROMPTS)
+    shutil.move(tmp_path / "a", tmp_path / "b")  # output_dir is where the run lives, not a setting
+    with pytest.raises(ValueError, match=r"kl_coef 0\.05 -> 0\.2"):  # was: new value recorded, old one used
+        _trainer(tiny_gpt2(), _config(tmp_path / "b", total_steps=3, resume=True, kl_coef=0.2))
+    resumed = _trainer(tiny_gpt2(), _config(tmp_path / "b", total_steps=3, resume=True)).train(PROMPTS)
+    assert [h["step"] for h in resumed["history"]] == [3]
+    # the summary (summary.json of `rlaif-fast train`) covers the whole run, not the last segment
+    assert resumed["reward_first"] == first["history"][0]["reward"] and resumed["resumed_at"] == 2

@@ -42,12 +42,13 @@ def read_metrics(path: str | Path) -> tuple[dict[str, list[tuple[float, float]]]
     return series, evals
 
 
-def plot_metrics(metrics_path: str | Path, png_path: str | Path) -> Path:
-    """Draw the four panels into ``png_path`` and return it."""
-    import matplotlib
+def plot_metrics(metrics_path: str | Path, png_path: str | Path) -> Path | None:
+    """Draw the four panels into ``png_path`` and return it (None, with one warning, without matplotlib)."""
+    from rlaif_fast.trainer.logging import pyplot_or_warn
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot_or_warn(png_path)
+    if plt is None:
+        return None
 
     series, evals = read_metrics(metrics_path)
     fig, axes = plt.subplots(2, 2, figsize=(10, 6.5))

@@ -78,6 +78,41 @@ def save_checkpoint(
     return final
 
 
+# settings a resumed run may change: where the run lives (a moved folder resumes), how long it runs, and
+# what it logs. Every other key changes the math the checkpoint's weights and optimizer state belong to.
+RESUME_MAY_CHANGE = (
+    "output_dir",
+    "resume",
+    "total_steps",
+    "save_every",
+    "log_every",
+    "tensorboard",
+    "progress",
+)
+
+
+def check_resume_config(folder: Path, config_json: str) -> None:
+    """Refuse to resume the checkpoint ``folder`` under settings other than those it was saved with (its
+    ``config.json``), naming the keys: the old optimizer state and KL controller under a new learning
+    rate, KL coefficient or algorithm would be neither run."""
+    path = Path(folder) / "config.json"
+    if not path.is_file():
+        return
+    import json
+
+    saved, now = json.loads(path.read_text()), json.loads(config_json)
+    changed = sorted(
+        k for k in set(saved) | set(now) if k not in RESUME_MAY_CHANGE and saved.get(k) != now.get(k)
+    )
+    if changed:
+        diffs = ", ".join(f"{k} {saved.get(k)!r} -> {now.get(k)!r}" for k in changed)
+        raise ValueError(
+            f"resume: {folder} was saved with other settings ({diffs}); resuming would train the saved "
+            "weights and optimizer state under settings they were not made with. Resume with the saved "
+            "values, or start a new run in another output_dir"
+        )
+
+
 def load_checkpoint(strategy, folder: Path) -> dict:
     """Restore engine state and this rank's trainer state (RNG included); returns the trainer state."""
     strategy.load(str(folder))

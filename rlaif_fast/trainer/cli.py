@@ -92,12 +92,46 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+# any one of these lets AutoTokenizer read a folder
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json", "spiece.model")
+
+
+def check_reward(spec: str) -> None:
+    """The cheap half of :func:`load_callable`, run before any model loads: the folder or file exists, and
+    a reward-model folder holds the tokenizer its scorer needs."""
+    from rlaif_fast.reward.model import HEAD_FILE
+
+    folder = Path(spec)
+    if folder.is_dir():
+        if not (folder / HEAD_FILE).is_file():
+            raise ValueError(
+                f"--reward {spec!r} is a folder without {HEAD_FILE}: not a reward model saved by "
+                "`rlaif-fast train-rm`"
+            )
+        if not any((folder / name).is_file() for name in TOKENIZER_FILES):
+            raise ValueError(
+                f"--reward {spec!r} holds a reward model but no tokenizer ({' / '.join(TOKENIZER_FILES[:2])}): "
+                f"save the tokenizer it was trained with into it (tokenizer.save_pretrained({spec!r})); "
+                "`rlaif-fast train-rm` does"
+            )
+        return
+    if ":" not in spec:
+        raise ValueError(
+            f"--reward {spec!r} must be a reward-model directory saved by `rlaif-fast train-rm`, "
+            "MODULE:NAME or FILE.py:NAME"
+        )
+    where = spec.rsplit(":", 1)[0]
+    if where.endswith(".py") and not Path(where).is_file():
+        raise ValueError(f"--reward file {where!r} does not exist")
+
+
 def load_callable(spec: str, device=None):
     """The reward: a directory saved by ``rlaif-fast train-rm`` (a distilled reward model and its
     tokenizer), ``pkg.module:name`` or ``path/to/file.py:name``. A reward model is put on ``device``
     (default: this rank's GPU when there is one, so that it does not score on the CPU), in eval mode."""
     from rlaif_fast.reward.model import HEAD_FILE
 
+    check_reward(spec)
     if (Path(spec) / HEAD_FILE).is_file():
         import torch
         from transformers import AutoTokenizer
@@ -111,16 +145,9 @@ def load_callable(spec: str, device=None):
             )
         model = RewardModel.from_pretrained(spec).to(device).eval()
         return RewardModelScorer(model, AutoTokenizer.from_pretrained(spec))
-    if ":" not in spec:
-        raise ValueError(
-            f"--reward {spec!r} must be a reward-model directory saved by `rlaif-fast train-rm`, "
-            "MODULE:NAME or FILE.py:NAME"
-        )
     where, name = spec.rsplit(":", 1)
     if where.endswith(".py"):
         path = Path(where)
-        if not path.is_file():
-            raise ValueError(f"--reward file {where!r} does not exist")
         # registered in sys.modules as an import would, or a dataclass (its module looked up there) or pickling
         # fails; under a name of its own when the stem is taken (a file named like an imported module)
         mod_name = path.stem if path.stem not in sys.modules else f"_rlaif_reward_{path.stem}"
@@ -138,16 +165,31 @@ def load_callable(spec: str, device=None):
 
 
 def load_prompts(path: str) -> list[str]:
+    """Prompts from a .jsonl file ({"prompt": "..."} per line) or a text file (one per line); a bad line is
+    reported with the file and its line number."""
     p = Path(path)
     if not p.is_file():
         raise ValueError(f"--prompts {path!r} does not exist")
-    if p.suffix == ".jsonl":
-        rows = [json.loads(line) for line in p.read_text().splitlines() if line.strip()]
-        missing = [i for i, r in enumerate(rows) if "prompt" not in r]
-        if missing:
-            raise ValueError(f"{path}: line {missing[0] + 1} has no 'prompt' field")
-        return [r["prompt"] for r in rows]
-    return [line for line in p.read_text().splitlines() if line.strip()]
+    lines = p.read_text(encoding="utf-8").splitlines()
+    if p.suffix != ".jsonl":
+        prompts = [line for line in lines if line.strip()]
+    else:
+        prompts = []
+        for n, line in enumerate(lines, start=1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as exc:
+                raise ValueError(
+                    f"{path}:{n}: not JSON ({exc.msg}); write one JSON object per line"
+                ) from None
+            if not isinstance(row, dict) or not isinstance(row.get("prompt"), str):
+                raise ValueError(f'{path}:{n}: no "prompt" string; write lines like {{"prompt": "..."}}')
+            prompts.append(row["prompt"])
+    if not prompts:
+        raise ValueError(f"--prompts {path!r} holds no prompt")
+    return prompts
 
 
 def load_policy(policy: str, tokenizer: str | None):
@@ -162,8 +204,12 @@ def load_policy(policy: str, tokenizer: str | None):
     return AutoModelForCausalLM.from_pretrained(policy), AutoTokenizer.from_pretrained(tokenizer or policy)
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = vars(build_parser().parse_args(argv))
+def _checked_inputs(args: dict) -> tuple[RLAIFConfig, list[str]]:
+    """Every user input checked before anything heavy loads: the config (YAML and flags), a resume under
+    the same settings, the prompts, the policy and tokenizer paths, the reward and the output folder."""
+    from rlaif_fast import _inputs
+    from rlaif_fast.trainer import checkpoint as ckpt
+
     values = {}
     if args.get("config"):
         # the keys the file sets, not a resolved config: a default derived from a YAML value (mini_batch_size
@@ -171,8 +217,28 @@ def main(argv: list[str] | None = None) -> int:
         values = yaml_values(args["config"], section=args.get("config_section"))
     values.update({k: v for k, v in args.items() if k in RLAIFConfig.field_names()})
     config = RLAIFConfig.from_dict(values)
-    reward = load_callable(args["reward"])
+    if config.resume and (latest := ckpt.latest_checkpoint(config.output_dir)) is not None:
+        ckpt.check_resume_config(latest, config.to_json())
     prompts = load_prompts(args["prompts"])
+    _inputs.check_model_path("--policy", args["policy"])
+    if args["policy"].endswith(".bin") and args.get("tokenizer") is None:
+        raise ValueError("a llama2.c .bin policy needs --tokenizer path/to/tok*.bin")
+    if args.get("tokenizer") is not None and not Path(args["tokenizer"]).exists():
+        raise ValueError(f"--tokenizer {args['tokenizer']!r} does not exist")
+    check_reward(args["reward"])
+    _inputs.check_writable_dir("output_dir", config.output_dir)
+    return config, prompts
+
+
+def main(argv: list[str] | None = None) -> int:
+    from rlaif_fast.cli import user_error
+
+    args = vars(build_parser().parse_args(argv))
+    try:
+        config, prompts = _checked_inputs(args)
+    except (ValueError, TypeError) as exc:
+        return user_error("rlaif-fast train", exc)
+    reward = load_callable(args["reward"])
     policy, tokenizer = load_policy(args["policy"], args.get("tokenizer"))
     from rlaif_fast.trainer import RLAIFTrainer, ValueModel
 

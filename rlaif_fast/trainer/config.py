@@ -378,9 +378,9 @@ class RLAIFConfig:
 def yaml_values(path: str | Path, section: str | None = None) -> dict[str, Any]:
     """The keys a YAML file (or its top-level ``section``) sets, unvalidated and without defaults, so that
     flags can override them before the defaults that derive from others (mini_batch_size) are filled."""
-    import yaml
+    from rlaif_fast._inputs import load_yaml
 
-    data = yaml.safe_load(Path(path).read_text()) or {}
+    data = load_yaml(path) or {}
     if not isinstance(data, dict):
         raise ValueError(f"{path} holds a {type(data).__name__}; write a mapping of RLAIFConfig keys")
     if section is not None:

@@ -8,7 +8,10 @@ from __future__ import annotations
 import json
 import math
 import time
+import warnings
 from pathlib import Path
+
+_warned_no_matplotlib = False
 
 
 class MetricsLogger:
@@ -23,7 +26,8 @@ class MetricsLogger:
         initial: int = 0,
     ):
         self.enabled = enabled
-        self.history: list[dict] = []
+        self.history: list[dict] = []  # this process's steps
+        self.earlier: list[dict] = []  # the steps before ``initial``, logged by the runs this one resumes
         self.start = time.time()
         self._tb = self._bar = self._file = None
         if not enabled:
@@ -34,7 +38,9 @@ class MetricsLogger:
         # a resumed run continues the same file, from its checkpoint: the steps a killed run logged after
         # that checkpoint are redone, so their lines go (TensorBoard purges them the same way)
         lines = path.read_text().splitlines() if path.is_file() else []
-        path.write_text("".join(line + "\n" for line in lines if _step_of(line) <= initial))
+        kept = [line for line in lines if _step_of(line) <= initial]
+        path.write_text("".join(line + "\n" for line in kept))
+        self.earlier = [json.loads(line) for line in kept]
         self._file = open(path, "a")
         if tensorboard:
             try:
@@ -64,17 +70,26 @@ class MetricsLogger:
                 reward=f"{metrics.get('reward', math.nan):.3f}", kl=f"{metrics.get('kl', math.nan):.3f}"
             )
 
+    @property
+    def full_history(self) -> list[dict]:
+        """Every logged step of the run, the resumed-from runs' included."""
+        return self.earlier + self.history
+
     def summary(self, final_step: int, stopped: str) -> dict:
-        """First vs last step of the run and the totals; printed on rank 0."""
+        """First vs last step of the whole run (across resumes) and the totals; printed on rank 0.
+        ``seconds`` is this process's wall time; ``resumed_at`` the step it resumed from (0: none)."""
         out: dict = {"steps": final_step, "stopped": stopped, "seconds": round(time.time() - self.start, 2)}
-        if self.history:
-            first, last = self.history[0], self.history[-1]
+        if self.earlier:
+            out["resumed_at"] = self.earlier[-1]["step"]
+        rows = self.full_history
+        if rows:
+            first, last = rows[0], rows[-1]
             for key in ("reward", "kl", "entropy", "response_len"):
                 if key in last:
                     out[f"{key}_first"], out[f"{key}_last"] = first.get(key), last[key]
             out["tokens_per_s"] = round(
-                sum(h.get("tokens", 0) for h in self.history)
-                / max(sum(h.get("step_seconds", 0.0) for h in self.history), 1e-9),
+                sum(h.get("tokens", 0) for h in rows)
+                / max(sum(h.get("step_seconds", 0.0) for h in rows), 1e-9),
                 1,
             )
         if self.enabled:
@@ -101,6 +116,28 @@ def _step_of(line: str) -> float:
         return math.inf
 
 
+def pyplot_or_warn(path):
+    """matplotlib.pyplot on the Agg backend (files only: no display on a training node), or None when the
+    optional ``plots`` extra is not installed: the plot at ``path`` is skipped with one warning per
+    process, and the run goes on (its metrics are in metrics.jsonl all the same)."""
+    global _warned_no_matplotlib
+    try:
+        import matplotlib
+    except ImportError:
+        if not _warned_no_matplotlib:
+            _warned_no_matplotlib = True
+            warnings.warn(
+                f"matplotlib is not installed: {path} is not drawn (the metrics are in metrics.jsonl); "
+                "pip install 'rlaif-fast[plots]' to get the plot",
+                stacklevel=3,
+            )
+        return None
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
 def plot_metrics(
     history: list[dict], path: str | Path, keys=("reward", "kl", "entropy", "win_rate")
 ) -> Path | None:
@@ -108,11 +145,9 @@ def plot_metrics(
     present = [k for k in keys if any(k in h for h in history)]
     if not present:
         return None
-    import matplotlib
-
-    matplotlib.use("Agg")  # files only: no display on a training node
-    import matplotlib.pyplot as plt
-
+    plt = pyplot_or_warn(path)
+    if plt is None:
+        return None
     fig, axes = plt.subplots(1, len(present), figsize=(4 * len(present), 3), squeeze=False)
     for ax, key in zip(axes[0], present):
         points = [(h["step"], h[key]) for h in history if key in h]

@@ -169,6 +169,7 @@ class RLAIFTrainer:
             )
         self._checkpoint_step = None  # the step of the checkpoint saved or loaded last
         if cfg.resume and (latest := ckpt.latest_checkpoint(cfg.output_dir)) is not None:
+            ckpt.check_resume_config(latest, cfg.to_json())
             self.load(latest)
 
     # ---- one RL step ------------------------------------------------------------------------------
@@ -583,7 +584,7 @@ class RLAIFTrainer:
             self.save(Path(cfg.output_dir) / "final")
         summary = logger.summary(self.global_step, stopped)
         if self.strategy.is_main and logger.history:
-            plot_metrics(logger.history, Path(cfg.output_dir) / "metrics.png")
+            plot_metrics(logger.full_history, Path(cfg.output_dir) / "metrics.png")
         summary["history"] = logger.history
         return summary
 
