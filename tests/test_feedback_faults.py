@@ -151,6 +151,10 @@ class FakeServer:
             return h.send(200, {"generated_text": "x", "details": {"prefill": prefill, "tokens": []}})
         if self.mode == "tgi":
             return h.send(422, {"error": "Input validation error: `echo` is not supported"})
+        extra = set(body) - {"model", "prompt", "max_tokens", "temperature", "top_p", "echo", "logprobs"}
+        extra -= {"frequency_penalty", "presence_penalty", "stop", "seed", "n"}
+        if self.mode == "tfserve" and extra:  # as transformers serve 5.19 answers
+            return h.send(422, {"detail": f"Unexpected fields in the request: {sorted(extra)}"})
         prompt = body.get("prompt")
         if isinstance(prompt, list) and self.mode in ("llamacpp", "tfserve") and len(prompt) > 1:
             if self.mode == "llamacpp":
@@ -238,6 +242,11 @@ def test_a_server_without_prompt_logprobs_is_refused_naming_its_replies(fake, tm
     err = capsys.readouterr().err
     assert rc == 2 and "prompt must be a string" in err and err.count("\n") == 1
     assert (tmp_path / "o.jsonl").read_text() == ""
+    # generation still works there: the non-OpenAI penalty fields it refuses by name are dropped
+    client = _client(srv)
+    assert client.generate(["Why?"], max_new_tokens=3) == ["xxx"]
+    assert client.dropped_fields == {"repetition_penalty", "repeat_penalty"}
+    assert "repeat_penalty" not in srv.bodies[-1] and srv.bodies[-1]["temperature"] == 0
 
 
 def test_locating_the_candidate_by_tokens_not_offsets():

@@ -51,6 +51,9 @@ GREEDY = {
     "frequency_penalty": 0.0,
     "presence_penalty": 0.0,
 }
+# not in OpenAI's API: a strict server (transformers serve: HTTP 422 "Unexpected fields") refuses them, so a
+# reply naming one drops it for the rest of this backend's life (such a server applies no such penalty)
+OPTIONAL_FIELDS = ("repetition_penalty", "repeat_penalty")
 _REPLY_CHARS = 300
 
 
@@ -178,6 +181,7 @@ class OpenAICompatibleBackend:
         self._probe_lock = threading.Lock()
         self.route: str | None = route
         self._probing = False
+        self.dropped_fields: set[str] = set()
         self.probe_replies: dict[str, str] = {}
         self.first_error: str | None = None
         self.stats = {"requests": 0, "retries": 0, "failures": 0}
@@ -269,6 +273,7 @@ class OpenAICompatibleBackend:
     def _post(self, body: dict, path: str = "/completions", check=None):
         """POST ``body``; ``check(reply)`` turns the reply into the result (a _BadReply is retried)."""
         url = self.base_url + path if path.startswith("/") else path
+        body = {k: v for k, v in body.items() if k not in self.dropped_fields}
         payload = json.dumps(body).encode()
         last = None
         for attempt in range(self.max_retries + 1):
@@ -282,6 +287,11 @@ class OpenAICompatibleBackend:
                 return check(reply) if check is not None else reply
             except _Fail as exc:
                 last = exc
+                named = [k for k in OPTIONAL_FIELDS if k in body and k in str(exc)]
+                if exc.status in (400, 422) and named:  # a strict server: resend without the fields it names
+                    with self._lock:
+                        self.dropped_fields.update(named)
+                    return self._post(body, path, check)
                 if not exc.retry:
                     raise BackendError(f"{url} answered {exc}", status=exc.status) from None
             except (_BadReply, KeyError, TypeError, AttributeError, IndexError) as exc:
