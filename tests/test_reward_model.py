@@ -149,3 +149,31 @@ def test_head_saved_on_gpu_loads_on_a_cpu_machine(tmp_path, monkeypatch):
     ids = torch.tensor([[5, 6, 7]])
     with torch.no_grad():
         torch.testing.assert_close(back(ids), rm(ids), atol=1e-6, rtol=0)
+
+
+# -------------------- train-rm checks its inputs before training
+
+
+def test_train_rm_names_the_file_line_and_checks_out_before_training(tmp_path, capsys):
+    base = tmp_path / "base"
+    base.mkdir()
+    (base / "config.json").write_text("{}")  # passes the path check; the bad inputs stop it before loading
+    rows = [{"context": f"c{i}", "response_a": "a", "response_b": "b", "p_a": 0.7} for i in range(20)]
+    rows[17].pop("p_a")  # line 18: reported as "pair N" counted after shuffling before
+    prefs = tmp_path / "prefs.jsonl"
+    prefs.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    args = ["--prefs", str(prefs), "--base-model", str(base), "--out", str(tmp_path / "rm")]
+    assert train_rm_main(args) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("rlaif-fast train-rm: error: ") and "prefs.jsonl:18 lacks ['p_a']" in err
+    rows[17]["p_a"] = "high"
+    prefs.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    assert train_rm_main(args) == 2
+    assert "prefs.jsonl:18 has p_a='high'" in capsys.readouterr().err
+    (tmp_path / "a_file").write_text("")
+    args[-1] = str(tmp_path / "a_file" / "rm")  # nothing can be written there: refused before training
+    assert train_rm_main(args) == 2
+    assert "--out '" in capsys.readouterr().err
+    args[3] = str(tmp_path / "no_such_model")
+    assert train_rm_main(args) == 2
+    assert "--base-model '" in capsys.readouterr().err

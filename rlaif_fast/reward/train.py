@@ -22,17 +22,23 @@ from rlaif_fast.reward.metrics import pairwise_accuracy
 from rlaif_fast.reward.model import RewardModel, RewardModelScorer, encode_pairs_side
 
 
-def _as_record(p, i: int) -> dict:
+def _as_record(p, i: int | str) -> dict:
+    """A validated record; ``i`` names it in errors: a pair index, or ``"FILE:LINE"`` when read from a file."""
+    where = i if isinstance(i, str) else f"pair {i}"
     rec = p if isinstance(p, dict) else vars(p)
     missing = [k for k in ("response_a", "response_b", "p_a") if k not in rec]
     if missing:
         raise ValueError(
-            f"pair {i} lacks {missing}; records need context, response_a, response_b and p_a "
+            f"{where} lacks {missing}; records need context, response_a, response_b and p_a "
             "(the output of `rlaif-fast label`)"
         )
-    p_a = float(rec["p_a"])
+    raw = rec["p_a"]
+    try:
+        p_a = float(raw) if not isinstance(raw, bool) else math.nan
+    except (TypeError, ValueError):
+        p_a = math.nan
     if not 0.0 <= p_a <= 1.0:
-        raise ValueError(f"pair {i} has p_a={p_a!r}; soft labels must lie in [0, 1]")
+        raise ValueError(f"{where} has p_a={raw!r}; soft labels must be numbers in [0, 1]")
     return {
         "context": rec.get("context", ""),
         "response_a": rec["response_a"],
@@ -212,6 +218,11 @@ class RMTrainConfig:
             raise ValueError(f"eval_fraction must be in [0, 1), got {self.eval_fraction}")
         if not Path(self.prefs).is_file():
             raise ValueError(f"--prefs {self.prefs!r} does not exist; run `rlaif-fast label` first")
+        from rlaif_fast import _inputs
+
+        # before hours of training, not at the save after them
+        _inputs.check_model_path("--base-model", self.base_model)
+        _inputs.check_writable_dir("--out", self.out)
 
 
 def _read_jsonl(path) -> list[dict]:
@@ -220,9 +231,11 @@ def _read_jsonl(path) -> list[dict]:
         for n, line in enumerate(f, start=1):
             if line.strip():
                 try:
-                    rows.append(json.loads(line))
+                    row = json.loads(line)
                 except json.JSONDecodeError as exc:
                     raise ValueError(f"{path}:{n}: malformed JSON ({exc.msg})") from None
+                _as_record(row, f"{path}:{n}")  # a bad record names its line, not its place after shuffling
+                rows.append(row)
     return rows
 
 
