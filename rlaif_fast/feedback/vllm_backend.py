@@ -33,7 +33,8 @@ class VLLMBackend(HFBackend):
         model_path: a local directory vLLM can load (config.json + weights).
         tokenizer: the labeler's tokenizer; loaded from ``model_path`` if None.
         max_length: token limit per prompt; defaults to the model's position limit.
-        dtype: the engine's dtype ("auto": the checkpoint's).
+        dtype: the engine's dtype ("auto": the checkpoint's own, as HFBackend loads it; vLLM's "auto"
+            would run an fp32 checkpoint in bf16 on CPU).
         gpu_memory_utilization, tensor_parallel_size: as in ``vllm.LLM`` (on CPU the KV cache size comes
             from VLLM_CPU_KVCACHE_SPACE instead, 1 GiB unless set).
         enforce_eager: no torch.compile / CUDA graphs (starts in seconds on CPU instead of ~100 s).
@@ -73,7 +74,7 @@ class VLLMBackend(HFBackend):
             model=str(path.resolve()),
             skip_tokenizer_init=True,  # our tokenizer encodes, exactly as HFBackend's does
             generation_config="vllm",
-            dtype=dtype,
+            dtype=(config.get("dtype") or config.get("torch_dtype") or "auto") if dtype == "auto" else dtype,
             max_model_len=self.max_length,
             enable_prefix_caching=True,
             seed=0,
