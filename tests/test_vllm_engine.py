@@ -9,6 +9,7 @@ group): vLLM's import costs 15-40 s, its start a few seconds. The 2-rank ZeRO-3 
 tests/dist/vllm_zero3.py, run by test_two_ranks_each_engine_holds_the_zero3_update below.
 """
 
+import math
 import sys
 from pathlib import Path
 
@@ -134,7 +135,9 @@ def test_a_prompt_cached_before_the_sync_is_scored_fresh_after_it(tmp_path, monk
 def test_grpo_with_vllm_learns_and_resumes_exactly_after_a_kill(tmp_path):
     steps = 6
     full = RLAIFTrainer(tiny_llama(), CharTokenizer(), count_a, config(tmp_path / "a", total_steps=steps))
-    history = full.train(PROMPTS)["history"]
+    summary = full.train(PROMPTS)
+    history = summary["history"]
+    assert summary["time_generate_total"] > 0 and summary["time_update_total"] > 0  # the summary's split
     rewards = [h["reward"] for h in history]
     assert sum(rewards[-2:]) / 2 > sum(rewards[:2]) / 2 + 0.1, rewards
     for h in history:  # per-phase timings and the sampler-vs-trainer mismatch are logged
@@ -164,6 +167,31 @@ def test_tis_weights_are_one_when_sampler_and_trainer_agree(tmp_path):
     metrics = trainer.step(PROMPTS[:2])
     assert metrics["tis_weight_mean"] == pytest.approx(1.0, abs=1e-4)
     assert metrics["tis_capped_frac"] == 0.0
+
+
+def test_tis_weights_each_token_by_the_capped_ratio_and_logs_the_mismatch():
+    from rlaif_fast.trainer.generation import Rollouts
+    from rlaif_fast.trainer.rollout_vllm import sampler_mismatch
+
+    old = torch.tensor([[-1.0, -2.0, -0.5], [-1.0, -3.0, 0.0]])
+    sampler = [[-1.0, -2.5, -0.2], [-2.0]]  # row 1 has one response token
+    mask = torch.tensor([[1.0, 1.0, 1.0], [1.0, 0.0, 0.0]])
+    rollouts = Rollouts(["p", "p"], ["a", "b"], [[1], [1]], [[3, 4, 5], [3]], extra={"sampler_logp": sampler})
+    data = {"old_logp": old, "mask": mask, "advantages": torch.full((2, 3), 2.0) * mask}
+    out = sampler_mismatch(data, rollouts, 2.0, lambda t, op="sum": t)
+    r = torch.tensor([[0.0, 0.5, -0.3], [1.0, 0.0, 0.0]])
+    w = torch.tensor([[1.0, math.exp(0.5), math.exp(-0.3)], [2.0, 0.0, 0.0]])  # exp(1) capped at 2
+    assert torch.allclose(data["advantages"], 2.0 * w, atol=1e-6)
+    k3 = (torch.exp(r) - 1 - r) * mask
+    assert out["sampler_kl"] == pytest.approx(float(k3.sum() / 4), rel=1e-6)
+    assert out["sampler_logp_max_diff"] == pytest.approx(1.0)
+    assert out["tis_capped_frac"] == pytest.approx(0.25) and out["tis_weight_mean"] == pytest.approx(
+        float(w.sum() / 4), rel=1e-6
+    )
+    # the clipped surrogate is homogeneous in the advantage: weighting A is weighting each token's term
+    ratio, adv = torch.tensor([0.7, 1.0, 1.4]), torch.tensor([1.0, -2.0, 3.0])
+    term = lambda a: -torch.minimum(ratio * a, ratio.clamp(0.8, 1.2) * a)  # noqa: E731
+    assert torch.allclose(term(adv * w[0]), term(adv) * w[0])
 
 
 def test_without_vllm_the_config_says_how_to_install_it(monkeypatch):
