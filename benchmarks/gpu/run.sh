@@ -34,6 +34,10 @@ for script in benchmarks/gpu/bench_ops.py benchmarks/gpu/bench_linear.py; do
 done
 echo "== benchmarks/bench_gae.py --gpu"
 if [ "${1:-}" != "--smoke" ]; then "$PY" benchmarks/bench_gae.py --gpu --out "$OUT" || status=1; fi
+echo "== benchmarks/bench_rollout_engine.py (whole RL step, rollout_engine hf vs vllm; needs a CUDA vllm)"
+if [ "${1:-}" != "--smoke" ] && "$PY" -c "import vllm" 2>/dev/null; then
+  "$PY" benchmarks/bench_rollout_engine.py --repeats 1 --steps 2 | tee "$OUT/rollout_engine.md" || status=1
+else echo "skipped (vllm not importable, or --smoke)"; fi
 echo "== summary (goals of issues 2 and 3; also in $OUT/summary.md)"
 "$PY" benchmarks/gpu/summarize.py "$OUT" --write || status=1
 exit $status
