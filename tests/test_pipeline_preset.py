@@ -104,3 +104,11 @@ def test_short_run_with_the_paper_preset(tmp_path, monkeypatch):
     best = max(ev["checkpoints"], key=lambda c: c["win_rate"])
     assert ev["win_rate"] == best["win_rate"] and not math.isnan(ev["win_rate"])
     assert ev["best_checkpoint"] in names
+    # the dashboard (from the label file) agrees with the label stage's record (from the labels in memory)
+    dash = json.loads((out / "report.json").read_text())["labeler_dashboard"]
+    label = json.loads((out / "iter_1" / "label.json").read_text())
+    assert dash[0]["position_bias"] == pytest.approx(label["position_bias"])
+    assert dash[0]["mean_entropy"] == pytest.approx(label["mean_entropy"])
+    assert dash[0]["alignment"] == pytest.approx(label["alignment"])
+    assert "## Labeler dashboard" in (out / "report.md").read_text()
+    assert (out / "labeler_dashboard.png").read_bytes()[:4] == b"\x89PNG"

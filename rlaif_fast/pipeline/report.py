@@ -54,6 +54,10 @@ def build_report(result: dict, cfg) -> dict:
             }
             for it in its
         ],
+        "lc_win_rate_vs_sft": last["eval"].get("lc_win_rate"),
+        "harmless_rate": last["eval"].get("harmless_rate"),
+        "harmless_rate_sft": last["eval"].get("harmless_rate_baseline"),
+        "best_checkpoint": last["eval"].get("best_checkpoint"),
         "examples": last["eval"].get("examples", []),
     }
     if rep["gt_sft"] is not None:
@@ -84,11 +88,19 @@ def render_markdown(rep: dict) -> str:
         f"| reward model accuracy, held out, vs ground truth | {_fmt(rep['rm_accuracy_gt'], True)} |",
         f"| win rate vs SFT (AI labeler, both orders) | {_fmt(rep['win_rate_vs_sft'], True)} |",
         f"| win rate vs SFT (ground truth) | {_fmt(rep['gt_win_rate_vs_sft'], True)} |",
+        f"| length-controlled win rate vs SFT (AI labeler) | {_fmt(rep.get('lc_win_rate_vs_sft'), True)} |",
         f"| ground-truth score, SFT | {_fmt(rep['gt_sft'])} |",
         f"| ground-truth score, after RL | {_fmt(rep['gt_policy'])} |",
     ]
     if "gt_improved" in rep:
         lines.append(f"| ground truth improved | {_fmt(rep['gt_improved'])} |")
+    if rep.get("harmless_rate") is not None:
+        lines.append(
+            f"| harmless rate, policy / SFT | {_fmt(rep['harmless_rate'], True)} / "
+            f"{_fmt(rep['harmless_rate_sft'], True)} |"
+        )
+    if rep.get("best_checkpoint"):
+        lines.append(f"| RL checkpoint selected by labeler win rate | `{rep['best_checkpoint']}` |")
     if rep.get("feedback") == "direct":
         lines += [
             f"| d-RLAIF score, mean (in [-1, 1]) | {_fmt(rep['labeler_score_mean'])} |",
@@ -110,7 +122,12 @@ def render_markdown(rep: dict) -> str:
         lines += ["", "Samples on held-out prompts (policy / SFT):", ""]
         for e in rep["examples"]:
             lines.append(f"- `{e['prompt']}` -> `{e['policy']}` / `{e['baseline']}`")
-    return "\n".join(lines) + "\n"
+    text = "\n".join(lines) + "\n"
+    if rep.get("labeler_dashboard"):
+        from rlaif_fast.pipeline.dashboard import render_dashboard
+
+        text += "\n" + render_dashboard(rep["labeler_dashboard"])
+    return text
 
 
 def write_report(rep: dict, out_dir: str | Path) -> tuple[Path, Path]:

@@ -33,6 +33,7 @@ import json
 import sys
 from pathlib import Path
 
+from rlaif_fast.cli import user_error
 from rlaif_fast.pipeline import evaluate as ev
 from rlaif_fast.pipeline import files
 from rlaif_fast.pipeline import models as M
@@ -252,8 +253,8 @@ class Run(Stages):
         if previous is not None:
             # a run recorded before the file hashes existed resumes on its settings alone
             compared = {k: v for k, v in current.items() if k in previous or not k.endswith("_sha256")}
-            if previous != compared:
-                keys = sorted(k for k in set(previous) | set(compared) if previous.get(k) != compared.get(k))
+            keys = _changed_keys(previous, compared)
+            if keys:
                 raise ValueError(
                     f"{self.out} holds a run made with a different config (changed: {', '.join(keys)}); "
                     "resuming would mix the two. Use a new output_dir, or delete the old one"
@@ -308,6 +309,21 @@ def parse_overrides(pairs: list[str]) -> dict:
     return out
 
 
+def _changed_keys(old: dict, new: dict, prefix: str = "") -> list[str]:
+    """Dotted names of the settings that differ (``rl.kl_coef``, not just ``rl``). ``output_dir`` is where
+    the run lives, not a setting: a run folder moved elsewhere resumes."""
+    keys = []
+    for k in sorted(set(old) | set(new)):
+        a, b = old.get(k), new.get(k)
+        if prefix + k == "output_dir" or a == b:
+            continue
+        if isinstance(a, dict) and isinstance(b, dict):
+            keys += _changed_keys(a, b, f"{prefix}{k}.")
+        else:
+            keys.append(prefix + k)
+    return keys
+
+
 def main(argv: list[str] | None = None) -> int:
     """``rlaif-fast run CONFIG.yaml [--set key=value ...]``: run (or resume) the loop, then report."""
     ap = argparse.ArgumentParser(prog="rlaif-fast run", description=__doc__.split("\n")[0])
@@ -315,15 +331,22 @@ def main(argv: list[str] | None = None) -> int:
     add_set_argument(ap)
     ap.add_argument("--no-progress", action="store_true", help="no progress bars or stage lines")
     args = ap.parse_args(argv)
-    cfg = RunConfig.from_yaml(args.config, parse_overrides(args.set))
+    try:
+        cfg = RunConfig.from_yaml(args.config, parse_overrides(args.set))
+    except (ValueError, TypeError) as exc:
+        return user_error("rlaif-fast run", exc)
     return finish(cfg, progress=not args.no_progress)
 
 
-def finish(cfg: RunConfig, *, progress: bool) -> int:
+def finish(cfg: RunConfig, *, progress: bool, prog: str = "rlaif-fast run") -> int:
     """Run the loop, then write and print the report (report.md, report.json, metrics.png)."""
     from rlaif_fast.pipeline import plots, report
 
-    run = Run(cfg, progress=progress)
+    try:  # the settings, and a resume under other ones, are checked before any stage runs
+        run = Run(cfg, progress=progress)
+        run._check_same_config()
+    except (ValueError, TypeError) as exc:
+        return user_error(prog, exc)
     try:
         result = run.run()
     except KeyboardInterrupt:
@@ -335,8 +358,12 @@ def finish(cfg: RunConfig, *, progress: bool) -> int:
     if not run.ranks.is_main:  # rank 0 writes the report
         run.ranks.close()
         return 0
+    from rlaif_fast.pipeline import dashboard
+
     plots.plot_metrics(run.out / "metrics.jsonl", run.out / "metrics.png")
     rep = report.build_report(result, cfg)
+    rep["labeler_dashboard"] = dashboard.build_dashboard(run.out, cfg.iterations)
+    dashboard.plot_dashboard(rep["labeler_dashboard"], run.out / "labeler_dashboard.png")
     report.write_report(rep, run.out)
     print(report.render_markdown(rep))
     run.ranks.close()

@@ -137,6 +137,12 @@ class Stages:
             raise RuntimeError(f"iteration {k}: pairs {missing[:5]} have no label in any shard")
         records = [labeled[r["id"]] for r in samples]
         n = len(records)
+        if self.ground_truth is not None:  # the reference choice, so the label file alone gives the alignment
+            ctx = [r["context"] for r in records]
+            gt_a = self.ground_truth(ctx, [r["response_a"] for r in records])
+            gt_b = self.ground_truth(ctx, [r["response_b"] for r in records])
+            for r, x, y in zip(records, gt_a, gt_b):
+                r["reference_a"] = 1.0 if x > y else 0.0 if x < y else 0.5
         # a pair the labeler failed on (NaN label) is kept in pairs.jsonl but left out of every rate and of
         # the reward model's data: it is not a confident, consistent label
         valid = [r for r in records if math.isfinite(r["p_a"])]
