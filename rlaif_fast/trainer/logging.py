@@ -92,6 +92,10 @@ class MetricsLogger:
                 / max(sum(h.get("step_seconds", 0.0) for h in rows), 1e-9),
                 1,
             )
+            # where a step's time goes (trainer.step: time_generate, time_weight_sync, time_reward,
+            # time_score, time_update), as total seconds over the run
+            for key in sorted({k for h in rows for k in h if k.startswith("time_")}):
+                out[f"{key}_total"] = round(sum(h.get(key, 0.0) for h in rows), 3)
         if self.enabled:
             lines = [
                 f"  {k:<16} {v:.4g}" if isinstance(v, float) else f"  {k:<16} {v}" for k, v in out.items()
