@@ -53,3 +53,17 @@ demo: venv
 
 clean:
 	rm -rf build *.egg-info rlaif_fast/_C*.so .pytest_cache .ruff_cache .benchmarks
+
+# The HTTP labeler against llama-cpp-python's server on the real stories260K (GGUF), compared with the
+# hf backend on the same weights (issue 11). llama-cpp-python builds from source (~25 min on 2 cores), into
+# its own venv, never .venv; not part of `make test`. Figures: benchmarks/results/feedback.md.
+LLAMACPP_VENV ?= .llamacpp-venv
+.PHONY: llamacpp-check
+llamacpp-check: venv
+	test -x $(LLAMACPP_VENV)/bin/python || $(PY) -m venv $(LLAMACPP_VENV)
+	$(LLAMACPP_VENV)/bin/python -c "import llama_cpp, gguf" 2>/dev/null || \
+	  CMAKE_BUILD_PARALLEL_LEVEL=$${CMAKE_BUILD_PARALLEL_LEVEL:-1} \
+	  CMAKE_ARGS="-DLLAVA_BUILD=OFF -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_BUILD_TOOLS=OFF -DLLAMA_CURL=OFF" \
+	  nice -n 19 $(LLAMACPP_VENV)/bin/pip install "llama-cpp-python[server]==0.3.36" gguf
+	$(LLAMACPP_VENV)/bin/python benchmarks/llamacpp_check.py convert --out build/stories260K.gguf
+	$(VPY) benchmarks/llamacpp_check.py check --gguf build/stories260K.gguf --server-python $(LLAMACPP_VENV)/bin/python
