@@ -94,8 +94,9 @@ def pair_from_record(rec) -> Pair:
         ctx, a, b, human = rec.get("context", ""), rec["response_a"], rec["response_b"], None
         if rec.get("human_a") is not None:
             human = rec["human_a"]
-            if not isinstance(human, bool):
-                raise ValueError(f"human_a must be true, false or null, got {human!r}")
+            if not isinstance(human, bool) and not (type(human) is int and human in (0, 1)):
+                raise ValueError(f"human_a must be true, false (or 1, 0) or null, got {human!r}")
+            human = bool(human)
     elif {"chosen", "rejected"} <= rec.keys():
         if "prompt" in rec:
             ctx, a, b = rec["prompt"], rec["chosen"], rec["rejected"]
