@@ -174,7 +174,7 @@ def provenance(cfg: LabelJobConfig) -> dict:
     sha = hashlib.sha1(json.dumps(body, sort_keys=True, default=str).encode()).hexdigest()[:16]
     kind, _, where = cfg.labeler.partition(":")
     labeler = cfg.labeler
-    if kind in ("hf", "llama2c") and where:
+    if kind in ("hf", "vllm", "llama2c") and where:
         labeler = f"{kind}:{Path(where).resolve()}"
     prov = {"labeler": labeler, "template": cfg.template, "template_sha1": sha, "mode": cfg.mode}
     if kind in ("http", "https"):
