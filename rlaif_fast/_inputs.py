@@ -55,9 +55,10 @@ def _offline() -> bool:
     )
 
 
-def check_model_path(name: str, value: str) -> None:
+def check_model_path(name: str, value: str, *, check_hub_cache: bool = True) -> None:
     """``value`` names a model that can load: a local folder with a config.json, a llama2.c ``.bin``, or a
-    hub id (when hub downloads are on, or the model is in the local hub cache)."""
+    hub id (when hub downloads are on, or the model is in the local hub cache; ``check_hub_cache=False``
+    leaves a hub id to the loader)."""
     p = Path(value).expanduser()
     if value.endswith(".bin"):
         if not p.is_file():
@@ -73,7 +74,7 @@ def check_model_path(name: str, value: str) -> None:
         raise ValueError(
             f"{name} {value!r} does not exist; give a save_pretrained folder or a llama2.c .bin checkpoint"
         )
-    if _offline():
+    if check_hub_cache and _offline():
         from huggingface_hub import try_to_load_from_cache
 
         if not isinstance(try_to_load_from_cache(value, "config.json"), str):

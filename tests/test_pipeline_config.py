@@ -190,3 +190,59 @@ def test_every_shipped_config_loads_and_its_keys_arrive(path, tmp_path):
         assert key not in RL_OWNED and getattr(rl, key) == value, key
     if cfg.task is not None:
         Run(cfg, progress=False)
+
+
+# -------------------- run / eval / demo answer a user's mistake with exit 2, no traceback
+
+
+def _cli_case(tmp_path, kind):
+    bad = {
+        "unknown key": ("iterations: 1\nfoo_bar: 3\n", "unknown run config key 'foo_bar'"),
+        "wrong type": ('iterations: "x"\n', "iterations must be an integer, got 'x'"),
+        "broken YAML": ("iterations: 1\n  bad: [\n", r"c\.yaml:2:6: not valid YAML"),
+        "missing policy": (
+            f"task: null\nprompts_file: p.jsonl\nlabeler: http://127.0.0.1:9\nlabeler_model: m\npolicy: {tmp_path / 'no_such_policy'}\n",
+            "policy '.*no_such_policy' does not exist",
+        ),
+    }
+    if kind == "missing config":
+        return str(tmp_path / "absent.yaml"), "config file '.*absent.yaml' does not exist"
+    text, message = bad[kind]
+    (tmp_path / "c.yaml").write_text(text)
+    return str(tmp_path / "c.yaml"), message
+
+
+@pytest.mark.parametrize("command", ["run", "eval"])
+@pytest.mark.parametrize(
+    "kind", ["unknown key", "wrong type", "broken YAML", "missing policy", "missing config"]
+)
+def test_run_and_eval_answer_a_bad_config_with_exit_2(tmp_path, capsys, command, kind):
+    import re
+
+    from rlaif_fast import cli
+
+    path, message = _cli_case(tmp_path, kind)
+    assert cli.main([command, path]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"rlaif-fast {command}: error: ") and "Traceback" not in err
+    assert re.search(message, err), err
+
+
+def test_demo_set_changing_a_finished_run_names_the_key(tmp_path, capsys):
+    """A rerun of the demo resumes its output; a --set that changes one rl setting is refused naming
+    rl.kl_coef (it named only the section, in a traceback), while a moved output folder still resumes."""
+    import json
+
+    from rlaif_fast import cli
+    from rlaif_fast.pipeline.run import Run
+
+    out = tmp_path / "demo_out"
+    out.mkdir()
+    cfg = RunConfig.from_yaml(packaged_config("demo"), {"output_dir": str(out)})
+    (out / "config.json").write_text(json.dumps({**cfg.to_dict(), "output_dir": "/moved/from/here"}))
+    Run(cfg, progress=False)._check_same_config()  # only output_dir differs: resumes
+    assert cli.main(["demo", "--out", str(out), "--set", "rl.kl_coef=0.123"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("rlaif-fast demo: error: ") and "changed: rl.kl_coef)" in err
+    assert cli.main(["demo", "--set", "no_such_key=1"]) == 2
+    assert "unknown run config key 'no_such_key'" in capsys.readouterr().err

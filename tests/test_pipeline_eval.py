@@ -117,10 +117,10 @@ def eval_setup(tmp_path, monkeypatch):
     return ["eval", str(path), "--policy", str(policy_dir), "--baseline", str(policy_dir)], tmp_path, seen
 
 
-def test_eval_refuses_n_zero(eval_setup):
+def test_eval_refuses_n_zero(eval_setup, capsys):
     argv, _, seen = eval_setup
-    with pytest.raises(ValueError, match="--n must be >= 1, got 0"):
-        cli.main(argv + ["--n", "0"])
+    assert cli.main(argv + ["--n", "0"]) == 2
+    assert "rlaif-fast eval: error: --n must be >= 1, got 0" in capsys.readouterr().err
     assert seen == []
 
 

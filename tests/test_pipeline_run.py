@@ -92,10 +92,10 @@ def test_run_end_to_end_then_resume_then_eval(tiny_config, capsys):
     assert same["win_rate"] == 0.5 and same["gt_policy"] == same["gt_baseline"]  # same seed, same model
 
 
-def test_eval_without_a_run_says_what_to_do(tiny_config):
+def test_eval_without_a_run_says_what_to_do(tiny_config, capsys):
     path, _ = tiny_config
-    with pytest.raises(ValueError, match="does not exist; run `rlaif-fast run"):
-        cli.main(["eval", str(path)])
+    assert cli.main(["eval", str(path)]) == 2
+    assert "does not exist; run `rlaif-fast run" in capsys.readouterr().err
 
 
 def test_demo_labeler_is_cached_and_trained_on_dense_targets(tmp_path, monkeypatch):
@@ -321,7 +321,7 @@ def test_config_json_of_an_older_run_without_file_hashes_still_resumes(tmp_path)
 def test_interrupted_demo_returns_130_without_reading_a_report(tmp_path, monkeypatch, capsys):
     from rlaif_fast.pipeline import run as run_mod
 
-    monkeypatch.setattr(run_mod, "finish", lambda cfg, progress: 130)
+    monkeypatch.setattr(run_mod, "finish", lambda cfg, progress, **kw: 130)
     out = tmp_path / "demo"
     assert cli.main(["demo", "--no-progress", "--out", str(out)]) == 130  # no report.json yet
     out.mkdir()

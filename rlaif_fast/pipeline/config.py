@@ -259,12 +259,10 @@ class RunConfig:
         """Read a YAML file (``overrides`` win over the file's values, e.g. from the command line). A mapping
         in ``overrides`` merges into the file's mapping of the same key (``rl.kl_coef`` changes one setting
         of the ``rl`` section and keeps the others)."""
-        import yaml
+        from rlaif_fast._inputs import load_yaml
 
         path = Path(path)
-        if not path.is_file():
-            raise ValueError(f"config file {str(path)!r} does not exist")
-        data = yaml.safe_load(path.read_text()) or {}
+        data = load_yaml(path) or {}
         if not isinstance(data, dict):
             raise ValueError(f"{path} must hold a YAML mapping of settings, got {type(data).__name__}")
         # file paths in a config are relative to the config's folder when they exist there

@@ -17,6 +17,7 @@ from pathlib import Path
 
 
 def main(argv: list[str] | None = None) -> int:
+    from rlaif_fast.cli import user_error
     from rlaif_fast.pipeline.config import RunConfig, packaged_config
     from rlaif_fast.pipeline.run import add_set_argument, finish, parse_overrides
 
@@ -25,12 +26,15 @@ def main(argv: list[str] | None = None) -> int:
     add_set_argument(ap)
     ap.add_argument("--no-progress", action="store_true", help="no progress bars or stage lines")
     args = ap.parse_args(argv)
-    overrides = parse_overrides(args.set)
-    if args.out is not None:
-        overrides["output_dir"] = args.out
-    cfg = RunConfig.from_yaml(packaged_config("demo"), overrides)
+    try:
+        overrides = parse_overrides(args.set)
+        if args.out is not None:
+            overrides["output_dir"] = args.out
+        cfg = RunConfig.from_yaml(packaged_config("demo"), overrides)
+    except (ValueError, TypeError) as exc:
+        return user_error("rlaif-fast demo", exc)
     t0 = time.perf_counter()
-    status = finish(cfg, progress=not args.no_progress)
+    status = finish(cfg, progress=not args.no_progress, prog="rlaif-fast demo")
     seconds = time.perf_counter() - t0
     if status != 0:  # interrupted: finish said how to resume; report.json is absent or from an older run
         return status

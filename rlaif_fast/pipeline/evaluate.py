@@ -195,6 +195,7 @@ def evaluate_policy(
 
 def main(argv: list[str] | None = None) -> int:
     """``rlaif-fast eval CONFIG.yaml``: the last iteration's policy (or --policy) against SFT (or --baseline)."""
+    from rlaif_fast.cli import user_error
     from rlaif_fast.pipeline import run as run_mod
     from rlaif_fast.pipeline.config import RunConfig
 
@@ -207,19 +208,23 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--n", type=int, help="responses per policy (default: the config's eval_prompts)")
     ap.add_argument("--out", help="write the result as JSON here too")
     args = ap.parse_args(argv)
-    cfg = RunConfig.from_yaml(args.config)
-    run = run_mod.Run(cfg, progress=False)
-    policy_dir = Path(args.policy) if args.policy else run.latest_policy_dir()
-    baseline_dir = Path(args.baseline) if args.baseline else run.sft_dir()
-    n = args.n if args.n is not None else cfg.eval_prompts
-    if n < 1:
-        raise ValueError(f"--n must be >= 1, got {n}")
-    for name, d in (("--policy", policy_dir), ("--baseline", baseline_dir)):
-        if d is None or not Path(d).is_dir():
-            raise ValueError(
-                f"{name} directory {str(d)!r} does not exist; run `rlaif-fast run {args.config}` "
-                "first or pass the directory"
-            )
+    try:
+        cfg = RunConfig.from_yaml(args.config)
+        run_mod.check_policy(cfg)
+        run = run_mod.Run(cfg, progress=False)
+        policy_dir = Path(args.policy) if args.policy else run.latest_policy_dir()
+        baseline_dir = Path(args.baseline) if args.baseline else run.sft_dir()
+        n = args.n if args.n is not None else cfg.eval_prompts
+        if n < 1:
+            raise ValueError(f"--n must be >= 1, got {n}")
+        for name, d in (("--policy", policy_dir), ("--baseline", baseline_dir)):
+            if d is None or not Path(d).is_dir():
+                raise ValueError(
+                    f"{name} directory {str(d)!r} does not exist; run `rlaif-fast run {args.config}` "
+                    "first or pass the directory"
+                )
+    except (ValueError, TypeError, OSError) as exc:  # OSError: a policy's tokenizer that cannot load
+        return user_error("rlaif-fast eval", exc)
     result = run.evaluate(run_mod.load_policy(policy_dir), run_mod.load_policy(baseline_dir), n=n)
     result.pop("examples", None)
     text = json.dumps(result, indent=2)

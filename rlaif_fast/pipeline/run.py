@@ -309,6 +309,15 @@ def parse_overrides(pairs: list[str]) -> dict:
     return out
 
 
+def check_policy(cfg: RunConfig) -> None:
+    """The config's policy path exists (a config file stays valid on a machine without its models, so this
+    runs when a run starts, before anything loads: not as a hub "Repo id" error from deep inside)."""
+    if cfg.policy is not None:
+        from rlaif_fast._inputs import check_model_path
+
+        check_model_path("policy", cfg.policy, check_hub_cache=False)
+
+
 def _changed_keys(old: dict, new: dict, prefix: str = "") -> list[str]:
     """Dotted names of the settings that differ (``rl.kl_coef``, not just ``rl``). ``output_dir`` is where
     the run lives, not a setting: a run folder moved elsewhere resumes."""
@@ -343,9 +352,10 @@ def finish(cfg: RunConfig, *, progress: bool, prog: str = "rlaif-fast run") -> i
     from rlaif_fast.pipeline import plots, report
 
     try:  # the settings, and a resume under other ones, are checked before any stage runs
+        check_policy(cfg)
         run = Run(cfg, progress=progress)
         run._check_same_config()
-    except (ValueError, TypeError) as exc:
+    except (ValueError, TypeError, OSError) as exc:  # OSError: a policy's tokenizer that cannot load
         return user_error(prog, exc)
     try:
         result = run.run()
