@@ -308,6 +308,13 @@ def _scaled_model(kind: str):
         cfg = Gemma2Config(**common, head_dim=16, final_logit_softcapping=2.0, pad_token_id=0)
         model = Gemma2ForCausalLM(cfg)
         emb = model.model.embed_tokens
+    elif kind == "falcon_h1":  # multiplies by lm_head_multiplier: the labeler ignored it (the policy did not)
+        from transformers import FalconH1Config, FalconH1ForCausalLM
+
+        cfg = FalconH1Config(**common, lm_head_multiplier=3.0, mamba_d_ssm=32, mamba_n_heads=4)
+        cfg.update(dict(mamba_d_head=8, mamba_d_state=8, mamba_n_groups=1, mamba_chunk_size=16))
+        model = FalconH1ForCausalLM(cfg)
+        emb = model.model.embed_tokens
     else:
         from transformers import GraniteConfig, GraniteForCausalLM
 
@@ -318,7 +325,7 @@ def _scaled_model(kind: str):
     return model.eval()
 
 
-@pytest.mark.parametrize("kind", ["gemma2", "granite"])
+@pytest.mark.parametrize("kind", ["gemma2", "granite", "falcon_h1"])
 def test_candidate_logits_get_the_models_own_logit_postprocessing(shared_data, kind):
     """Gemma-2 soft-caps its logits (tanh(x/c)*c) and Granite divides them; h @ W.T alone skipped that."""
     model, tok = _scaled_model(kind), gpt2_tokenizer(shared_data)

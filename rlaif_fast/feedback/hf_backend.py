@@ -179,16 +179,11 @@ class HFBackend:
         bias = getattr(emb, "bias", None)
         if bias is not None:
             out = out + (bias if rows is None else bias[rows]).float()
-        # what the model's own forward does after its LM head: Cohere scales, Granite divides, Gemma-2 soft-caps
-        cfg = self.model.config
-        if getattr(cfg, "logit_scale", None) is not None:
-            out = out * float(cfg.logit_scale)
-        if getattr(cfg, "logits_scaling", None) is not None:
-            out = out / float(cfg.logits_scaling)
-        cap = getattr(cfg, "final_logit_softcapping", None)
-        if cap is not None:
-            out = torch.tanh(out / float(cap)) * float(cap)
-        return out
+        # what the model's own forward does after its LM head (Cohere and Falcon-H1 scale, Granite divides,
+        # Gemma-2 soft-caps): the policy's table, so labeler and policy never disagree on an architecture
+        from rlaif_fast.ops.model import apply_head_transform, head_transform
+
+        return apply_head_transform(out, head_transform(self.model.config))
 
     @torch.no_grad()
     def _score_batch(self, seqs: list[list[int]], cand: list[list[int]]) -> torch.Tensor:

@@ -132,7 +132,7 @@ def _fused_forward(
     from trl.trainer.utils import FusedCausalLMOutput
 
     from rlaif_fast.ops.linear import linear_token_logprobs
-    from rlaif_fast.ops.model import _head_transform
+    from rlaif_fast.ops.model import head_transform
 
     kw["use_cache"] = False
     hidden = _trl_backbone(model)(*args, **kw).last_hidden_state  # (B, T, H)
@@ -152,7 +152,7 @@ def _fused_forward(
         h = h.to(weight.dtype)
     res = linear_token_logprobs(
         h, weight, labels[mask], bias=bias, temperature=temperature, return_entropy=want_entropy,
-        **_head_transform(model.config),
+        **head_transform(model.config),
     )  # fmt: skip
     vals = res if want_entropy else (res,)
     # masked_scatter keeps an all-masked micro-batch connected to the graph (a zero, not an error)

@@ -29,8 +29,9 @@ def _backbone(model):
     return base
 
 
-def _head_transform(config) -> dict:
-    """Logit transforms some architectures apply after lm_head, as linear_token_logprobs knobs:
+def head_transform(config) -> dict:
+    """The one table of logit transforms some architectures apply after lm_head (used by the policy's
+    log-probs, the TRL patch and the labeler's HFBackend), as linear_token_logprobs knobs:
     Gemma's final soft-cap; a multiplier before it (Cohere ``logit_scale``, ``output_multiplier``,
     Falcon-H1 ``lm_head_multiplier``); Granite / MiniCPM3 divide by ``logits_scaling`` (HyperCLOVA X
     multiplies by it)."""
@@ -51,6 +52,16 @@ def _head_transform(config) -> dict:
     if scale is not None and scale != 1.0:
         knobs["logit_scale"] = scale
     return knobs
+
+
+def apply_head_transform(logits: torch.Tensor, knobs: dict) -> torch.Tensor:
+    """``logits`` (the plain h @ W.T + b) as the model's own forward returns them: scaled, then soft-capped
+    (the order of linear_token_logprobs and of the architectures above)."""
+    if "logit_scale" in knobs:
+        logits = logits * knobs["logit_scale"]
+    if "softcap" in knobs:
+        logits = torch.tanh(logits / knobs["softcap"]) * knobs["softcap"]
+    return logits
 
 
 def _check(input_ids, attention_mask, response_mask, position_ids):
@@ -122,7 +133,7 @@ def model_logprobs(
         h_sel = h_sel.to(weight.dtype)
     res = linear_token_logprobs(
         h_sel, weight, labels, bias=bias, temperature=temperature, return_entropy=return_entropy,
-        **_head_transform(model.config),
+        **head_transform(model.config),
     )  # fmt: skip
     vals = res if return_entropy else (res,)
     first = hidden.new_zeros(B, 1, dtype=vals[0].dtype)  # token 0 has no context
