@@ -206,7 +206,9 @@ class RunConfig:
         kind = self.labeler.split(":", 1)[0]
         kind = "http" if kind == "https" else kind
         if self.labeler not in ("demo", "sft") and kind not in ("hf", "http"):
-            raise ValueError(f"labeler={self.labeler!r}; use 'demo', 'sft', 'hf:PATH' or 'http:URL'")
+            raise ValueError(
+                f"labeler={self.labeler!r}; use 'demo', 'hf:PATH' or 'http:URL' (or 'sft': the run's SFT policy)"
+            )
         if kind in ("hf", "http") and not self.labeler.split(":", 1)[1].strip("/"):
             raise ValueError(
                 f"labeler={self.labeler!r} names no {'path' if kind == 'hf' else 'URL'} after ':'"
