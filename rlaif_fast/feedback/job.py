@@ -126,7 +126,8 @@ class LabelJobConfig:
 def make_backend(spec: str, cfg: LabelJobConfig | None = None):
     """``hf:PATH`` -> HFBackend; ``vllm:PATH`` -> VLLMBackend; ``http://...`` or ``http:URL`` -> OpenAICompatibleBackend (failures -> NaN rows)."""
     cfg = cfg or LabelJobConfig(input="-", out="-.out", labeler=spec)
-    if spec.startswith("vllm:"):  # the labeler in an in-process vLLM engine (rlaif_fast/feedback/vllm_backend.py)
+    # vllm: the labeler in an in-process vLLM engine (rlaif_fast/feedback/vllm_backend.py)
+    if spec.startswith("vllm:"):
         from rlaif_fast.feedback import vllm_backend
 
         return vllm_backend.VLLMBackend(spec[len("vllm:") :], max_length=cfg.max_length)
