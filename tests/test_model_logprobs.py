@@ -194,3 +194,35 @@ def test_bad_inputs_name_the_value():
         model_logprobs(model, ids.float(), None, torch.ones_like(ids))
     with pytest.raises(ValueError, match="input_ids must have 2 dimensions"):
         model_logprobs(model, ids[0], None, torch.ones_like(ids[0]))
+
+
+# -------------------- one context-length lookup
+
+
+def test_context_length_reads_a_vision_language_models_text_config():
+    """The labeler, the local server and the pipeline's prompt budget each read max_position_embeddings or
+    n_positions off the top-level config: a VLM keeps them in its text config, so the labeler assumed 2048
+    positions and the prompt budget no limit at all."""
+    from types import SimpleNamespace
+
+    from rlaif_fast.feedback import HFBackend
+    from rlaif_fast.ops.model import context_length
+    from rlaif_fast.pipeline.evaluate import prompt_budget
+
+    cfg = transformers.Gemma3Config(text_config={"max_position_embeddings": 64})
+    assert context_length(cfg) == 64 and context_length({"text_config": {"n_positions": 32}}) == 32
+    assert context_length(transformers.GPT2Config(n_positions=48)) == 48 and context_length(None) is None
+    assert prompt_budget(SimpleNamespace(config=cfg), 256, 14) == 50
+
+    class Head(torch.nn.Module):  # HFBackend needs only a module with an output embedding and a config
+        config = cfg
+
+        def __init__(self):
+            super().__init__()
+            self.lm_head = torch.nn.Linear(2, 3)
+
+        def get_output_embeddings(self):
+            return self.lm_head
+
+    backend = HFBackend(Head(), SimpleNamespace(pad_token_id=0, eos_token_id=0))
+    assert backend.max_length == 64

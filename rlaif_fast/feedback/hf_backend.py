@@ -75,9 +75,9 @@ class HFBackend:
         if max_batch_tokens is not None and int(max_batch_tokens) < 1:
             raise ValueError(f"max_batch_tokens must be >= 1 or None, got {max_batch_tokens!r}")
         self.max_batch_tokens = None if max_batch_tokens is None else int(max_batch_tokens)
-        cfg = model.config
-        limit = getattr(cfg, "max_position_embeddings", None) or getattr(cfg, "n_positions", None) or 2048
-        self.max_length = int(max_length or limit)
+        from rlaif_fast.ops.model import context_length
+
+        self.max_length = int(max_length or context_length(model.config) or 2048)
         pad = tokenizer.pad_token_id
         self.pad_id = (
             pad if pad is not None else (tokenizer.eos_token_id if tokenizer.eos_token_id is not None else 0)

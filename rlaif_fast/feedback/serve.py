@@ -175,8 +175,9 @@ class CompletionServer:
         ids = list(self.tokenizer(prompt)["input_ids"])
         if not ids:
             raise ValueError("the prompt is empty")
-        cfg = self.model.config
-        limit = getattr(cfg, "max_position_embeddings", None) or getattr(cfg, "n_positions", None)
+        from rlaif_fast.ops.model import context_length
+
+        limit = context_length(self.model.config)
         if limit is not None and len(ids) + max_tokens > limit:  # as vLLM: a 400, not a dropped connection
             raise ValueError(
                 f"this model's maximum context length is {limit} tokens; the request needs {len(ids) + max_tokens} "

@@ -29,6 +29,23 @@ def _backbone(model):
     return base
 
 
+def context_length(config) -> int | None:
+    """The one lookup of the longest sequence a model's positions allow (its config, a dict of it, or a
+    vision-language model's text config), or None when the config does not say (ALiBi, RWKV...)."""
+    if isinstance(config, dict):
+        config = config.get("text_config") or config
+        get = config.get
+    else:
+        if hasattr(config, "get_text_config"):
+            config = config.get_text_config()  # Qwen2-VL, Gemma-3: the positions are the language model's
+        get = lambda name: getattr(config, name, None)  # noqa: E731
+    for name in ("max_position_embeddings", "n_positions", "n_ctx", "max_sequence_length", "seq_length"):
+        value = get(name)
+        if isinstance(value, int) and not isinstance(value, bool) and value > 0:
+            return value
+    return None
+
+
 def head_transform(config) -> dict:
     """The one table of logit transforms some architectures apply after lm_head (used by the policy's
     log-probs, the TRL patch and the labeler's HFBackend), as linear_token_logprobs knobs:

@@ -41,9 +41,10 @@ def win_rate(labels) -> float:
 def prompt_budget(policy, max_prompt_len: int, max_new_tokens: int) -> int:
     """``max_prompt_len`` capped so that prompt + ``max_new_tokens`` fit the policy's positions (a GPT-2
     indexes past its position table otherwise); prompts keep their last tokens."""
-    cfg = getattr(policy, "config", None)
-    limit = getattr(cfg, "max_position_embeddings", None) or getattr(cfg, "n_positions", None)
-    if not isinstance(limit, int):
+    from rlaif_fast.ops.model import context_length
+
+    limit = context_length(getattr(policy, "config", None))
+    if limit is None:
         return max_prompt_len
     if limit <= max_new_tokens:
         raise ValueError(
