@@ -379,6 +379,17 @@ def test_an_unreachable_server_stops_the_job_before_any_pair(tmp_path, capsys):
     assert "Connection refused" in err and err.count("\n") == 1
 
 
+def test_a_wrong_key_stops_the_job_naming_the_reply(fake, tmp_path, capsys, monkeypatch):
+    srv = fake("vllm", api_key=KEY)
+    monkeypatch.setenv("FAULT_TEST_KEY", "sk-wrong")
+    _write(tmp_path / "in.jsonl", _rows(3))
+    args = ["--in", str(tmp_path / "in.jsonl"), "--out", str(tmp_path / "o.jsonl"), "--labeler", srv.url]
+    assert label_main(args + ["--api-key-env", "FAULT_TEST_KEY", "--no-progress"]) == 2
+    err = capsys.readouterr().err
+    assert "HTTP 401" in err and "bad key" in err and err.count("\n") == 1 and "sk-wrong" not in err
+    assert len(srv.bodies) == 1  # one probe request, not one per pair
+
+
 def test_a_second_job_on_the_same_out_is_refused(tmp_path):
     _write(tmp_path / "in.jsonl", _rows(3))
     out = tmp_path / "out.jsonl"
