@@ -17,8 +17,9 @@ _BLOCK = 1024
 
 
 @triton.jit
-def _kl_value(d, ESTIMATOR: tl.constexpr):
-    # d = logp - ref_logp, already in the compute dtype
+def kl_value(d, ESTIMATOR: tl.constexpr):
+    # d = logp - ref_logp, already in the compute dtype. The one definition of the estimators in Triton:
+    # these kernels and the fused PPO loss (ppo_loss.py) call it (reference: rlaif_fast.reference.rl)
     if ESTIMATOR == 0:
         kl = d
     elif ESTIMATOR == 1:
@@ -31,7 +32,7 @@ def _kl_value(d, ESTIMATOR: tl.constexpr):
 
 
 @triton.jit
-def _kl_slope(d, ESTIMATOR: tl.constexpr):
+def kl_slope(d, ESTIMATOR: tl.constexpr):
     # d KL / d logp (= -d KL / d ref_logp)
     if ESTIMATOR == 0:
         s = tl.full(d.shape, 1.0, d.dtype)
@@ -60,7 +61,7 @@ def _kl_fwd_kernel(
     cdt = out_ptr.dtype.element_ty
     lp = tl.load(logp_ptr + offs, mask=inb, other=0.0).to(cdt)
     rf = tl.load(ref_ptr + offs, mask=inb, other=0.0).to(cdt)
-    kl = _kl_value(lp - rf, ESTIMATOR)
+    kl = kl_value(lp - rf, ESTIMATOR)
     if HAS_CLAMP:
         kl = tl.minimum(tl.maximum(kl, -clamp), clamp)
     tl.store(out_ptr + offs, kl, mask=inb)
@@ -87,10 +88,10 @@ def _kl_bwd_kernel(
     lp = tl.load(logp_ptr + offs, mask=inb, other=0.0).to(cdt)
     rf = tl.load(ref_ptr + offs, mask=inb, other=0.0).to(cdt)
     d = lp - rf
-    dl = g * _kl_slope(d, ESTIMATOR)
+    dl = g * kl_slope(d, ESTIMATOR)
     if HAS_CLAMP:
         # torch.clamp's rule: the gradient passes where the value lies inside [-clamp, clamp]
-        kl = _kl_value(d, ESTIMATOR)
+        kl = kl_value(d, ESTIMATOR)
         dl = tl.where((kl >= -clamp) & (kl <= clamp), dl, 0.0)
     tl.store(dlogp_ptr + offs, dl.to(dlogp_ptr.dtype.element_ty), mask=inb)
     if WRITE_DREF:
@@ -126,7 +127,7 @@ def _shaped_rewards_kernel(
         lp = tl.load(logp_ptr + base + offs, mask=inb, other=0.0).to(cdt)
         rf = tl.load(ref_ptr + base + offs, mask=inb, other=0.0).to(cdt)
         m = (tl.load(mask_ptr + base + offs, mask=inb, other=0) != 0) & inb
-        kl = _kl_value(lp - rf, ESTIMATOR)
+        kl = kl_value(lp - rf, ESTIMATOR)
         if HAS_CLAMP:
             kl = tl.minimum(tl.maximum(kl, -clamp), clamp)
         kl = tl.where(m, kl, 0.0)

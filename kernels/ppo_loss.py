@@ -21,28 +21,8 @@ import torch
 import triton
 import triton.language as tl
 
+from .kl import ESTIMATOR_CODE, kl_slope, kl_value
 from .logprobs import acc_dtype, as_rows, block_size, num_warps, row_logp_entropy
-
-KL_KINDS = {"k1": 0, "k2": 1, "k3": 2, "abs": 3}
-
-
-@triton.jit
-def _kl_and_grad(d, KL_KIND: tl.constexpr):
-    """KL estimate of d = logp - ref_logp and its derivative in logp (reference.rl.kl_penalty)."""
-    if KL_KIND == 0:
-        kl = d
-        dkl = tl.full(d.shape, 1.0, d.dtype)
-    elif KL_KIND == 1:
-        kl = 0.5 * d * d
-        dkl = d
-    elif KL_KIND == 2:
-        e = tl.exp(-d)
-        kl = e + d - 1.0
-        dkl = 1.0 - e
-    else:
-        kl = tl.abs(d)
-        dkl = tl.where(d > 0, 1.0, tl.where(d < 0, -1.0, 0.0)).to(d.dtype)
-    return kl, dkl
 
 
 @triton.jit
@@ -93,7 +73,7 @@ def _ppo_fwd_kernel(
     coef = tl.where(clipped, 0.0, -adv * ratio)
     if HAS_REF:
         ref = tl.where(counted, tl.load(ref_ptr + row).to(ACC), logp)
-        kl, dkl = _kl_and_grad(logp - ref, KL_KIND)
+        kl, dkl = kl_value(logp - ref, KL_KIND), kl_slope(logp - ref, KL_KIND)
         loss += kl_coef * kl
         coef += kl_coef * dkl
     else:
@@ -156,7 +136,7 @@ def ppo_forward(
         float(kl_coef),
         float(entropy_coef),
         HAS_REF=ref_logp is not None,
-        KL_KIND=KL_KINDS[kl_estimator],
+        KL_KIND=ESTIMATOR_CODE[kl_estimator],
         ACC=acc_dtype(logits.dtype),
         BLOCK=block_size(V),
         num_warps=num_warps(block_size(V)),

@@ -203,7 +203,7 @@ def _cases() -> list[Case]:
             cases.append(Case("logprobs_bwd", dn, sizes, lp_bwd))
 
             # --- fused PPO loss forward (its backward is logprobs_bwd): no reference, and every KL kind
-            kinds = [None, *ppo_loss.KL_KINDS] if dn == "bf16" else [None, "k3"]
+            kinds = [None, *kl.ESTIMATOR_CODE] if dn == "bf16" else [None, "k3"]
             for kind in kinds:
 
                 def ppo(dt=dt, V=V, kind=kind):
