@@ -415,6 +415,15 @@ def test_resuming_with_another_labeler_or_template_is_refused(tmp_path):
         run_label_job(_cfg(tmp_path, labeler="hf:other"), FixedBackend())
     with pytest.raises(ValueError, match="chain_of_thought=False"):
         run_label_job(_cfg(tmp_path, chain_of_thought=True), FixedBackend())
+    tpl = tmp_path / "t.txt"  # a template file edited between runs: same name, another text
+    for i, ending in enumerate(["Preferred=", "Better="]):
+        tpl.write_text("{context}\n1: {first}\n2: {second}\n" + ending)
+        cfg = _cfg(tmp_path, template=str(tpl), out=str(tmp_path / "t.jsonl"), limit=1 + i)
+        if i == 0:
+            run_label_job(cfg, FixedBackend())
+        else:
+            with pytest.raises(ValueError, match=r"t\.txt \(text sha1 \w+\)"):
+                run_label_job(cfg, FixedBackend())
     assert (tmp_path / "out.jsonl").read_text() == before
     done = run_label_job(_cfg(tmp_path), FixedBackend())
     assert done["skipped_done"] == 2 and done["new"] == 2

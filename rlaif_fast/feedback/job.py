@@ -193,7 +193,10 @@ def _same_labeler(old: dict, new: dict) -> tuple[str, object, object] | None:
     for k in fields:
         if old.get(k) != new.get(k):
             if k == "template_sha1":
-                return "template", old.get("template"), new.get("template")
+                was, now = old.get("template"), new.get("template")
+                if was == now:  # the same name, another text (an edited template file)
+                    was, now = f"{was} (text sha1 {old.get(k)})", f"{now} (text sha1 {new.get(k)})"
+                return "template", was, now
             return k, old.get(k), new.get(k)
     return None
 
