@@ -133,8 +133,10 @@ def test_a_prompt_cached_before_the_sync_is_scored_fresh_after_it(tmp_path, monk
 
 
 def test_grpo_with_vllm_learns_and_resumes_exactly_after_a_kill(tmp_path):
-    steps = 6
-    full = RLAIFTrainer(tiny_llama(), CharTokenizer(), count_a, config(tmp_path / "a", total_steps=steps))
+    steps, kw = 6, dict(batch_size=16, micro_batch_size=16)  # 16 rollouts a step: learns on every seed tried
+    full = RLAIFTrainer(
+        tiny_llama(), CharTokenizer(), count_a, config(tmp_path / "a", total_steps=steps, **kw)
+    )
     summary = full.train(PROMPTS)
     history = summary["history"]
     assert summary["time_generate_total"] > 0 and summary["time_update_total"] > 0  # the summary's split
@@ -148,10 +150,12 @@ def test_grpo_with_vllm_learns_and_resumes_exactly_after_a_kill(tmp_path):
         if step == 2:
             raise KeyboardInterrupt
 
-    first = RLAIFTrainer(tiny_llama(), CharTokenizer(), count_a, config(tmp_path / "b", total_steps=steps))
+    first = RLAIFTrainer(
+        tiny_llama(), CharTokenizer(), count_a, config(tmp_path / "b", total_steps=steps, **kw)
+    )
     assert first.train(PROMPTS, callback=kill_after_two)["stopped"] == "interrupted"
     resumed = RLAIFTrainer(
-        tiny_llama(), CharTokenizer(), count_a, config(tmp_path / "b", total_steps=steps, resume=True)
+        tiny_llama(), CharTokenizer(), count_a, config(tmp_path / "b", total_steps=steps, resume=True, **kw)
     )
     assert resumed.global_step == 2 and resumed.rollout_engine.synced_version is None
     got = resumed.train(PROMPTS)["history"]
@@ -160,6 +164,18 @@ def test_grpo_with_vllm_learns_and_resumes_exactly_after_a_kill(tmp_path):
         assert have["step"] == want["step"]
         for k in ("reward", "entropy", "response_len", "policy_loss"):
             assert have[k] == pytest.approx(want[k], rel=1e-4, abs=1e-6), (k, want["step"])
+
+
+def test_sample_completions_syncs_the_given_model_and_repeats_with_its_seed():
+    from rlaif_fast.trainer.rollout_vllm import sample_completions
+
+    kw = dict(max_new_tokens=8, temperature=0.7, max_prompt_len=160, vllm_enforce_eager=True)
+    a, b = tiny_llama(seed=2), tiny_llama(seed=3)  # two models of one architecture share the engine
+    first = sample_completions(a, CharTokenizer(), PROMPTS[:4] * 2, seed=5, **kw)
+    assert len(first) == 8 and any(first)
+    assert sample_completions(b, CharTokenizer(), PROMPTS[:4] * 2, seed=5, **kw) != first  # b's weights
+    assert sample_completions(a, CharTokenizer(), PROMPTS[:4] * 2, seed=5, **kw) == first  # a's again
+    assert sample_completions(a, CharTokenizer(), PROMPTS[:4] * 2, seed=6, **kw) != first
 
 
 def test_tis_weights_are_one_when_sampler_and_trainer_agree(tmp_path):

@@ -134,6 +134,11 @@ def build_llm(policy, cfg, world_size: int):
             f"{os.environ['VLLM_ENABLE_V1_MULTIPROCESSING']!r}; the colocated rollout engine must run "
             "in-process to receive weights: unset it or set it to 0"
         )
+    if world_size == 1 and cfg.vllm_tensor_parallel_size > 1:
+        raise ValueError(
+            f"vllm_tensor_parallel_size={cfg.vllm_tensor_parallel_size} on 1 rank: a colocated engine spans "
+            "ranks of the training job; launch with torchrun --nproc_per_node >= the tensor-parallel size"
+        )
     if world_size > 1 and world_size % cfg.vllm_tensor_parallel_size:
         raise ValueError(
             f"vllm_tensor_parallel_size={cfg.vllm_tensor_parallel_size} must divide the {world_size} ranks"
@@ -250,8 +255,18 @@ class VLLMRolloutEngine:
             return
         self.llm.sleep(level=2)
         self._asleep = True
+        self.synced_version = None  # level 2 discarded the weights: the next sample must sync first
 
     # ---- sampling -----------------------------------------------------------------------------------
+    def _tp_gather(self, prompt_ids: list[list[int]]) -> list[list[list[int]]]:
+        """Every member's prompt ids, in tensor-parallel rank order (a collective of the engine's group)."""
+        from vllm.distributed.parallel_state import get_tp_group
+
+        group = get_tp_group()
+        out: list = [None] * group.world_size
+        torch.distributed.all_gather_object(out, prompt_ids, group=group.cpu_group)
+        return out
+
     def sample(
         self,
         prompts: list[str],
@@ -269,32 +284,41 @@ class VLLMRolloutEngine:
         cfg = self.cfg
         t = cfg.temperature if temperature is None else temperature
         prompt_ids = encode_prompts(self.tokenizer, list(prompts), cfg.max_prompt_len)
-        runs: list[tuple[int, int]] = []  # (first row, count) of consecutive equal prompts
-        for i, text in enumerate(prompts):
-            if runs and prompts[runs[-1][0]] == text and runs[-1][0] + runs[-1][1] == i:
-                runs[-1] = (runs[-1][0], runs[-1][1] + 1)
-            else:
-                runs.append((i, 1))
         key = step if step is not None else 1_000_000 + self._calls
         self._calls += 1
-        requests, params = [], []
-        for j, (first, count) in enumerate(runs):
-            # n samples of one prompt in one request: vLLM prefills the prompt once for all of them
-            requests.append(TokensPrompt(prompt_token_ids=prompt_ids[first]))
-            params.append(
-                SamplingParams(
-                    n=count,
-                    temperature=float(t),
-                    top_p=float(cfg.top_p) if t > 0 else 1.0,
-                    max_tokens=max_new_tokens or cfg.max_new_tokens,
-                    stop_token_ids=[self.eos_id],
-                    logprobs=0,  # the sampled token's log-prob only
-                    seed=_seed(cfg.seed, self.rank, key, j),
-                    detokenize=False,
+        # tensor parallel: the ranks of one engine run the same requests in lockstep (external_launcher),
+        # so each submits every member's prompts, with the group's seeds, and keeps its own share
+        tp = cfg.vllm_tensor_parallel_size if self.world_size > 1 else 1
+        members = self._tp_gather(prompt_ids) if tp > 1 else [prompt_ids]
+        requests, params, spans = [], [], []
+        for ids_list in members:
+            first_request = len(requests)
+            runs: list[tuple[int, int]] = []  # (first row, count) of consecutive equal prompts
+            for i, ids in enumerate(ids_list):
+                if runs and ids_list[runs[-1][0]] == ids and runs[-1][0] + runs[-1][1] == i:
+                    runs[-1] = (runs[-1][0], runs[-1][1] + 1)
+                else:
+                    runs.append((i, 1))
+            for first, count in runs:
+                # n samples of one prompt in one request: vLLM prefills the prompt once for all of them
+                requests.append(TokensPrompt(prompt_token_ids=ids_list[first]))
+                params.append(
+                    SamplingParams(
+                        n=count,
+                        temperature=float(t),
+                        top_p=float(cfg.top_p) if t > 0 else 1.0,
+                        max_tokens=max_new_tokens or cfg.max_new_tokens,
+                        stop_token_ids=[self.eos_id],
+                        logprobs=0,  # the sampled token's log-prob only
+                        seed=_seed(cfg.seed, self.rank // tp, key, len(requests) - 1),
+                        detokenize=False,
+                    )
                 )
-            )
+            spans.append((first_request, len(requests)))
         self._wake()
         outputs = self.llm.generate(requests, params, use_tqdm=False)
+        lo, hi = spans[self.rank % tp]
+        outputs = outputs[lo:hi]
         response_ids, sampler_logp = [], []
         for out in outputs:
             for sample in sorted(out.outputs, key=lambda o: o.index):
@@ -350,3 +374,40 @@ def sampler_mismatch(data: dict, rollouts: Rollouts, tis_cap: float | None, all_
         s_w, capped = all_reduce(local).tolist()
         out.update(tis_weight_mean=s_w / max(n, 1.0), tis_capped_frac=capped / max(n, 1.0))
     return out
+
+
+def sample_completions(
+    policy,
+    tokenizer,
+    prompts,
+    *,
+    max_new_tokens: int,
+    temperature: float,
+    seed: int,
+    max_prompt_len: int = 256,
+    top_p: float = 1.0,
+    rank: int = 0,
+    world_size: int = 1,
+    **vllm_settings,
+) -> list[str]:
+    """One completion per prompt from ``policy`` through this process's vLLM engine, for sampling outside
+    the RL step (the iterative loop's pairs and evaluation): the weights are synced in first, so any
+    model of the engine's architecture can be sampled (the policy, then the SFT baseline), and ``seed``
+    keys the requests' seeds, so two calls with the same seed and weights sample the same completions.
+    ``vllm_settings``: the ``vllm_*`` fields of ``RLAIFConfig`` (e.g. ``vllm_enforce_eager=True``)."""
+    from rlaif_fast.trainer.config import RLAIFConfig
+
+    cfg = RLAIFConfig(
+        rollout_engine="vllm",
+        max_new_tokens=max_new_tokens,
+        max_prompt_len=max_prompt_len,
+        temperature=temperature,
+        top_p=top_p,
+        seed=seed,
+        progress=False,
+        tensorboard=False,
+        **vllm_settings,
+    )
+    engine = VLLMRolloutEngine(policy, tokenizer, cfg, rank=rank, world_size=world_size)
+    engine.sync(policy)
+    return engine.sample(list(prompts), step=0).completions
