@@ -516,6 +516,11 @@ def test_bad_input_lines_are_skipped_with_file_and_line(tmp_path, capsys):
     assert [r["id"] for r in got[:2]] == [7, "7"] and got[2]["human_a"] is False
     again = run_label_job(_cfg(tmp_path), FixedBackend())  # resume: 7 and "7" are both done
     assert again["new"] == 0 and again["skipped_done"] == 3
+    # an output written before ids kept their type ("id": "7" for 7, no labeled_by): 7 is not labeled twice
+    legacy = tmp_path / "legacy.jsonl"
+    legacy.write_text(json.dumps({"id": "7", "p_a": 0.5, "consistent": True, "entropy": 0.69}) + "\n")
+    s = run_label_job(_cfg(tmp_path, out=str(legacy), limit=1), FixedBackend())
+    assert s["skipped_done"] == 2 and s["new"] == 1  # 7 and "7" were both keyed "7" then
 
 
 def test_a_truncated_gz_labels_what_it_can_and_names_where_it_broke(tmp_path, capsys):

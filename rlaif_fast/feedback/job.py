@@ -297,6 +297,11 @@ def _done_ids(f, out: Path, mode: str = "pairwise", prov: dict | None = None) ->
                     "settings, or write to another --out"
                 )
         ids.add(_out_key(rec))
+        if not isinstance(old, dict):  # written before ids kept their type: an int id 7 was stored as "7"
+            digits = lambda v: isinstance(v, str) and v.lstrip("-").isdigit()  # noqa: E731
+            as_int = {k: int(rec[k]) for k in ("id", "pair_id") if digits(rec.get(k))}
+            if as_int:
+                ids.add(_out_key({**rec, **as_int}))
     return ids
 
 
