@@ -75,3 +75,21 @@ def test_damaged_prompts_file_names_file_and_line(tmp_path):
     path.write_text('{"prompt": "a"}\n{"prompt": "b"}\n{"prompt": "c",\n')
     with pytest.raises(ValueError, match=r"p\.jsonl:3 is not JSON"):
         files.read_prompts(path)
+
+
+# -------------------- the SFT batch (padded by rlaif_fast.batching.pad_rollouts)
+
+
+def test_sft_batch_labels_only_the_completion_and_eos():
+    from rlaif_fast.pipeline.sft import sft_batch
+
+    tok = T.build_tokenizer()
+    pairs = [(T.make_prompt("cat"), "the cat is happy ."), (T.make_prompt("sea"), "calm .")]
+    ids, mask, labels = sft_batch(tok, pairs)
+    for i, (p, c) in enumerate(pairs):
+        p_ids = tok(p, add_special_tokens=False)["input_ids"]
+        c_ids = tok(c, add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
+        n = len(p_ids) + len(c_ids)
+        assert ids[i, :n].tolist() == p_ids + c_ids and (ids[i, n:] == tok.pad_token_id).all()
+        assert mask[i].tolist() == [1] * n + [0] * (ids.shape[1] - n)
+        assert labels[i].tolist() == [-100] * len(p_ids) + c_ids + [-100] * (ids.shape[1] - n)

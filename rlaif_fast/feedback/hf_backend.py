@@ -150,13 +150,11 @@ class HFBackend:
         return (head + tail)[-limit:]
 
     def _pad_left(self, seqs: list[list[int]]):
-        width = max(len(s) for s in seqs)
-        ids = torch.full((len(seqs), width), self.pad_id, dtype=torch.long)
-        mask = torch.zeros((len(seqs), width), dtype=torch.long)
-        for i, s in enumerate(seqs):
-            ids[i, width - len(s) :] = torch.tensor(s, dtype=torch.long)
-            mask[i, width - len(s) :] = 1
-        return ids.to(self.device), mask.to(self.device)
+        """(B, T) left-padded ids and mask, by the C++ padder the trainer uses (every prompt has a token)."""
+        from rlaif_fast.batching import pad_rollouts
+
+        out = pad_rollouts(seqs, [[] for _ in seqs], self.pad_id, padding_side="left")
+        return out.input_ids.to(self.device), out.attention_mask.to(self.device)
 
     def _decode(self, ids: list[int]) -> str:
         return self.tokenizer.decode(ids, skip_special_tokens=True, clean_up_tokenization_spaces=False)

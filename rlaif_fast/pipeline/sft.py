@@ -38,21 +38,15 @@ def sft_batch(tokenizer, pairs: Sequence[tuple[str, str]]):
 
     Returns input_ids (B, T), attention_mask (B, T), labels (B, T) with -100 on prompt and padding.
     """
-    rows, label_rows = [], []
-    for prompt, completion in pairs:
-        p = tokenizer(prompt, add_special_tokens=False)["input_ids"]
-        c = tokenizer(completion, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
-        rows.append(p + c)
-        label_rows.append([-100] * len(p) + c)
-    width = max(len(r) for r in rows)
-    ids = torch.full((len(rows), width), tokenizer.pad_token_id, dtype=torch.long)
-    labels = torch.full((len(rows), width), -100, dtype=torch.long)
-    mask = torch.zeros((len(rows), width), dtype=torch.long)
-    for i, (r, lab) in enumerate(zip(rows, label_rows)):
-        ids[i, : len(r)] = torch.tensor(r)
-        labels[i, : len(r)] = torch.tensor(lab)
-        mask[i, : len(r)] = 1
-    return ids, mask, labels
+    from rlaif_fast.batching import pad_rollouts
+
+    prompts = [tokenizer(p, add_special_tokens=False)["input_ids"] for p, _ in pairs]
+    completions = [
+        tokenizer(c, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id] for _, c in pairs
+    ]
+    out = pad_rollouts(prompts, completions, tokenizer.pad_token_id, padding_side="right")
+    labels = out.input_ids.masked_fill(out.response_mask == 0, -100)  # the loss is on the completion only
+    return out.input_ids, out.attention_mask, labels
 
 
 def warmup_linear(opt, steps: int, warmup: float = 0.1):
