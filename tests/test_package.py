@@ -182,3 +182,24 @@ def test_every_subcommand_help_stays_light(command):
     )
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr[-2000:]
+
+
+# -------------------- one place loads the C++ extension
+
+
+def test_only_batching_loads_the_cpp_extension():
+    """rlaif_fast.batching._load_extension is the one loader (the RLAIF_FAST_NO_EXT switch and the warning
+    live there); every other module reaches the extension through rlaif_fast.batching._C."""
+    import ast
+
+    loaders = []
+    for path in sorted((ROOT / "rlaif_fast").rglob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text())):
+            names = []
+            if isinstance(node, ast.ImportFrom):
+                names = [f"{node.module}.{a.name}" for a in node.names]
+            elif isinstance(node, ast.Import):
+                names = [a.name for a in node.names]
+            if "rlaif_fast._C" in names:  # `import rlaif_fast._C` or `from rlaif_fast import _C`
+                loaders.append(path.relative_to(ROOT).as_posix())
+    assert loaders == ["rlaif_fast/batching.py"]
