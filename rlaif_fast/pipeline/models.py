@@ -90,6 +90,36 @@ def score_labeler(pairwise):
     return ScoreLabeler(pairwise.backend, pairwise.template)
 
 
+LABELER_PREFIX = "labeler:"
+
+
+def check_labeler_spec(spec: str, labeler_model: str | None = None) -> tuple[str, str]:
+    """``labeler:hf:PATH`` or ``labeler:http:URL`` (``train --reward``, d-RLAIF) -> (kind, where), checked."""
+    inner = spec[len(LABELER_PREFIX) :] if spec.startswith(LABELER_PREFIX) else spec
+    kind, _, where = inner.partition(":")
+    kind = "http" if kind == "https" else kind
+    if kind not in ("hf", "http") or not where.strip("/"):
+        raise ValueError(
+            f"--reward {spec!r}: a labeler reward is labeler:hf:PATH or labeler:http:URL (the d-RLAIF reward: the "
+            "labeler's 1-10 rating rescaled to [-1, 1])"
+        )
+    if kind == "hf" and not Path(where).is_dir():
+        raise ValueError(f"--reward {spec!r}: labeler folder {where!r} does not exist")
+    if kind == "http" and not labeler_model:
+        raise ValueError(f"--reward {spec!r} is an HTTP labeler: give --labeler-model, the name the server expects")
+    return kind, (where if kind == "hf" else labeler_url(inner))
+
+
+def direct_reward(spec: str, template: str = "summarization", labeler_model: str | None = None, device=None):
+    """d-RLAIF from the command line (``train --reward labeler:hf:PATH --labeler-template NAME``): a
+    :class:`DirectReward` over a ``ScoreLabeler`` on that backend and template (it needs a score prompt)."""
+    from rlaif_fast.feedback import HFBackend, OpenAICompatibleBackend, ScoreLabeler
+
+    kind, where = check_labeler_spec(spec, labeler_model)
+    backend = HFBackend(where, device=device) if kind == "hf" else OpenAICompatibleBackend(where, labeler_model)
+    return DirectReward(ScoreLabeler(backend, template))
+
+
 class DirectReward:
     """The d-RLAIF reward for RL: ``ScoreLabeler`` scores, with an empty completion (a policy that emitted
     EOS at once) shown to the labeler as ``(empty)``, as in pair labeling; ``ScoreLabeler`` rejects ""."""

@@ -65,7 +65,16 @@ def build_parser() -> argparse.ArgumentParser:
         "--reward",
         required=True,
         help="a reward-model directory from `rlaif-fast train-rm`, or MODULE:NAME or FILE.py:NAME of a callable (prompts, completions) -> list[float]; "
-        "a class is instantiated without arguments",
+        "a class is instantiated without arguments; or labeler:hf:PATH / labeler:http:URL for d-RLAIF (the "
+        "labeler's 1-10 rating, rescaled to [-1, 1], is the reward; see --labeler-template)",
+    )
+    job.add_argument(
+        "--labeler-template",
+        default="summarization",
+        help="d-RLAIF (--reward labeler:...): the labeler template with a score prompt (a built-in name or a file)",
+    )
+    job.add_argument(
+        "--labeler-model", help="d-RLAIF with an http labeler: the model name the server expects"
     )
     job.add_argument("--config", help="YAML file of RLAIFConfig keys")
     job.add_argument("--config-section", help="top-level section of the YAML holding the keys (e.g. rl)")
@@ -101,6 +110,11 @@ def check_reward(spec: str) -> None:
     a reward-model folder holds the tokenizer its scorer needs."""
     from rlaif_fast.reward.model import HEAD_FILE
 
+    if spec.startswith("labeler:"):  # d-RLAIF; the http model name is checked when the reward is built
+        from rlaif_fast.pipeline.models import check_labeler_spec
+
+        check_labeler_spec(spec, labeler_model="-")
+        return
     folder = Path(spec)
     if folder.is_dir():
         if not (folder / HEAD_FILE).is_file():
@@ -125,13 +139,18 @@ def check_reward(spec: str) -> None:
         raise ValueError(f"--reward file {where!r} does not exist")
 
 
-def load_callable(spec: str, device=None):
+def load_callable(spec: str, device=None, *, labeler_template: str = "summarization", labeler_model=None):
     """The reward: a directory saved by ``rlaif-fast train-rm`` (a distilled reward model and its
     tokenizer), ``pkg.module:name`` or ``path/to/file.py:name``. A reward model is put on ``device``
-    (default: this rank's GPU when there is one, so that it does not score on the CPU), in eval mode."""
+    (default: this rank's GPU when there is one, so that it does not score on the CPU), in eval mode.
+    ``labeler:hf:PATH`` / ``labeler:http:URL``: d-RLAIF, the labeler's rating with ``labeler_template``."""
     from rlaif_fast.reward.model import HEAD_FILE
 
     check_reward(spec)
+    if spec.startswith("labeler:"):
+        from rlaif_fast.pipeline.models import direct_reward
+
+        return direct_reward(spec, labeler_template, labeler_model, device=device)
     if (Path(spec) / HEAD_FILE).is_file():
         import torch
         from transformers import AutoTokenizer
@@ -238,7 +257,9 @@ def main(argv: list[str] | None = None) -> int:
         config, prompts = _checked_inputs(args)
     except (ValueError, TypeError) as exc:
         return user_error("rlaif-fast train", exc)
-    reward = load_callable(args["reward"])
+    reward = load_callable(
+        args["reward"], labeler_template=args["labeler_template"], labeler_model=args.get("labeler_model")
+    )
     policy, tokenizer = load_policy(args["policy"], args.get("tokenizer"))
     from rlaif_fast.trainer import RLAIFTrainer, ValueModel
 
