@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import time
 from pathlib import Path
 
@@ -38,6 +39,8 @@ def main(argv: list[str] | None = None) -> int:
     seconds = time.perf_counter() - t0
     if status != 0:  # interrupted: finish said how to resume; report.json is absent or from an older run
         return status
+    if int(os.environ.get("RANK", 0)) != 0:  # under torchrun: rank 0 reports
+        return 0
     rep = json.loads((Path(cfg.output_dir) / "report.json").read_text())
     print(
         f"demo finished in {seconds:.0f} s; report in {cfg.output_dir}/report.md, plot in "

@@ -20,6 +20,14 @@ Resumable per stage: every stage writes its artefact and then, last, a ``<stage>
 RL stage continues from the trainer's latest checkpoint. ``metrics.jsonl`` is rebuilt from the records,
 so a killed run never leaves duplicated rows.
 
+Every stage runs on ``device`` (default: this rank's GPU when there is one) and on every rank of a
+``torchrun`` / ``deepspeed`` launch (``torchrun --nproc_per_node N -m rlaif_fast.cli run CONFIG``): sampling and
+evaluation split the prompts across ranks in fixed chunks and gather them (each chunk has its own seed, so the
+samples are those of one rank); labeling splits the pairs the same way, each rank appending to its own shard
+(``iter_<k>/label_shards/rank<r>.jsonl``) that rank 0 merges in pair order; the reward model trains through the
+RL stage's ``Strategy`` (DeepSpeed ZeRO from ``rl.zero_stage``, bf16 where ``rl.bf16`` enables it); SFT and
+the stage records, metrics and report are rank 0's. A killed labeling stage resumes pair by pair.
+
 Layout: this module holds the loop, resume checks and the CLI; the stages are in
 :mod:`rlaif_fast.pipeline.stages`, model and labeler loading in :mod:`rlaif_fast.pipeline.models`.
 """
@@ -30,6 +38,7 @@ import argparse
 import copy
 import hashlib
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -91,7 +100,17 @@ class Run(Stages):
                 "evaluation); move them to the top level of the run config"
             )
         settings = {**RL_DEFAULTS, **self.cfg.rl}
-        RLAIFConfig.from_dict({**settings, "output_dir": str(self.out)})  # fail now, not after SFT
+        rl_cfg = RLAIFConfig.from_dict({**settings, "output_dir": str(self.out)})  # fail now, not after SFT
+        world = int(os.environ.get("WORLD_SIZE", 1))
+        if world > 1:  # the batch sizes must split over this launch's ranks (checked again by the trainer)
+            from rlaif_fast.trainer.checks import per_rank_sizes
+
+            try:
+                per_rank_sizes(rl_cfg, world)
+            except ValueError as exc:
+                raise ValueError(
+                    f"rl: {exc}; set rl.batch_size / rl.micro_batch_size to fit {world} ranks"
+                ) from None
         return settings
 
     # ---- paths ------------------------------------------------------------------------------------
