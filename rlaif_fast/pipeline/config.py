@@ -272,11 +272,9 @@ class RunConfig:
             value = data.get(key)
             if isinstance(value, str) and (path.parent / value).is_file():
                 data[key] = str(path.parent / value)
-        overrides = dict(overrides or {})
-        for side in (data, overrides):  # `feedback: direct` and `feedback.chain_of_thought=true` merge
-            if isinstance(side.get("feedback"), str):
-                side["feedback"] = {"mode": side["feedback"]}
-        return cls.from_dict(_merge(data, overrides))
+        # a feedback section becomes the flat keys on each side first, so that `feedback: direct` in the file
+        # and `--set feedback.chain_of_thought=true` (or the reverse) merge, the command line winning
+        return cls.from_dict(_merge(_flatten_feedback(data), _flatten_feedback(dict(overrides or {}))))
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
