@@ -191,6 +191,8 @@ def plot_dashboard(rows: list[dict], path: str | Path) -> Path | None:
 
     def series(ax, keys, title, ylim=None, hline=None):
         for key, label in keys:
+            if all(r[key] is None for r in rows):  # e.g. no human labels: no empty legend entry
+                continue
             ys = [r[key] if r[key] is not None else float("nan") for r in rows]
             ax.plot(its, ys, marker="o", label=label)
         if hline is not None:
@@ -207,7 +209,7 @@ def plot_dashboard(rows: list[dict], path: str | Path) -> Path | None:
         axes[0][0],
         [("position_bias", "position bias"), ("consistency", "consistency")],
         "order effects",
-        (0, 1),
+        (-0.02, 1.05),
     )
     series(
         axes[0][1],
