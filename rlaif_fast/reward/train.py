@@ -212,8 +212,19 @@ class RMTrainConfig:
     )
     eval_fraction: float = field(default=0.1, metadata={"help": "fraction of pairs held out for evaluation"})
     seed: int = field(default=0, metadata={"help": "shuffle and split seed"})
+    optimizer: str = field(
+        default="adamw", metadata={"help": "adamw, adafactor (fixed learning rate) or sgd"}
+    )
+    zero_stage: int = field(
+        default=0, metadata={"help": "DeepSpeed ZeRO stage 0-3 (launch with torchrun for several GPUs)"}
+    )
+    bf16: str = field(
+        default="auto", metadata={"help": "auto (bf16 where the GPU supports it), true or false"}
+    )
 
     def __post_init__(self):
+        if self.optimizer not in ("adamw", "adafactor", "sgd"):
+            raise ValueError(f"--optimizer {self.optimizer!r}; use adamw, adafactor or sgd")
         if not 0.0 <= self.eval_fraction < 1.0:
             raise ValueError(f"eval_fraction must be in [0, 1), got {self.eval_fraction}")
         if not Path(self.prefs).is_file():
@@ -250,6 +261,11 @@ def main(argv: list[str] | None = None) -> int:
         n_eval = int(len(rows) * cfg.eval_fraction)
         tokenizer = AutoTokenizer.from_pretrained(cfg.base_model)
         model = RewardModel(AutoModel.from_pretrained(cfg.base_model))
+        from rlaif_fast.trainer import RLAIFConfig
+        from rlaif_fast.trainer.strategy import Strategy
+
+        # the trainer's Strategy: this process's GPU, every rank of a torchrun launch, ZeRO and bf16
+        strategy = Strategy(RLAIFConfig(output_dir=cfg.out, zero_stage=cfg.zero_stage, bf16=cfg.bf16))
         metrics = train_reward_model(
             model,
             tokenizer,
@@ -260,15 +276,20 @@ def main(argv: list[str] | None = None) -> int:
             max_length=cfg.max_length,
             eval_pairs=rows[:n_eval],
             seed=cfg.seed,
+            strategy=strategy,
+            optimizer=cfg.optimizer,
         )
     except ValueError as exc:
         print(f"rlaif-fast train-rm: error: {exc}", file=sys.stderr)
         return 2
-    model.save_pretrained(cfg.out)
-    tokenizer.save_pretrained(cfg.out)
+    if strategy.is_main:
+        metrics["model"].save_pretrained(cfg.out)
+        tokenizer.save_pretrained(cfg.out)
     metrics.pop("losses")
     metrics.pop("model")
-    print(json.dumps(metrics))
+    if strategy.is_main:
+        print(json.dumps(metrics))
+    strategy.close()
     return 0
 
 
