@@ -106,7 +106,9 @@ def check_labeler_spec(spec: str, labeler_model: str | None = None) -> tuple[str
     if kind == "hf" and not Path(where).is_dir():
         raise ValueError(f"--reward {spec!r}: labeler folder {where!r} does not exist")
     if kind == "http" and not labeler_model:
-        raise ValueError(f"--reward {spec!r} is an HTTP labeler: give --labeler-model, the name the server expects")
+        raise ValueError(
+            f"--reward {spec!r} is an HTTP labeler: give --labeler-model, the name the server expects"
+        )
     return kind, (where if kind == "hf" else labeler_url(inner))
 
 
@@ -116,7 +118,9 @@ def direct_reward(spec: str, template: str = "summarization", labeler_model: str
     from rlaif_fast.feedback import HFBackend, OpenAICompatibleBackend, ScoreLabeler
 
     kind, where = check_labeler_spec(spec, labeler_model)
-    backend = HFBackend(where, device=device) if kind == "hf" else OpenAICompatibleBackend(where, labeler_model)
+    backend = (
+        HFBackend(where, device=device) if kind == "hf" else OpenAICompatibleBackend(where, labeler_model)
+    )
     return DirectReward(ScoreLabeler(backend, template))
 
 
