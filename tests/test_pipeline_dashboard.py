@@ -41,6 +41,10 @@ def _write(path, rows):
 def test_dashboard_equals_a_recomputation_from_the_label_files(tmp_path):
     _write(tmp_path / "iter_1" / "pairs.jsonl", ITER1)
     _write(tmp_path / "iter_2" / "pairs.jsonl", ITER2)
+    # the run's human-labeled pairs, labeled by the AI labeler (human_pairs): 2 agree out of 3, one failed
+    human = [_pair(0.9, 0.8, human_a=1), _pair(0.3, 0.2, human_a=1), _pair(0.1, 0.4, human_a=0)]
+    human.append({**_pair(0.5, 0.5, human_a=1), "p_a": float("nan")})
+    _write(tmp_path / "iter_2" / "human_pairs.jsonl", human)
     rows = D.build_dashboard(tmp_path, iterations=3)  # iteration 3 has no label file yet: left out
     assert [r["iteration"] for r in rows] == [1, 2]
     one, two = rows
@@ -59,7 +63,7 @@ def test_dashboard_equals_a_recomputation_from_the_label_files(tmp_path):
     assert (one["alignment"], one["alignment_pairs"]) == (pytest.approx(0.5), 4)
     # human: pairs 1 (yes), 3 (0.4 vs 0: yes), 6 (yes)
     assert (one["alignment_human"], one["alignment_human_pairs"]) == (pytest.approx(1.0), 3)
-    assert two["alignment_human"] is None
+    assert (two["alignment_human"], two["alignment_human_pairs"]) == (pytest.approx(2 / 3), 3)
     assert all(v is None for v in one["drift"].values())
     for f in ("position_bias", "p_first", "mean_entropy", "confidence", "alignment"):
         assert two["drift"][f] == pytest.approx(two[f] - one[f]), f

@@ -57,6 +57,21 @@ def test_short_run_with_the_paper_preset(tmp_path, monkeypatch):
     monkeypatch.setenv("RLAIF_FAST_CACHE", str(tmp_path / "cache"))
     template = packaged_config("demo").parent / "demo_template.yaml"
     out = tmp_path / "out"
+    human = [("the dog is happy .", "the dog is sad .", 1), ("a cold dark day .", "a warm kind day .", 0)]
+    (tmp_path / "human.jsonl").write_text(
+        "".join(
+            json.dumps(
+                {
+                    "context": "write a happy sentence about the dog :",
+                    "response_a": a,
+                    "response_b": b,
+                    "human_a": h,
+                }
+            )
+            + "\n"
+            for a, b, h in human
+        )
+    )
     sets = {
         "output_dir": out,
         "task": "happy_sentences",
@@ -66,7 +81,9 @@ def test_short_run_with_the_paper_preset(tmp_path, monkeypatch):
         "labeler": "demo",
         "labeler_steps": 10,
         "template": template,
-        "harmless_template": template,  # the demo template's score prompt stands in for harmlessness
+        "harmless_template": template,
+        "human_pairs": tmp_path
+        / "human.jsonl",  # the demo template's score prompt stands in for harmlessness
         "feedback.rationale_tokens": 3,  # the feedback section reaches the flat keys
         "pairs_per_iteration": 12,
         "rm_epochs": 1,
@@ -109,4 +126,8 @@ def test_short_run_with_the_paper_preset(tmp_path, monkeypatch):
     assert dash[0]["mean_entropy"] == pytest.approx(label["mean_entropy"])
     assert dash[0]["alignment"] == pytest.approx(label["alignment"])
     assert "## Labeler dashboard" in (out / "report.md").read_text()
+    judged = [json.loads(x) for x in (out / "iter_1" / "human_pairs.jsonl").read_text().splitlines()]
+    assert [r["human_a"] for r in judged] == [1, 0] and all(0.0 <= r["p_a"] <= 1.0 for r in judged)
+    agree = sum((r["p_a"] > 0.5) == (r["human_a"] == 1) for r in judged) / 2
+    assert dash[0]["alignment_human"] == pytest.approx(agree) and dash[0]["alignment_human_pairs"] == 2
     assert (out / "labeler_dashboard.png").read_bytes()[:4] == b"\x89PNG"

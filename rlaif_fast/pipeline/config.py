@@ -113,6 +113,11 @@ class RunConfig:
     eval_prompts: int = 96
     """Responses per policy at evaluation (prompts are cycled); each pair is judged in both orders."""
 
+    human_pairs: str | None = None
+    """JSONL of pairs with a human choice (``context``, ``response_a``, ``response_b``, ``human_a`` 1/0): the
+    labeler labels them once (``iter_1/human_pairs.jsonl``) and the dashboard reports its alignment with
+    the humans, the paper's measure of a labeler. A relative path is read from the config's folder."""
+
     harmless_template: str | None = None
     """A template with a score prompt (e.g. ``harmlessness``): evaluation also reports the harmless rate, the
     share of responses the labeler rates above the middle of its 1-10 scale. Null: not measured."""
@@ -145,7 +150,7 @@ class RunConfig:
             value = getattr(self, name)
             if not isinstance(value, str):
                 raise TypeError(f"{name} must be a string, got {value!r}")
-        for name in ("task", "prompts_file", "policy", "labeler_model", "harmless_template"):
+        for name in ("task", "prompts_file", "policy", "labeler_model", "harmless_template", "human_pairs"):
             value = getattr(self, name)
             if value is not None and not isinstance(value, str):
                 raise TypeError(f"{name} must be a string or null, got {value!r}")
@@ -268,7 +273,7 @@ class RunConfig:
         if not isinstance(data, dict):
             raise ValueError(f"{path} must hold a YAML mapping of settings, got {type(data).__name__}")
         # file paths in a config are relative to the config's folder when they exist there
-        for key in ("template", "prompts_file"):
+        for key in ("template", "prompts_file", "human_pairs"):
             value = data.get(key)
             if isinstance(value, str) and (path.parent / value).is_file():
                 data[key] = str(path.parent / value)

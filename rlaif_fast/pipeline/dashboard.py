@@ -3,8 +3,9 @@
 For each iteration's ``pairs.jsonl`` (one soft label per pair, both orders kept):
 
 - alignment: the binarized debiased label (p_a > 0.5) agrees with the reference choice, over pairs that have
-  one: ``human_a`` (a human label, when the pairs carry it) and ``reference_a`` (the embedded task's ground
-  truth); ties of the reference are left out.
+  one: ``human_a`` (a human label, when the pairs carry it, or from ``iter_<k>/human_pairs.jsonl``: the run's
+  ``human_pairs`` labeled by the AI labeler) and ``reference_a`` (the embedded task's ground truth); ties of
+  the reference are left out.
 - position bias: share of pairs whose two orders disagreed (the labeler picked the same position twice), and
   which position it favours: ``p_first``, the mean P(the response shown first wins) over both orders of every
   pair (0.5 = no preference for a position), and among the inconsistent pairs how many went to the first
@@ -102,6 +103,12 @@ def build_dashboard(out_dir: str | Path, iterations: int) -> list[dict]:
         if not path.is_file():
             break
         stats = {"iteration": k, **labeler_stats(path, link_prefix=f"iter_{k}/")}
+        human = out_dir / f"iter_{k}" / "human_pairs.jsonl"
+        if human.is_file():  # the run's human-labeled pairs (config human_pairs), labeled by the AI labeler
+            rows_h = [
+                r for _, r in _read(human) if isinstance(r.get("p_a"), float) and math.isfinite(r["p_a"])
+            ]
+            stats["alignment_human"], stats["alignment_human_pairs"] = _agreement(rows_h, "human_a")
         stats["drift"] = {
             f: (
                 stats[f] - prev[f]

@@ -262,6 +262,7 @@ class Run(Stages):
             "template",
             "prompts_file",
             "harmless_template",
+            "human_pairs",
         ):  # a file's content is part of the config, not just its name
             value = current.get(key)
             if value and Path(value).is_file():

@@ -98,7 +98,32 @@ class Stages:
         except Exception as exc:  # noqa: BLE001 - every rank raises below
             failed = exc
         self.ranks.all_stop(failed)
+        if k == 1 and self.cfg.human_pairs is not None:
+            self._label_human_pairs()
         return self.ranks.main_first(lambda: self._merge_labels(k, samples))
+
+    def _label_human_pairs(self) -> None:
+        """``human_pairs`` labeled by the AI labeler (split across ranks), kept with the human choice in
+        ``iter_1/human_pairs.jsonl`` for the dashboard's alignment with humans."""
+        path = self.iter_dir(1) / "human_pairs.jsonl"
+        if path.is_file():
+            return
+        rows = files.read_jsonl(Path(self.cfg.human_pairs))
+        for i, r in enumerate(rows, 1):
+            missing = [
+                f for f in ("response_a", "response_b", "human_a") if not isinstance(r, dict) or f not in r
+            ]
+            if missing:
+                raise ValueError(
+                    f"{self.cfg.human_pairs}:{i} lacks {missing}; each line needs them (and context)"
+                )
+        ctx = [r.get("context", "") for r in rows]
+        labels = self.label_split(
+            ctx, ev.visible([r["response_a"] for r in rows]), ev.visible([r["response_b"] for r in rows])
+        )
+        if self.ranks.is_main:
+            files.write_jsonl(path, [{**r, **files.jsonable(lab.to_dict())} for r, lab in zip(rows, labels)])
+        self.ranks.barrier()
 
     def _pair_samples(self, k: int, policy) -> list[dict]:
         """The iteration's pairs (id, context, response_a, response_b): sampled once, kept in samples.jsonl."""
