@@ -123,7 +123,8 @@ class Run(Stages):
     def latest_policy_dir(self) -> Path | None:
         for k in range(self.cfg.iterations, 0, -1):
             if (self.iter_dir(k) / "rl.json").is_file():
-                return self.iter_dir(k) / "rl" / "final"
+                chosen = (files.read_json(self.iter_dir(k) / "eval.json") or {}).get("policy_dir")
+                return self.out / chosen if chosen else self.iter_dir(k) / "rl" / "final"  # select_checkpoint
         return self.sft_dir() if (self.out / "sft.json").is_file() else None
 
     # ---- models -----------------------------------------------------------------------------------
