@@ -44,6 +44,12 @@ def test_feedback_section_and_flat_keys_merge_from_the_command_line(tmp_path):
 
     cfg = RunConfig.from_yaml(path, parse_overrides(["feedback.chain_of_thought=true"]))
     assert (cfg.feedback, cfg.chain_of_thought) == ("direct", True)
+    for sets in (
+        ["feedback=distilled", "feedback.rationale_tokens=7"],
+        ["feedback.rationale_tokens=7", "feedback=distilled"],
+    ):
+        cfg = RunConfig.from_yaml(path, parse_overrides(sets))  # both kept, in either order
+        assert (cfg.feedback, cfg.rationale_tokens) == ("distilled", 7), sets
     with pytest.raises(
         ValueError, match="unknown feedback key 'chain_of_thougt'; did you mean 'chain_of_thought'"
     ):

@@ -323,10 +323,21 @@ def parse_overrides(pairs: list[str]) -> dict:
             raise ValueError(f"--set {item!r} must look like key=value or section.key=value")
         node = out
         for part in parts[:-1]:
+            if isinstance(node.get(part), str) and node is out and part == "feedback":
+                node[part] = {"mode": node[part]}  # --set feedback=direct then --set feedback.X=...
             if not isinstance(node.get(part), dict):
                 node[part] = {}
             node = node[part]
-        node[parts[-1]] = yaml.safe_load(value)
+        parsed = yaml.safe_load(value)
+        if (
+            node is out
+            and parts[-1] == "feedback"
+            and isinstance(out.get("feedback"), dict)
+            and isinstance(parsed, str)
+        ):
+            out["feedback"]["mode"] = parsed  # --set feedback.X=... then --set feedback=direct: both kept
+        else:
+            node[parts[-1]] = parsed
     return out
 
 
