@@ -45,6 +45,12 @@ def _parser_for(annotation: str):
     def parse(text: str):
         if optional and text.lower() in ("none", "null"):
             return None
+        if annotation.startswith("bool"):  # bool | None (packing): true / false / none
+            if text.lower() not in ("true", "false"):
+                raise argparse.ArgumentTypeError(f"{text!r}: use true, false or none")
+            return text.lower() == "true"
+        if annotation.startswith("dict"):  # lora: a JSON mapping, e.g. '{"r": 8, "alpha": 16}'
+            return json.loads(text)
         return base(text)
 
     parse.__name__ = base.__name__

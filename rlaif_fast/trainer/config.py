@@ -21,6 +21,7 @@ KL_ESTIMATORS = ("k1", "k2", "k3", "abs")
 OPS = ("fast", "reference")
 LOSS_AGGS = ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum")
 OPTIMIZERS = ("adamw", "sgd", "adafactor")
+LORA_KEYS = ("r", "alpha", "dropout", "target_modules")
 
 
 @dataclass
@@ -153,6 +154,19 @@ class RLAIFConfig:
     """'auto' (bf16 when the accelerator supports it), 'true' or 'false'."""
     ops: str = "fast"
     """'fast': rlaif_fast ops and batching; 'reference': full [B, T, V] logits and padding to the batch max."""
+    packing: bool | None = None
+    """Padding-free micro-batches: the rollouts of a micro-batch end to end in one row, position ids
+    restarting per rollout, attention kept inside each (trainer/packing.py). None (default): on when
+    ops='fast' and the policy (and value model) use an attention that keeps packed sequences apart
+    (sdpa, eager, flex_attention, flash_attention_2/3), else off; True: required (the trainer refuses
+    a model that cannot); False: right-padded micro-batches."""
+    gradient_checkpointing: bool = False
+    """Recompute activations in the backward (policy and value model): less memory, ~1/3 more compute."""
+    lora: dict | None = None
+    """LoRA adapters through peft instead of full fine-tuning: {"r": 8, "alpha": 16, "dropout": 0.0,
+    "target_modules": ["q_proj", "v_proj"]} (all but r optional; target_modules default: peft's choice
+    for the architecture). The KL reference is the same model with its adapters disabled (no second
+    copy); the value model, when the algorithm needs one, keeps its own trunk and trains in full."""
 
     # --- output ----------------------------------------------------------------------------------
     output_dir: str = "rlaif_out"
@@ -176,6 +190,7 @@ class RLAIFConfig:
         self._validate_sizes()
         self._validate_numbers()
         self._validate_rollout_engine()
+        self._validate_efficiency()
 
     # ---- validation: each message states the rule and the fix -----------------------------------
     def _validate_choices(self) -> None:
@@ -278,6 +293,48 @@ class RLAIFConfig:
 
             if not vllm_available():
                 raise ValueError(f"rollout_engine='vllm' but vllm is not importable; {INSTALL_HINT}")
+
+    def _validate_efficiency(self) -> None:
+        if self.packing not in (None, True, False):
+            raise ValueError(f"packing={self.packing!r}; use True, False or None (on where supported)")
+        if self.packing is True and self.ops != "fast":
+            raise ValueError(
+                "packing=True needs ops='fast' (ops='reference' is the padded baseline); set packing=None "
+                "or False, or ops='fast'"
+            )
+        if not isinstance(self.gradient_checkpointing, bool):
+            raise ValueError(f"gradient_checkpointing={self.gradient_checkpointing!r} must be True or False")
+        if self.lora is None:
+            return
+        if self.rollout_engine != "hf":
+            raise ValueError(
+                f"lora with rollout_engine={self.rollout_engine!r} is not supported yet (the engine would need "
+                "the merged weights at every sync); use rollout_engine='hf' or lora=None"
+            )
+        if not isinstance(self.lora, dict):
+            raise ValueError(
+                f"lora={self.lora!r} must be a mapping like {{'r': 8, 'alpha': 16}} or None (full fine-tuning)"
+            )
+        unknown = sorted(set(self.lora) - set(LORA_KEYS))
+        if unknown:
+            raise ValueError(f"lora has unknown keys {unknown}; known: {list(LORA_KEYS)}")
+        r = self.lora.get("r")
+        if not isinstance(r, int) or isinstance(r, bool) or r < 1:
+            raise ValueError(f"lora['r']={r!r} must be an integer >= 1 (the adapter rank, e.g. 8)")
+        alpha = self.lora.get("alpha", 2 * r)
+        if not isinstance(alpha, (int, float)) or isinstance(alpha, bool) or not alpha > 0:
+            raise ValueError(f"lora['alpha']={alpha!r} must be a number > 0 (e.g. 2 * r)")
+        dropout = self.lora.get("dropout", 0.0)
+        if not isinstance(dropout, (int, float)) or not 0 <= dropout < 1:
+            raise ValueError(f"lora['dropout']={dropout!r} must be in [0, 1)")
+        targets = self.lora.get("target_modules")
+        if targets is not None and (
+            isinstance(targets, str) or not targets or not all(isinstance(t, str) and t for t in targets)
+        ):
+            raise ValueError(
+                f"lora['target_modules']={targets!r} must be a non-empty list of module names "
+                "(e.g. ['q_proj', 'v_proj']) or absent"
+            )
 
     def _validate_numbers(self) -> None:
         positive = ("learning_rate", "kl_target", "kl_horizon")

@@ -132,6 +132,8 @@ class TrainBatch:
     resp_index: torch.Tensor  # (b, L) column of each response token, clamped to T - 1 on padding
     resp_mask: torch.Tensor  # (b, L) 1 where response token j exists
     rows: list[int]  # rows of the rank's batch that this micro-batch holds
+    # packed (trainer/packing.py): one row (1, T), positions restarting per rollout, resp_index flat columns
+    position_ids: torch.Tensor | None = None
 
 
 def _pad_right_python(prompt_ids, response_ids, pad_id, width):
@@ -178,17 +180,31 @@ def train_batch(
 
 
 def micro_batches(
-    rollouts: Rollouts, rows: list[int], micro_batch_size: int, pad_id: int, *, fast: bool, batch_width: int
+    rollouts: Rollouts,
+    rows: list[int],
+    micro_batch_size: int,
+    pad_id: int,
+    *,
+    fast: bool,
+    batch_width: int,
+    packed: bool = False,
 ) -> list[TrainBatch]:
     """Split ``rows`` into micro-batches of ``micro_batch_size``.
 
     fast: rows sorted by length so each micro-batch pads to its own longest rollout (padding to the
     batch's longest inflates the work about 2x on sampled lengths). reference: original order, every
     micro-batch padded to ``batch_width``. Losses are sums over tokens, so the order does not change
-    the update.
+    the update. packed: each micro-batch is one row without padding (trainer/packing.py).
     """
     lengths = rollouts.lengths()
     order = sorted(rows, key=lambda i: lengths[i]) if fast else list(rows)
+    if packed:
+        from rlaif_fast.trainer.packing import packed_batch
+
+        return [
+            packed_batch(rollouts, order[start : start + micro_batch_size])
+            for start in range(0, len(order), micro_batch_size)
+        ]
     return [
         train_batch(
             rollouts, order[start : start + micro_batch_size], pad_id, fast=fast, batch_width=batch_width
@@ -207,6 +223,7 @@ def token_micro_batches(
     batch_width: int,
     rank: int = 0,
     ranks: int = 1,
+    packed: bool = False,
 ) -> list[TrainBatch]:
     """Split ``rows`` into micro-batches of at most ``max_tokens`` padded tokens (rows x padded width).
 
@@ -228,6 +245,10 @@ def token_micro_batches(
             f"to at least max_prompt_len + max_new_tokens"
         )
     plan = balanced_microbatches(sizes, max_tokens=max_tokens, num_ranks=ranks)
+    if packed:  # one row of at most max_tokens real tokens (the plan bounds rows x longest >= the sum)
+        from rlaif_fast.trainer.packing import packed_batch
+
+        return [packed_batch(rollouts, [rows[k] for k in mb]) for mb in plan.microbatches[rank] if mb]
     return [
         train_batch(rollouts, [rows[k] for k in mb], pad_id, fast=fast, batch_width=batch_width)
         for mb in plan.microbatches[rank]

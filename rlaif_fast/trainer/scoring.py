@@ -57,16 +57,24 @@ class ValueModel(nn.Module):
         hidden = policy.config.hidden_size
         return cls(copy.deepcopy(base), hidden)
 
-    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    def forward(
+        self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None, position_ids=None
+    ) -> torch.Tensor:
+        """Packed rows: ``attention_mask=None`` and ``position_ids`` restarting per sequence."""
+        # no KV cache: transformers reads packed sequences from position_ids only without one
+        kwargs = {} if position_ids is None else {"position_ids": position_ids, "use_cache": False}
         hidden = self.backbone(
-            input_ids=input_ids, attention_mask=attention_mask
+            input_ids=input_ids, attention_mask=attention_mask, **kwargs
         ).last_hidden_state  # (B, T, H)
         return self.head(hidden.to(self.head.weight.dtype)).squeeze(-1).float()  # (B, T)
 
 
 def _reference_logprobs(model, batch: TrainBatch, temperature: float, return_entropy: bool):
     """Full (B, T, V) logits, log-softmax, gather: what most trainers do today."""
-    logits = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits  # (B, T, V)
+    if batch.position_ids is None:
+        logits = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits  # (B, T, V)
+    else:  # packed: the block-diagonal mask comes from the position ids
+        logits = model(input_ids=batch.input_ids, position_ids=batch.position_ids, use_cache=False).logits
     logits = logits[:, :-1].float() / temperature
     logp_all = torch.log_softmax(logits, dim=-1)  # (B, T-1, V)
     logp = logp_all.gather(-1, batch.input_ids[:, 1:, None]).squeeze(-1)
@@ -86,27 +94,41 @@ def response_logprobs(
     if fast:  # hidden states -> log-probs, never the (b, T, V) logits
         from rlaif_fast.ops import model_logprobs
 
+        packed = batch.position_ids is not None
         out = model_logprobs(
             model,
             batch.input_ids,
-            batch.attention_mask,
+            None if packed else batch.attention_mask,
             batch.response_mask,
             temperature=temperature,
             return_entropy=return_entropy,
+            position_ids=batch.position_ids,
         )
         logp, ent = out if return_entropy else (out, None)
     else:
         logp, ent = _reference_logprobs(model, batch, temperature, return_entropy)
-    logp = logp.gather(1, batch.resp_index) * batch.resp_mask  # (b, L)
+    logp = to_response_layout(logp, batch)  # (b, L)
     if ent is not None:
-        ent = ent.gather(1, batch.resp_index) * batch.resp_mask
+        ent = to_response_layout(ent, batch)
     return logp, ent
+
+
+def to_response_layout(per_position: torch.Tensor, batch: TrainBatch, shift: int = 0) -> torch.Tensor:
+    """(b, T) per-position values -> (b, L) per response token, 0 on padding. Packed batches hold one
+    row whose ``resp_index`` are flat columns; ``shift=-1`` reads the position before each token."""
+    index = batch.resp_index if not shift else (batch.resp_index + shift).clamp(min=0)
+    if batch.position_ids is not None:
+        return per_position.reshape(-1)[index] * batch.resp_mask
+    return per_position.gather(1, index) * batch.resp_mask
 
 
 def response_values(value_model, batch: TrainBatch) -> torch.Tensor:
     """(b, L) values of the state *before* each response token (the position that predicts it)."""
-    values = value_model(batch.input_ids, batch.attention_mask)  # (b, T)
-    return values.gather(1, (batch.resp_index - 1).clamp(min=0)) * batch.resp_mask
+    if batch.position_ids is None:
+        values = value_model(batch.input_ids, batch.attention_mask)  # (b, T)
+    else:
+        values = value_model(batch.input_ids, None, position_ids=batch.position_ids)  # (1, T)
+    return to_response_layout(values, batch, shift=-1)
 
 
 def stack_rows(parts: list[tuple[list[int], torch.Tensor]], n_rows: int, width: int) -> torch.Tensor:

@@ -129,8 +129,21 @@ class RLAIFTrainer:
         self.strategy = Strategy(cfg)
         self.per_rank = per_rank_sizes(cfg, self.strategy.world_size)
         torch.manual_seed(cfg.seed + self.strategy.rank)  # sampling differs across ranks, repeatably
-        if ref_policy is None and cfg.kl_coef > 0:
+        self.lora_reference = False
+        if cfg.lora is not None:
+            from rlaif_fast.trainer.lora import apply_lora
+
+            policy = apply_lora(policy, cfg.lora)
+            # the KL reference is the policy with its adapters off: no copy (unless one was given)
+            self.lora_reference = ref_policy is None and cfg.kl_coef > 0
+        if ref_policy is None and cfg.kl_coef > 0 and not self.lora_reference:
             ref_policy = copy.deepcopy(policy)
+        # packing is decided on the unsharded models (a small probe forward; trainer/packing.py)
+        from rlaif_fast.trainer.packing import resolve_packing
+
+        self.packing = resolve_packing(cfg, policy, value_model)
+        if cfg.gradient_checkpointing:
+            _enable_gradient_checkpointing(policy, value_model)
         # the reference scores through a module of its own, so that under ZeRO-3 its sharded weights are
         # gathered for the whole log-prob computation (the output embedding is read outside lm_head)
         self.ref = None
@@ -274,6 +287,11 @@ class RLAIFTrainer:
             stats = run_update(cfg, self.strategy, self.engine, batches, update_data, self.kl_coef)
         except FloatingPointError as err:
             self._dump_nonfinite(rollouts, str(err))
+        if data.get("on_policy") and "ref_logp" in data:  # the KL metric, now that old_logp is known
+            from rlaif_fast.trainer.scoring import rl_op
+
+            kl_op = rl_op("kl_penalty", cfg.ops == "fast")
+            data["kl"] = kl_op(data["old_logp"], data["ref_logp"], cfg.kl_estimator) * data["mask"]
         self._policy_version += 1  # the rollout engine now holds stale weights
         done = time.perf_counter()
         metrics = self._metrics(rollouts, data, stats, done - t0)
@@ -351,6 +369,7 @@ class RLAIFTrainer:
         n = len(rollouts)
         width = max(len(r) for r in rollouts.response_ids)
         parts: dict[str, list] = {"old_logp": [], "ref_logp": [], "old_values": [], "mask": []}
+        on_policy = self._on_policy_shortcut()
         for b in micro_batches(
             rollouts,
             list(range(n)),
@@ -358,18 +377,25 @@ class RLAIFTrainer:
             self.pad_id,
             fast=fast,
             batch_width=max(rollouts.lengths()),
+            packed=self.packing,
         ):
             b = _to(b, self.strategy.device)
-            # through the engine: under ZeRO-3 that is what gathers the sharded weights
-            logp, _, values = self.engine(b, cfg.temperature, fast, False)
-            parts["old_logp"].append((b.rows, logp.cpu()))
             parts["mask"].append((b.rows, b.resp_mask.cpu()))
-            if values is not None:
-                parts["old_values"].append((b.rows, values.cpu()))
-            if self.ref is not None:
+            if not on_policy:  # the shortcut takes the old log-probs from the training forward instead
+                # through the engine: under ZeRO-3 that is what gathers the sharded weights
+                logp, _, values = self.engine(b, cfg.temperature, fast, False)
+                parts["old_logp"].append((b.rows, logp.cpu()))
+                if values is not None:
+                    parts["old_values"].append((b.rows, values.cpu()))
+            if self.lora_reference:  # the same engine with the adapters off (no reference copy)
+                ref = self.engine(b, cfg.temperature, fast, False, reference=True)
+                parts["ref_logp"].append((b.rows, ref.cpu()))
+            elif self.ref is not None:
                 ref = self.ref(b, cfg.temperature, fast)
                 parts["ref_logp"].append((b.rows, ref.cpu()))
         data = {k: stack_rows(v, n, width) for k, v in parts.items() if v}
+        if on_policy:  # filled by the update's forward (update.micro_loss), read by the metrics after it
+            data["old_logp"] = torch.zeros(n, width)
         values = data.get("old_values", torch.zeros(n, width))
         adv, ret, kl = advantages_and_returns(
             cfg,
@@ -382,7 +408,32 @@ class RLAIFTrainer:
             self.strategy.all_reduce,
         )
         data.update(advantages=adv, returns=ret, kl=kl)
+        if on_policy:
+            data["on_policy"] = True
         return data
+
+    def _on_policy_shortcut(self) -> bool:
+        """True when the update is exactly on-policy and nothing before it reads the old log-probs: one
+        epoch over one mini-batch (the old policy is the policy of the training forward), no KL in the
+        reward (it would shape the advantages before the update), no critic (its values come from the
+        scoring pass), the rollouts sampled by this model (the vLLM sampler comparison reads them) and
+        the rows trained where they were scored. Then the scoring pass skips the policy forward and the
+        update takes the detached log-probs of its own forward as the old ones (ratio 1, the same loss)."""
+        cfg = self.config
+        kl_in_reward = cfg.kl_in == "reward" and cfg.kl_coef > 0
+        moved = (
+            cfg.max_tokens_per_microbatch is not None
+            and self.strategy.world_size > 1
+            and cfg.token_balance == "global"
+        )
+        return (
+            cfg.ppo_epochs == 1
+            and cfg.mini_batch_size == cfg.batch_size
+            and not kl_in_reward
+            and not cfg.uses_critic
+            and self.rollout_engine is None
+            and not moved
+        )
 
     def _mini_batches(self, rollouts, data: dict) -> tuple[list[list], dict]:
         """(micro-batches of every mini-batch for this rank, the per-row data they index).
@@ -419,6 +470,7 @@ class RLAIFTrainer:
                         batch_width=width,
                         rank=rank,
                         ranks=world,
+                        packed=self.packing,
                     )
                 )
         else:
@@ -427,21 +479,40 @@ class RLAIFTrainer:
                 if budget is None:
                     out.append(
                         micro_batches(
-                            rollouts, rows, cfg.micro_batch_size, self.pad_id, fast=fast, batch_width=width
+                            rollouts,
+                            rows,
+                            cfg.micro_batch_size,
+                            self.pad_id,
+                            fast=fast,
+                            batch_width=width,
+                            packed=self.packing,
                         )
                     )
                 else:
                     out.append(
-                        token_micro_batches(rollouts, rows, budget, self.pad_id, fast=fast, batch_width=width)
+                        token_micro_batches(
+                            rollouts,
+                            rows,
+                            budget,
+                            self.pad_id,
+                            fast=fast,
+                            batch_width=width,
+                            packed=self.packing,
+                        )
                     )
         if budget is not None:
             counts = torch.tensor([float(len(m)) for m in out], dtype=torch.float64)
             most = self.strategy.all_reduce(counts, op="max").tolist()
             for mbs, k in zip(out, most):
                 # a rank the global plan gave no row of this mini-batch shapes its empties on a local row
-                template = (
-                    mbs[-1] if mbs else train_batch(rollouts, [0], self.pad_id, fast=fast, batch_width=width)
-                )
+                if mbs:
+                    template = mbs[-1]
+                elif self.packing:
+                    from rlaif_fast.trainer.packing import packed_batch
+
+                    template = packed_batch(rollouts, [0])
+                else:
+                    template = train_batch(rollouts, [0], self.pad_id, fast=fast, batch_width=width)
                 mbs.extend(empty_like(template) for _ in range(int(k) - len(mbs)))
         return [[_to(b, self.strategy.device) for b in mbs] for mbs in out], data
 
@@ -604,11 +675,18 @@ class RLAIFTrainer:
         self._checkpoint_step = self.global_step
         self._policy_version += 1  # new weights: the rollout engine resyncs before it samples
 
-    def save(self, path: str | Path) -> None:
-        """The policy (and tokenizer) with ``save_pretrained``, full weights even under ZeRO-3."""
+    def save(self, path: str | Path, *, merged: bool = False) -> None:
+        """The policy (and tokenizer) with ``save_pretrained``, full weights even under ZeRO-3. With LoRA
+        that is the adapters (``peft.PeftModel.from_pretrained(base, path)`` loads them); ``merged=True``
+        writes a plain transformers model with the adapters folded into the weights instead."""
         with self.strategy.gathered(self.policy):
             if self.strategy.is_main:
-                self.policy.save_pretrained(str(path), safe_serialization=True)
+                if merged and self.config.lora is not None:
+                    from rlaif_fast.trainer.lora import save_merged
+
+                    save_merged(self.policy, path)
+                else:
+                    self.policy.save_pretrained(str(path), safe_serialization=True)
                 if hasattr(self.tokenizer, "save_pretrained"):
                     self.tokenizer.save_pretrained(str(path))
         self.strategy.barrier()
@@ -617,6 +695,25 @@ class RLAIFTrainer:
 def _to(batch, device):
     if device.type == "cpu":
         return batch
-    for name in ("input_ids", "attention_mask", "response_mask", "resp_index", "resp_mask"):
-        setattr(batch, name, getattr(batch, name).to(device))
+    for name in ("input_ids", "attention_mask", "response_mask", "resp_index", "resp_mask", "position_ids"):
+        if getattr(batch, name) is not None:
+            setattr(batch, name, getattr(batch, name).to(device))
     return batch
+
+
+def _enable_gradient_checkpointing(policy, value_model) -> None:
+    """Recompute each layer's activations in the backward (non-reentrant: works with frozen inputs, as
+    under LoRA, and with ZeRO-3's parameter hooks)."""
+    kwargs = {"gradient_checkpointing_kwargs": {"use_reentrant": False}}
+    for role, model in (("policy", policy), ("value model", value_model)):
+        if model is None:
+            continue
+        target = getattr(model, "backbone", model)  # ValueModel: its transformer trunk
+        if not hasattr(target, "gradient_checkpointing_enable"):
+            raise ValueError(
+                f"gradient_checkpointing=True but the {role} ({type(target).__name__}) has no "
+                "gradient_checkpointing_enable(); set gradient_checkpointing=False"
+            )
+        target.gradient_checkpointing_enable(**kwargs)
+        if hasattr(target, "config"):
+            target.config.use_cache = False

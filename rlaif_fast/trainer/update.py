@@ -24,7 +24,12 @@ class ActorCritic(nn.Module):
         self.policy = policy
         self.value = value_model
 
-    def forward(self, batch: TrainBatch, temperature: float, fast: bool, return_entropy: bool):
+    def forward(
+        self, batch: TrainBatch, temperature: float, fast: bool, return_entropy: bool, reference: bool = False
+    ):
+        if reference:  # LoRA: the reference policy is the same model with its adapters off (trainer/lora.py)
+            with self.policy.disable_adapter():
+                return response_logprobs(self.policy, batch, temperature=temperature, fast=fast)[0]
         logp, ent = response_logprobs(
             self.policy, batch, temperature=temperature, fast=fast, return_entropy=return_entropy
         )
@@ -65,6 +70,12 @@ def micro_loss(cfg, model, batch: TrainBatch, data: dict, kl_coef: float, scale_
     logp, ent, values = model(batch, cfg.temperature, cfg.ops == "fast", cfg.entropy_coef > 0)
     kl_loss_coef = kl_coef if cfg.kl_in == "loss" else 0.0
     ref_logp = take("ref_logp") if "ref_logp" in data else None
+    if data.get("on_policy"):
+        # the on-policy shortcut (one epoch, one mini-batch): the old policy is this very forward, so
+        # its detached log-probs are the old ones (ratio 1) and no separate scoring pass was run; they
+        # are kept for the step's metrics
+        data["old_logp"][batch.rows, :width] = logp.detach().to(data["old_logp"].device, torch.float32)
+    old_logp = take("old_logp") if not data.get("on_policy") else logp.detach()
     if cfg.algorithm == "reinforce_baseline":
         per_token = -logp * take("advantages")
         if kl_loss_coef:
@@ -75,7 +86,7 @@ def micro_loss(cfg, model, batch: TrainBatch, data: dict, kl_coef: float, scale_
     else:
         pg, stats = ppo_loss_from_logprobs(
             logp,
-            take("old_logp"),
+            old_logp,
             take("advantages"),
             mask,
             entropy=ent,
@@ -107,6 +118,7 @@ def empty_like(batch: TrainBatch) -> TrainBatch:
         batch.resp_index[:1],
         torch.zeros_like(batch.resp_mask[:1]),
         batch.rows[:1],
+        position_ids=None if batch.position_ids is None else batch.position_ids[:1],
     )
 
 
