@@ -1,0 +1,102 @@
+"""LoRA through peft in the trainer: only the adapters (and the value model) train, the KL reference
+is the base model (adapters off, no copy), and saved adapters / merged weights give the same outputs."""
+
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent / "dist"))
+from toy import PROMPTS, CharTokenizer, count_a, tiny_llama  # noqa: E402
+
+from rlaif_fast.trainer import RLAIFConfig, RLAIFTrainer, ValueModel  # noqa: E402
+from rlaif_fast.trainer.generation import Rollouts, micro_batches  # noqa: E402
+from rlaif_fast.trainer.scoring import response_logprobs  # noqa: E402
+
+pytestmark = pytest.mark.slow
+LORA = {"r": 4, "alpha": 8, "target_modules": ["q_proj", "v_proj", "up_proj"]}
+
+
+def _config(tmp_path, **kw):
+    values = dict(
+        algorithm="ppo", batch_size=4, micro_batch_size=2, max_new_tokens=4, learning_rate=1e-2,
+        kl_coef=0.1, lora=LORA, progress=False, tensorboard=False, output_dir=str(tmp_path / "run"),
+    )  # fmt: skip
+    values.update(kw)
+    return RLAIFConfig(**values)
+
+
+def _trainer(cfg, policy=None):
+    policy = policy if policy is not None else tiny_llama()
+    value = ValueModel.from_policy(policy) if cfg.uses_critic else None
+    return RLAIFTrainer(policy, CharTokenizer(), count_a, cfg, value_model=value)
+
+
+def test_only_adapters_and_value_model_train_and_the_reference_is_the_base(tmp_path):
+    base = tiny_llama()
+    base_state = {k: v.clone() for k, v in base.state_dict().items()}
+    trainer = _trainer(_config(tmp_path), tiny_llama())
+    assert trainer.ref is None and trainer.lora_reference  # no reference copy in memory
+    model = trainer.engine.module
+    before = {k: v.detach().clone() for k, v in model.named_parameters()}
+    for i in range(2):
+        trainer.step(PROMPTS[i * 4 : (i + 1) * 4])
+    after = dict(model.named_parameters())
+    changed = {k for k, v in before.items() if not torch.equal(v, after[k].detach())}
+    lora = {k for k in before if ".lora_" in k}
+    value = {k for k in before if k.startswith("value.")}
+    assert lora and changed == lora | value, sorted(changed ^ (lora | value))[:5]
+    # the reference log-probs (adapters off) are the untouched base model's
+    r = Rollouts(["p"] * 2, ["c"] * 2, [[1, 3, 4], [1, 5]], [[3, 3, 2], [4, 6]])
+    (b,) = micro_batches(r, [0, 1], 2, 0, fast=True, batch_width=5, packed=True)
+    with torch.no_grad():
+        ref = model(b, 0.9, True, False, reference=True)
+        base.load_state_dict(base_state)
+        want, _ = response_logprobs(base, b, temperature=0.9, fast=True)
+        tuned, _, _ = model(b, 0.9, True, False)
+    assert (ref - want).abs().max() <= 1e-6
+    assert (tuned - want).abs().max() > 1e-4  # the adapters did move the policy
+
+
+def test_save_and_load_adapters_and_merged_weights_give_the_same_outputs(tmp_path):
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    trainer = _trainer(_config(tmp_path, algorithm="grpo", group_size=2, kl_in="loss", kl_estimator="k3"))
+    trainer.step(PROMPTS[:2])
+    policy = trainer.policy
+    ids = torch.tensor([[1, 3, 4, 5, 6]])
+    with torch.no_grad():
+        want = policy(input_ids=ids).logits
+    trainer.save(tmp_path / "adapters")
+    trainer.save(tmp_path / "merged", merged=True)
+    assert (tmp_path / "adapters" / "adapter_config.json").is_file()
+    assert not (tmp_path / "merged" / "adapter_config.json").exists()
+    loaded = PeftModel.from_pretrained(tiny_llama(), tmp_path / "adapters")
+    merged = AutoModelForCausalLM.from_pretrained(tmp_path / "merged")
+    assert not any(".lora_" in k for k in merged.state_dict())
+    with torch.no_grad():
+        got_adapters = loaded(input_ids=ids).logits
+        got_merged = merged(input_ids=ids).logits
+        base = tiny_llama()(input_ids=ids).logits
+    assert (want - base).abs().max() > 1e-4  # the step changed the outputs: the checks below can fail
+    assert (got_adapters - want).abs().max() <= 1e-5
+    assert (got_merged - want).abs().max() <= 1e-5
+
+
+def test_bad_lora_settings_fail_naming_the_key(tmp_path):
+    with pytest.raises(ValueError, match=r"lora\['r'\]"):
+        RLAIFConfig(lora={"alpha": 8})
+    with pytest.raises(ValueError, match="lora has unknown keys"):
+        RLAIFConfig(lora={"r": 4, "rank": 4})
+    with pytest.raises(ValueError, match=r"lora\['target_modules'\]"):
+        RLAIFConfig(lora={"r": 4, "target_modules": "q_proj"})
+    with pytest.raises(ValueError, match="lora with rollout_engine"):
+        RLAIFConfig.__new__(RLAIFConfig)._validate_efficiency.__func__(
+            type("C", (), {"packing": None, "ops": "fast", "gradient_checkpointing": False,
+                           "lora": {"r": 4}, "rollout_engine": "vllm"})()
+        )  # fmt: skip
+    cfg = _config(tmp_path, lora={"r": 4, "target_modules": ["q_proj", "qkv"]})
+    with pytest.raises(ValueError, match=r"lora\['target_modules'\] names \['qkv'\]"):
+        _trainer(cfg)
