@@ -161,9 +161,10 @@ def test_packing_choices_fail_naming_the_key():
     policy.config._attn_implementation = "my_kernel"
     with pytest.raises(ValueError, match=r"packing=True but the policy uses attn_implementation='my_kernel'"):
         _trainer(policy, packing=True)
-    # auto (None) falls back to padding for that model, and packs a supported one
+    # auto (None) pads that model, and sdpa too (a packed row costs sum(n)^2 attention there)
     assert _trainer(policy, packing=None).packing is False
-    assert _trainer(tiny_llama(), packing=None).packing is True
+    assert _trainer(tiny_llama(), packing=None).packing is False
+    assert _trainer(tiny_llama(), packing=True).packing is True
 
 
 def test_a_model_that_leaks_across_packed_sequences_is_refused(monkeypatch):

@@ -156,10 +156,11 @@ class RLAIFConfig:
     """'fast': rlaif_fast ops and batching; 'reference': full [B, T, V] logits and padding to the batch max."""
     packing: bool | None = None
     """Padding-free micro-batches: the rollouts of a micro-batch end to end in one row, position ids
-    restarting per rollout, attention kept inside each (trainer/packing.py). None (default): on when
-    ops='fast' and the policy (and value model) use an attention that keeps packed sequences apart
-    (sdpa, eager, flex_attention, flash_attention_2/3), else off; True: required (the trainer refuses
-    a model that cannot); False: right-padded micro-batches."""
+    restarting per rollout, attention kept inside each (trainer/packing.py). sdpa, eager, flex_attention
+    and flash_attention_2/3 keep packed sequences apart; only flash-attention (varlen) also skips the
+    work across them (sdpa computes the whole (T, T) masked attention of the packed row). None
+    (default): on when ops='fast' and the policy runs flash_attention_2/3, else off; True: on (the
+    trainer refuses a model that cannot keep sequences apart); False: right-padded micro-batches."""
     gradient_checkpointing: bool = False
     """Recompute activations in the backward (policy and value model): less memory, ~1/3 more compute."""
     lora: dict | None = None

@@ -24,6 +24,7 @@ import torch
 
 from rlaif_fast.trainer.generation import Rollouts, TrainBatch
 
+VARLEN_ATTENTION = ("flash_attention_2", "flash_attention_3")  # packed cost = sum of per-sequence costs
 PACKING_ATTENTION = ("sdpa", "eager", "flex_attention", "flash_attention_2", "flash_attention_3")
 
 
@@ -127,8 +128,13 @@ def backbone_of(model):
 
 def resolve_packing(cfg, policy, value_model) -> bool:
     """Whether this run packs: ``packing=True`` requires it (raising when a model cannot), ``None`` packs
-    when every model can (and ``ops='fast'``), ``False`` never does."""
+    when the policy runs flash-attention (varlen: no work across sequences), every model can keep
+    packed sequences apart and ``ops='fast'``; ``False`` never does."""
     if cfg.packing is False or (cfg.packing is None and cfg.ops != "fast"):
+        return False
+    if cfg.packing is None and _attention_name(backbone_of(policy)) not in VARLEN_ATTENTION:
+        # sdpa / eager / flex score a packed row as one (T, T) masked attention: sum(n)^2 instead of
+        # sum(n^2) work, slower than padding beyond a few rollouts per row (benchmarks/results/vs_trl.md)
         return False
     models = [("policy", backbone_of(policy))]
     if value_model is not None:
