@@ -304,110 +304,32 @@ def linear_logprobs_bwd(hidden, weight, bias, labels, lse, h_full, grad_logp, gr
     return (dh if need_dh else None), (dw if need_dw else None), (db if need_db else None)
 
 
-# Tokens per chunk C = 2^28 / V (2092 at V = 128256): the chunk holds C·V fp32 logits + C·V d logits in
-# the matmul dtype (1 GiB + 0.5 GiB in bf16, vs 6 GiB for full fp32 logits at N = 8192). C sets the
-# arithmetic intensity of d W += dUᵀ·h, which reads and writes the (V, H) fp32 d W once per chunk:
-# 2·V·C·H FLOPs over 8·V·H bytes ≈ C / 4 FLOP/byte (462 here with dU and h read too), above an H100's
-# ~295 (989 TFLOP/s over 3.35 TB/s); at C = 1046 it would sit near the ridge. benchmarks/gpu/bench_linear.py --chunks sweeps it.
-_GEMM_CHUNK_ELEMS = 1 << 28
+def fwd_from_products(
+    u, bias, params, labels, logp, ent, lse, h_full, *, ignore_index, softcap, entropy, acc
+):
+    """``_fwd_kernel`` on a chunk's precomputed logits U = h·Wᵀ (C, V) in the accumulation dtype
+    (FROM_PRODUCTS): the online log-sum-exp, entropy and label pick, written into the given outputs.
+    The GEMM and the chunk loop are ``rlaif_fast.ops.linear_gemm``'s."""
+    n, V = u.shape
+    bn, bv = (4, 1024) if _on_gpu(u) else (32, 1024)
+    _fwd_kernel[(triton.cdiv(n, bn),)](
+        u, u, bias if bias is not None else u, params, labels, logp, ent, lse, h_full, n, V, V, V, V, ignore_index,
+        HAS_BIAS=bias is not None, HAS_CAP=softcap is not None, ENTROPY=entropy,
+        ACC=_TL_ACC.get(acc, tl.float32), PRECISION="ieee", UPCAST=False, BLOCK_N=bn, BLOCK_V=bv, BLOCK_H=16,
+        FROM_PRODUCTS=True, num_warps=4,
+    )  # fmt: skip
 
 
-# Which cuBLAS routes this process could not take (torch versions differ in their ``out_dtype`` support):
-# each fallback is correct but slower, and benchmarks/gpu/bench_linear.py prints this set.
-GEMM_FALLBACKS: set[str] = set()
-
-
-def _mm_acc(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """a @ b in the accumulation dtype. On CUDA, bf16 / fp16 operands stay on the tensor cores and cuBLAS
-    writes its fp32 accumulator out (``out_dtype``): no bf16 rounding of the logits before the softmax.
-    CPU has no ``out_dtype`` kernel: upcast there (exact — a product of two bf16 / fp16 values fits fp32)."""
-    acc = _acc_dtype(a.dtype)
-    if _on_gpu(a) and a.dtype != acc and "mm out_dtype" not in GEMM_FALLBACKS:
-        try:
-            return torch.mm(a, b, out_dtype=acc)
-        except (RuntimeError, TypeError):
-            GEMM_FALLBACKS.add("mm out_dtype")
-    return torch.mm(a.to(acc), b.to(acc))
-
-
-def _addmm_acc_(out: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:
-    """out += a @ b with out in the accumulation dtype (d weight summed over chunks in fp32)."""
-    if _on_gpu(a) and a.dtype != out.dtype and "addmm out_dtype" not in GEMM_FALLBACKS:
-        try:  # cuBLAS beta = 1 into the fp32 accumulator: one pass over out, no temporary
-            torch.addmm(out, a, b, out_dtype=out.dtype, out=out)
-            return
-        except (RuntimeError, TypeError):  # older torch: self must share the operands' dtype
-            GEMM_FALLBACKS.add("addmm out_dtype")
-    out.add_(_mm_acc(a, b))  # a (V, H) fp32 temporary and one more pass over out
-
-
-def linear_logprobs_fwd_gemm(hidden, weight, bias, labels, *, temperature, ignore_index, entropy, softcap, scale,
-                             chunk=None):  # fmt: skip
-    """``linear_logprobs_fwd`` from a library GEMM per token chunk: U = h_c·Wᵀ (fp32 out), then
-    ``_fwd_kernel`` with FROM_PRODUCTS reads U once (the online log-sum-exp, entropy and label pick).
-    Costs 8 bytes of traffic per logit that the fused forward does not move; buys cuBLAS's matmul."""
-    N, H = hidden.shape
-    V = weight.shape[0]
-    acc = _acc_dtype(hidden.dtype)
-    logp, ent, lse, h_full = _fwd_outputs(hidden, N, acc, entropy)
-    params = _params(hidden, scale, softcap, temperature)
-    bn, bv = (4, 1024) if _on_gpu(hidden) else (32, 1024)
-    w_mm = weight if _on_gpu(hidden) else weight.to(acc)
-    step = chunk or max(1, _GEMM_CHUNK_ELEMS // max(V, 1))
-    for s in range(0, N, step):
-        e = min(s + step, N)
-        u = _mm_acc(hidden[s:e], w_mm.T)  # (C, V) in the accumulation dtype
-        _fwd_kernel[(triton.cdiv(e - s, bn),)](
-            u, u, bias if bias is not None else u, params, labels[s:e], logp[s:e], ent[s:e], lse[s:e],
-            h_full[s:e], e - s, V, V, V, V, ignore_index,
-            HAS_BIAS=bias is not None, HAS_CAP=softcap is not None, ENTROPY=entropy,
-            ACC=_TL_ACC.get(acc, tl.float32), PRECISION="ieee", UPCAST=False, BLOCK_N=bn, BLOCK_V=bv, BLOCK_H=16,
-            FROM_PRODUCTS=True, num_warps=4,
-        )  # fmt: skip
-        del u  # before the next chunk's product exists
-    return logp, (ent if entropy else None), lse, (h_full if entropy else None)
-
-
-def linear_logprobs_bwd_gemm(hidden, weight, bias, labels, lse, h_full, grad_logp, grad_ent, *, temperature,
-                             ignore_index, softcap, scale, chunk=None, need_dh=True, need_dw=True,
-                             need_db=True):  # fmt: skip
-    """The same gradients as ``linear_logprobs_bwd`` from three library GEMMs per token chunk and one
-    Triton epilogue, no atomics on d hidden / d weight:
-
-        U = h_c·Wᵀ (fp32 out)  ->  dU = _dlogits_kernel(U) (matmul dtype)  ->  dh_c = dU·W,  dW += dUᵀ·h_c
-
-    Returns d hidden (N, H) in the input dtype (one rounding of an fp32-accumulated product over all V),
-    d weight (V, H) and d bias (V,) in the accumulation dtype; None where not needed."""
-    N, H = hidden.shape
-    V = weight.shape[0]
-    acc = _acc_dtype(hidden.dtype)
-    need_db = need_db and bias is not None
+def dlogits_from_products(u, du, db, bias, params, labels, lse, h_full, grad_logp, grad_ent, *, ignore_index,
+                          softcap, need_db, acc):  # fmt: skip
+    """``_dlogits_kernel``: d logits dU (C, V) in the matmul dtype (and d bias summed into ``db``) from a
+    chunk's precomputed U, for ``rlaif_fast.ops.linear_gemm``'s backward (dh = dU·W, dW += dUᵀ·h there)."""
+    n, V = u.shape
     entropy = grad_ent is not None
-    dh = torch.empty((N, H), dtype=hidden.dtype, device=hidden.device) if need_dh else None
-    dw = torch.zeros((V, H), dtype=acc, device=hidden.device) if need_dw else None
-    db = torch.zeros((V,) if need_db else (1,), dtype=acc, device=hidden.device)
-    params = _params(hidden, scale, softcap, temperature)
-    bn, bv = (16, 512) if _on_gpu(hidden) else (32, 1024)
-    w_mm = weight if _on_gpu(hidden) else weight.to(acc)  # CPU: upcast W once, not once per chunk
-    step = chunk or max(1, _GEMM_CHUNK_ELEMS // max(V, 1))
-    for s in range(0, N, step):
-        e = min(s + step, N)
-        h_c = hidden[s:e]  # (C, H)
-        u = _mm_acc(h_c, w_mm.T)  # (C, V) in the accumulation dtype
-        du = torch.empty((e - s, V), dtype=hidden.dtype, device=hidden.device)  # the matmul dtype
-        _dlogits_kernel[(triton.cdiv(e - s, bn), triton.cdiv(V, bv))](
-            u, du, db, bias if bias is not None else u, params, labels[s:e], lse[s:e],
-            (h_full if entropy else lse)[s:e], grad_logp[s:e], (grad_ent if entropy else grad_logp)[s:e],
-            e - s, V, ignore_index, HAS_BIAS=bias is not None, HAS_CAP=softcap is not None, ENTROPY=entropy,
-            NEED_DB=need_db, ACC=_TL_ACC.get(acc, tl.float32), BLOCK_N=bn, BLOCK_V=bv, num_warps=8,
-        )  # fmt: skip
-        del u
-        if dh is not None:
-            if _on_gpu(hidden):
-                torch.mm(du, weight, out=dh[s:e])  # fp32 accumulate inside cuBLAS, one rounding
-            else:
-                dh[s:e] = torch.mm(du.to(acc), w_mm)
-        if dw is not None:
-            _addmm_acc_(dw, du.T, h_c)
-        del du  # before the next chunk's U exists: one chunk's buffers at a time
-    return dh, dw, (db if need_db else None)
+    bn, bv = (16, 512) if _on_gpu(u) else (32, 1024)
+    _dlogits_kernel[(triton.cdiv(n, bn), triton.cdiv(V, bv))](
+        u, du, db, bias if bias is not None else u, params, labels, lse, h_full if entropy else lse,
+        grad_logp, grad_ent if entropy else grad_logp, n, V, ignore_index,
+        HAS_BIAS=bias is not None, HAS_CAP=softcap is not None, ENTROPY=entropy, NEED_DB=need_db,
+        ACC=_TL_ACC.get(acc, tl.float32), BLOCK_N=bn, BLOCK_V=bv, num_warps=8,
+    )  # fmt: skip

@@ -35,6 +35,7 @@ import rlaif_fast.kernels.linear_logprobs as lin
 import torch
 from triton.runtime import interpreter
 
+import rlaif_fast.ops.linear_gemm as gemm
 from rlaif_fast import _backend
 from rlaif_fast.ops import advantages as adv_ops
 from rlaif_fast.ops.advantages import gae
@@ -141,7 +142,7 @@ def gpu_branch(monkeypatch):
     """linear_logprobs' launchers on their CUDA branch, with cuBLAS out_dtype available."""
     monkeypatch.setenv("RLAIF_FAST_BACKEND", "triton")
     monkeypatch.setattr(lin, "_on_gpu", lambda t: True)
-    monkeypatch.setattr(lin, "GEMM_FALLBACKS", set())
+    monkeypatch.setattr(gemm, "GEMM_FALLBACKS", set())
     _tensor_core_dot(monkeypatch)
     return monkeypatch
 
@@ -242,7 +243,7 @@ def test_linear_cuda_branch_matches_float64(gpu_branch, dtype, variant, impl):
     fwd, bwd = IMPLS[impl]
     _check_linear(dtype, variant, fwd, bwd)
     _check_cuda_launches(launches, dtype, fwd, bwd)
-    assert lin.GEMM_FALLBACKS == set()
+    assert gemm.GEMM_FALLBACKS == set()
     if dtype == torch.bfloat16:  # cuBLAS's fp32 output for every bf16 GEMM: U per chunk, d W += dUᵀ·h
         expect = (["mm"] * 3 if fwd == "gemm" else []) + (["mm", "addmm"] * 3 if bwd == "gemm" else [])
         assert calls == expect
@@ -262,7 +263,7 @@ def test_linear_cuda_branch_without_out_dtype_falls_back(gpu_branch):
     """A torch whose cuBLAS GEMMs lack out_dtype: each route is tried once, recorded, then never again."""
     calls = _cublas_like(gpu_branch, has_out_dtype=False)
     _check_linear(torch.bfloat16, "bias-cap-scale-temp", "gemm", "gemm")
-    assert lin.GEMM_FALLBACKS == {"mm out_dtype", "addmm out_dtype"}
+    assert gemm.GEMM_FALLBACKS == {"mm out_dtype", "addmm out_dtype"}
     assert calls == ["mm", "addmm"]  # the first chunk's tries; later chunks go straight to the fallback
 
 
@@ -279,7 +280,7 @@ def test_linear_cuda_branch_only_addmm_falls_back(gpu_branch):
 
     gpu_branch.setattr(torch, "addmm", addmm)
     _check_linear(torch.bfloat16, "plain", "fused", "gemm")
-    assert lin.GEMM_FALLBACKS == {"addmm out_dtype"}
+    assert gemm.GEMM_FALLBACKS == {"addmm out_dtype"}
     assert calls == ["mm", "addmm refused", "mm", "mm", "mm", "mm", "mm"]
 
 
@@ -287,7 +288,7 @@ def test_linear_cuda_branch_default_gemm_chunk(gpu_branch):
     """chunk_size=None: the GEMM launchers' own C = _GEMM_CHUNK_ELEMS // V, lowered here from 2^28 to
     29·V + 500 so that C = 29 at V = 1100 (chunks of 29 + 29 + 12 tokens), as 2^28 gives 1765 at V = 152064."""
     _cublas_like(gpu_branch, has_out_dtype=True)
-    gpu_branch.setattr(lin, "_GEMM_CHUNK_ELEMS", 29 * V + 500)
+    gpu_branch.setattr(gemm, "_GEMM_CHUNK_ELEMS", 29 * V + 500)
     launches = _spy_launches(gpu_branch)
     _check_linear(torch.bfloat16, "bias-cap-scale-temp", "gemm", "gemm", chunk_size=None)
     assert [name for name, _ in launches] == ["_fwd_kernel"] * 3 + ["_dlogits_kernel"] * 3

@@ -312,12 +312,8 @@ def test_trainer_on_the_triton_kernels_equals_reference_ops(monkeypatch):
 
     launched = {}
     for module, names in {
-        "rlaif_fast.kernels.linear_logprobs": [
-            "linear_logprobs_fwd",
-            "linear_logprobs_bwd",
-            "linear_logprobs_fwd_gemm",
-            "linear_logprobs_bwd_gemm",
-        ],
+        "rlaif_fast.kernels.linear_logprobs": ["linear_logprobs_fwd", "linear_logprobs_bwd"],
+        "rlaif_fast.ops.linear_gemm": ["linear_logprobs_fwd_gemm", "linear_logprobs_bwd_gemm"],
         "rlaif_fast.kernels.kl": ["shaped_rewards"],
         "rlaif_fast.kernels.advantages": ["gae"],
     }.items():

@@ -273,7 +273,7 @@ def main():
         print("FAILED: a path is less accurate than eager in the same dtype")
     result["accounting"] = accounting(*full)
     result["timing"] = run(*full, dtype, device, a.smoke, variants, chunks)
-    from rlaif_fast.kernels.linear_logprobs import GEMM_FALLBACKS
+    from rlaif_fast.ops.linear_gemm import GEMM_FALLBACKS
 
     result["gemm_fallbacks"] = sorted(GEMM_FALLBACKS)  # cuBLAS out_dtype routes this torch lacked
     if GEMM_FALLBACKS:

@@ -219,6 +219,7 @@ def _cases() -> list[Case]:
 
     # --- log-probs from hidden states (ops.linear_token_logprobs): hidden (N, H), weight (V, H)
     L = linear_logprobs
+    from rlaif_fast.ops import linear_gemm as G
     lin_variants = [("bf16", ent, cap, False) for ent in (True, False) for cap in (None, 30.0)]
     lin_variants += [("bf16", True, None, True), ("fp16", True, None, False), ("fp32", True, None, False)]
     for dn, ent, cap, bias in lin_variants:
@@ -246,13 +247,13 @@ def _cases() -> list[Case]:
                 L.linear_logprobs_fwd(*inputs(), entropy=ent, **kw)
 
             def gemm_fwd(inputs=inputs, kw=kw, ent=ent):
-                L.linear_logprobs_fwd_gemm(*inputs(), entropy=ent, **kw)
+                G.linear_logprobs_fwd_gemm(*inputs(), entropy=ent, **kw)
 
             def atomic_bwd(inputs=inputs, kw=kw, grads=grads):
                 L.linear_logprobs_bwd(*inputs(), *grads(), **kw)
 
             def gemm_bwd(inputs=inputs, kw=kw, grads=grads):
-                L.linear_logprobs_bwd_gemm(*inputs(), *grads(), **kw)
+                G.linear_logprobs_bwd_gemm(*inputs(), *grads(), **kw)
 
             cases.append(Case("linear_fwd", dn, sizes, fused_fwd))
             cases.append(Case("linear_fwd_gemm", dn, sizes, gemm_fwd))

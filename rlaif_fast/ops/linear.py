@@ -161,7 +161,7 @@ class _LinearTokenLogprobs(torch.autograd.Function):
     @staticmethod
     def forward(ctx, hidden, weight, bias, labels, k: _Knobs):
         if k.backend == "triton" and k.forward == "gemm":
-            from rlaif_fast.kernels.linear_logprobs import linear_logprobs_fwd_gemm
+            from rlaif_fast.ops.linear_gemm import linear_logprobs_fwd_gemm
 
             logp, ent, lse, h_full = linear_logprobs_fwd_gemm(
                 hidden, weight, bias, labels, temperature=k.temperature, ignore_index=k.ignore_index,
@@ -193,7 +193,7 @@ class _LinearTokenLogprobs(torch.autograd.Function):
         g_lp = g_lp.contiguous()
         g_ent = g_ent.contiguous() if k.entropy else None
         if k.backend == "triton" and k.backward == "gemm":
-            from rlaif_fast.kernels.linear_logprobs import linear_logprobs_bwd_gemm
+            from rlaif_fast.ops.linear_gemm import linear_logprobs_bwd_gemm
 
             dh, dw, db = linear_logprobs_bwd_gemm(
                 hidden, weight, bias, labels, lse, h_full, g_lp, g_ent, temperature=k.temperature,
