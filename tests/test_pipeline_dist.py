@@ -168,7 +168,8 @@ def test_two_ranks_equal_one_rank_and_resume_after_kill(tmp_path, monkeypatch):
         # (not policy_loss: the trainer logs a mean over micro-batches, 2 on 1 rank and 1 per rank here)
         for key in ("reward", "response_len"):
             assert have[key] == pytest.approx(want[key], rel=1e-4, abs=1e-6), key
-        # the KL is a small difference of log-probs (|kl| ~ 0.1 after one step): weights equal to 1e-5 of the
-        # step move it by ~1e-5 absolute, a larger relative change
-        assert have["kl"] == pytest.approx(want["kl"], abs=2e-4)
+        # the KL is a sum over a rollout's tokens of differences of log-probs (|kl| ~ 0.1 after one step),
+        # each log-prob ~5-10 nats summed in fp32 over the vocabulary in an order that depends on the
+        # micro-batch layout and thread count: seen 2.2e-4 apart in the full suite (weights equal to 1e-5)
+        assert have["kl"] == pytest.approx(want["kl"], abs=1e-3)
     assert (two / "report.md").is_file()  # rank 0 wrote the report

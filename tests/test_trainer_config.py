@@ -193,7 +193,7 @@ def test_yaml_batch_size_overridden_by_a_flag_keeps_the_default_mini_batch(tmp_p
             seen["config"] = config
             raise Stop
 
-    monkeypatch.setattr(cli, "load_callable", lambda spec: count_a)
+    monkeypatch.setattr(cli, "load_callable", lambda spec, **labeler: count_a)
     monkeypatch.setattr(cli, "load_prompts", lambda path: PROMPTS)
     monkeypatch.setattr(cli, "load_policy", lambda policy, tok: (tiny_gpt2(), CharTokenizer()))
     monkeypatch.setattr(trainer_pkg, "RLAIFTrainer", FakeTrainer, raising=False)

@@ -272,7 +272,7 @@ def test_cli_reward_loads_a_train_rm_directory(tmp_path):
     assert isinstance(scorer, RewardModelScorer)
     scores = scorer(["ab", "b"], ["aaa", "c"])
     assert len(scores) == 2 and all(isinstance(x, float) for x in scores)
-    with pytest.raises(ValueError, match="reward-model directory"):
+    with pytest.raises(ValueError, match="without reward_head.pt"):
         load_callable(str(tmp_path))
     # the model goes where it is told (the CLI passes nothing: this rank's GPU when there is one)
     on_meta = load_callable(str(tmp_path / "rm"), device="meta")

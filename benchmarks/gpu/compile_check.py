@@ -220,6 +220,7 @@ def _cases() -> list[Case]:
     # --- log-probs from hidden states (ops.linear_token_logprobs): hidden (N, H), weight (V, H)
     L = linear_logprobs
     from rlaif_fast.ops import linear_gemm as G
+
     lin_variants = [("bf16", ent, cap, False) for ent in (True, False) for cap in (None, 30.0)]
     lin_variants += [("bf16", True, None, True), ("fp16", True, None, False), ("fp32", True, None, False)]
     for dn, ent, cap, bias in lin_variants:

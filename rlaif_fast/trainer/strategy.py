@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import os
 import socket
+import sys
 
 import torch
 from torch import nn
@@ -147,7 +148,12 @@ class Strategy:
 
             lr = param_groups[0]["lr"]
             return Adafactor(
-                param_groups, lr=lr, scale_parameter=False, relative_step=False, warmup_init=False, weight_decay=wd
+                param_groups,
+                lr=lr,
+                scale_parameter=False,
+                relative_step=False,
+                warmup_init=False,
+                weight_decay=wd,
             )
         if name != "adamw":
             raise ValueError(f"optimizer={name!r}; use 'adamw', 'sgd' or 'adafactor'")
@@ -234,7 +240,13 @@ class Strategy:
         a finished job, which a launcher then reports as a failure."""
         if self.world_size > 1 and torch.distributed.is_initialized():
             torch.distributed.barrier()
-            torch.distributed.destroy_process_group()
+            # a vLLM rollout engine tears down its groups and the default one at shutdown, and fails when
+            # the default group is already gone: shut it down first (only if one was ever started)
+            vllm_engines = sys.modules.get("rlaif_fast.trainer.rollout_vllm")
+            if vllm_engines is not None:
+                vllm_engines.shutdown_engines()
+            if torch.distributed.is_initialized():
+                torch.distributed.destroy_process_group()
 
     def barrier(self) -> None:
         if self.world_size > 1:
