@@ -178,6 +178,35 @@ def test_sample_completions_syncs_the_given_model_and_repeats_with_its_seed():
     assert sample_completions(a, CharTokenizer(), PROMPTS[:4] * 2, seed=6, **kw) != first
 
 
+def test_the_loop_samples_pairs_and_evaluation_through_the_vllm_engine():
+    """`rlaif-fast run` with rl.rollout_engine=vllm: Run.sample (the loop's one sampling place) goes through
+    the engine with the chunk's seed, so it equals sample_completions; with 'hf' it does not."""
+    from types import SimpleNamespace
+
+    from rlaif_fast.pipeline.dist import Ranks
+    from rlaif_fast.pipeline.run import Run
+    from rlaif_fast.trainer.rollout_vllm import sample_completions
+
+    policy, tok = tiny_llama(seed=4), CharTokenizer()
+    run = SimpleNamespace(
+        device=torch.device("cpu"),
+        max_prompt_len=lambda model: 160,
+        cfg=SimpleNamespace(max_new_tokens=8, temperature=0.7),
+        ranks=Ranks("cpu", 4),
+        tokenizer=tok,
+        rl_settings={"rollout_engine": "vllm", "vllm_enforce_eager": True},
+    )
+    run._vllm_sampler = Run._vllm_sampler.__get__(run)
+    prompts = PROMPTS[:6]
+    got = Run.sample(run, policy, prompts, seed=11)
+    kw = dict(max_new_tokens=8, temperature=0.7, max_prompt_len=160, vllm_enforce_eager=True)
+    want = sample_completions(policy, tok, prompts[:4], seed=11, **kw)
+    want += sample_completions(policy, tok, prompts[4:], seed=11 + 7919, **kw)
+    assert got == want and any(got)
+    run.rl_settings = {"rollout_engine": "hf"}
+    assert Run._vllm_sampler(run, policy, 160) is None
+
+
 def test_tis_weights_are_one_when_sampler_and_trainer_agree(tmp_path):
     trainer = RLAIFTrainer(tiny_llama(), CharTokenizer(), count_a, config(tmp_path, tis_cap=2.0))
     metrics = trainer.step(PROMPTS[:2])

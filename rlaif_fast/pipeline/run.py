@@ -204,8 +204,11 @@ class Run(Stages):
         on rank ``c % world`` and the results gathered, so the samples do not depend on the number of ranks."""
         policy.to(self.device)
         budget = self.max_prompt_len(policy)
+        sampler = self._vllm_sampler(policy, budget)
 
         def chunk(c, s, e):
+            if sampler is not None:
+                return sampler(prompts[s:e], seed + 7919 * c)
             return ev.sample_completions(
                 policy,
                 self.tokenizer,
@@ -220,6 +223,42 @@ class Run(Stages):
         return self.ranks.map_chunks(len(prompts), chunk)
 
     _sample = sample
+
+    def _vllm_sampler(self, policy, budget: int):
+        """With ``rl.rollout_engine: vllm`` on one rank, pairs and evaluation are sampled by the same
+        in-process vLLM engine as the RL stage (the given policy's weights synced in first); None means
+        transformers' generate. Several ranks keep generate here: the engine under torchrun is built and
+        synced by all ranks in lockstep, and the chunks of this stage are uneven across ranks."""
+        rl = self.rl_settings
+        if rl.get("rollout_engine", "hf") != "vllm":
+            return None
+        if self.ranks.world > 1:
+            if not getattr(self, "_said_vllm_ranks", False):
+                self._said_vllm_ranks = True
+                print(
+                    "rollout_engine=vllm: the RL stage samples with vLLM; pair and evaluation sampling use "
+                    f"transformers' generate on {self.ranks.world} ranks (vLLM there only on one rank)",
+                    file=sys.stderr,
+                    flush=True,
+                )
+            return None
+        from rlaif_fast.trainer.rollout_vllm import sample_completions
+
+        settings = {k: v for k, v in rl.items() if k.startswith("vllm_")}
+
+        def sampler(prompts, seed):
+            return sample_completions(
+                policy,
+                self.tokenizer,
+                prompts,
+                max_new_tokens=self.cfg.max_new_tokens,
+                temperature=self.cfg.temperature,
+                seed=seed,
+                max_prompt_len=budget,
+                **settings,
+            )
+
+        return sampler
 
     # ---- the loop ---------------------------------------------------------------------------------
     def run(self) -> dict:
