@@ -205,6 +205,14 @@ class HFBackend:
                     scores[:, k] += logp[:, steps, torch.tensor(c[1:], device=self.device)].sum(-1)
         return scores.cpu()
 
+    def encode_for_candidates(self, prompts: Sequence, candidates: Sequence[str]):
+        """(candidate token ids as they follow the prompts' ending, each prompt's ids cut so that the
+        longest candidate still fits ``max_length``)."""
+        tail = prompts[0].tail if isinstance(prompts[0], PromptParts) else prompts[0]
+        cand = self.candidate_ids(candidates, tail[-16:] or "=")
+        extra = max(len(c) for c in cand) - 1
+        return cand, [self.encode_prompt(p, self.max_length - extra) for p in prompts]
+
     def candidate_logprobs(self, prompts: Sequence, candidates: Sequence[str]) -> torch.Tensor:
         """(N, K) float64: log-prob of each candidate after each prompt, up to a per-row constant.
 
@@ -212,10 +220,7 @@ class HFBackend:
         """
         if not prompts:
             return torch.zeros((0, len(candidates)), dtype=torch.float64)
-        tail = prompts[0].tail if isinstance(prompts[0], PromptParts) else prompts[0]
-        cand = self.candidate_ids(candidates, tail[-16:] or "=")
-        extra = max(len(c) for c in cand) - 1
-        seqs = [self.encode_prompt(p, self.max_length - extra) for p in prompts]
+        cand, seqs = self.encode_for_candidates(prompts, candidates)
         out = torch.empty((len(seqs), len(cand)), dtype=torch.float64)
         for idx in self._batches(seqs):
             out[idx] = self._score_batch([seqs[i] for i in idx], cand)

@@ -23,7 +23,6 @@ from pathlib import Path
 import torch
 
 from rlaif_fast.feedback.hf_backend import HFBackend
-from rlaif_fast.feedback.templates import PromptParts
 
 
 class VLLMBackend(HFBackend):
@@ -102,10 +101,7 @@ class VLLMBackend(HFBackend):
 
         if not prompts:
             return torch.zeros((0, len(candidates)), dtype=torch.float64)
-        tail = prompts[0].tail if isinstance(prompts[0], PromptParts) else prompts[0]
-        cand = self.candidate_ids(candidates, tail[-16:] or "=")
-        extra = max(len(c) for c in cand) - 1
-        seqs = [self.encode_prompt(p, self.max_length - extra) for p in prompts]
+        cand, seqs = self.encode_for_candidates(prompts, candidates)
         # every distinct candidate prefix q (() first) and the tokens that may follow it
         nexts: dict[tuple, list[int]] = {}
         for c in cand:
