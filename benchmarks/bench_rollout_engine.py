@@ -28,13 +28,13 @@ import argparse
 import json
 import os
 import statistics
-import subprocess
 import sys
 import time
 from pathlib import Path
 
 import pytest
 import torch
+from _procs import interleaved, rss_kib
 
 TOKENIZER = Path(__file__).resolve().parents[2] / "shared" / "data" / "gpt2_bpe_tokenizer_whisper"
 PROMPTS = [
@@ -92,14 +92,6 @@ def tokenizer():
     return GPT2TokenizerFast.from_pretrained(str(TOKENIZER))
 
 
-def _rss_kib(field: str) -> int:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(field):
-                return int(line.split()[1])
-    raise RuntimeError(f"{field} not in /proc/self/status")
-
-
 def run_engine(
     engine: str, steps: int = 2, new_tokens: int = 128, hidden: int = 512, layers: int = 8
 ) -> dict:
@@ -146,7 +138,7 @@ def run_engine(
         "tokens": tokens,
         "response_len": statistics.mean(h["response_len"] for h in history),
         "tokens_per_s": tokens / seconds,
-        "peak_rss_mib": _rss_kib("VmHWM") / 1024,
+        "peak_rss_mib": rss_kib("VmHWM") / 1024,
         "startup_seconds": startup,
         "load_avg_1min": (load0, os.getloadavg()[0]),
         "torch_threads": torch.get_num_threads(),
@@ -155,15 +147,17 @@ def run_engine(
 
 
 def table(args) -> str:
-    rows: dict[str, list[dict]] = {"hf": [], "vllm": []}
-    for _ in range(args.repeats):  # interleaved: hf, vllm, hf, vllm, ...
-        for engine in rows:
-            cmd = [sys.executable, __file__, "--engine", engine, "--json", "--steps", str(args.steps)]
-            cmd += ["--new-tokens", str(args.new_tokens)]
-            out = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ})
-            if out.returncode:
-                raise RuntimeError(f"{' '.join(cmd)} failed:\n{out.stderr[-3000:]}")
-            rows[engine].append(json.loads(out.stdout.strip().splitlines()[-1]))
+    base = [
+        sys.executable,
+        __file__,
+        "--json",
+        "--steps",
+        str(args.steps),
+        "--new-tokens",
+        str(args.new_tokens),
+    ]
+    # interleaved: hf, vllm, hf, vllm, ...
+    rows = interleaved({engine: [*base, "--engine", engine] for engine in ("hf", "vllm")}, args.repeats)
     first = rows["hf"][0]
     lines = [
         f"policy {first['params'] / 1e6:.1f}M params, GRPO, 16 rollouts x {args.new_tokens} new tokens per step "

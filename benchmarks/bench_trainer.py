@@ -29,12 +29,12 @@ import argparse
 import json
 import os
 import statistics
-import subprocess
 import sys
 import time
 
 import pytest
 import torch
+from _procs import interleaved, rss_kib
 
 
 def build(vocab=32000, hidden=256, layers=4, seed=0):
@@ -81,14 +81,6 @@ def make_rollouts(n=64, prompt_len=32, lo=32, hi=448, vocab=32000, seed=0):
     return Rollouts([""] * n, [""] * n, prompt_ids, response_ids, scores=scores)
 
 
-def _rss_kib(field: str) -> int:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(field):
-                return int(line.split()[1])
-    raise RuntimeError(f"{field} not in /proc/self/status")
-
-
 def run_mode(
     mode: str,
     n=64,
@@ -122,12 +114,12 @@ def run_mode(
     tokens = sum(rollouts.lengths())
     with open("/proc/self/clear_refs", "w") as f:
         f.write("5")  # reset the peak RSS to the current RSS
-    base = _rss_kib("VmRSS")
+    base = rss_kib("VmRSS")
     load0 = os.getloadavg()[0]
     t0, c0 = time.perf_counter(), time.process_time()
     metrics = trainer.learn(rollouts)
     seconds, cpu_seconds = time.perf_counter() - t0, time.process_time() - c0
-    peak = _rss_kib("VmHWM") - base
+    peak = rss_kib("VmHWM") - base
     params = sum(p.numel() for p in policy.parameters())
     return {
         "mode": mode if max_tokens is None else f"{mode}, max_tokens_per_microbatch={max_tokens}",
@@ -149,23 +141,12 @@ def table(args) -> str:
     runs = [("reference", []), ("fast", [])]
     if args.max_tokens is not None:
         runs.append(("budget", ["--max-tokens", str(args.max_tokens)]))
-    rows: dict[str, list[dict]] = {name: [] for name, _ in runs}
-    for _ in range(args.repeats):  # interleaved: naive, fast, naive, fast, ...
-        for name, extra in runs:
-            mode = "fast" if name == "budget" else name
-            cmd = [
-                sys.executable,
-                __file__,
-                "--mode",
-                mode,
-                "--json",
-                "--n",
-                str(args.n),
-                "--hi",
-                str(args.hi),
-            ]
-            out = subprocess.run(cmd + extra, capture_output=True, text=True, check=True, env={**os.environ})
-            rows[name].append(json.loads(out.stdout.strip().splitlines()[-1]))
+    base = [sys.executable, __file__, "--json", "--n", str(args.n), "--hi", str(args.hi)]
+    # interleaved: naive, fast, naive, fast, ...
+    rows = interleaved(
+        {name: [*base, "--mode", "fast" if name == "budget" else name, *extra] for name, extra in runs},
+        args.repeats,
+    )
     first = rows["fast"][0]
     lines = [
         f"policy {first['params'] / 1e6:.1f}M params, {args.n} rollouts, {first['tokens']} tokens, "
