@@ -412,14 +412,14 @@ def test_rl_max_prompt_len_reaches_pair_sampling_and_rl_capped_to_the_context(
     small_policy, tmp_path, monkeypatch
 ):
     import rlaif_fast.trainer as trainer_mod
-    from rlaif_fast.trainer import generation
+    from rlaif_fast.trainer import sampling
 
     tok, policy = small_policy
     run = _run_with_sft(tmp_path, policy, tok, rl={"max_prompt_len": 5})
     seen = []
-    real = generation.sample
+    real = sampling.sample
     monkeypatch.setattr(
-        generation, "sample", lambda *a, **k: seen.append(k["max_prompt_len"]) or real(*a, **k)
+        sampling, "sample", lambda *a, **k: seen.append(k["max_prompt_len"]) or real(*a, **k)
     )
     run._sample(policy, [T.make_prompt("cat")], seed=0)
     assert seen == [5]  # the rl section's prompt length is also the one pairs are sampled with

@@ -12,7 +12,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent / "dist"))
 from toy import PROMPTS, CharTokenizer, count_a, invariance_run, tiny_gpt2, tiny_llama  # noqa: E402
 
 from rlaif_fast.trainer import RLAIFConfig, RLAIFTrainer, ValueModel  # noqa: E402
-from rlaif_fast.trainer.generation import Rollouts, micro_batches  # noqa: E402
+from rlaif_fast.trainer.batches import micro_batches  # noqa: E402
+from rlaif_fast.trainer.sampling import Rollouts  # noqa: E402
 from rlaif_fast.trainer.scoring import response_logprobs, response_values  # noqa: E402
 
 pytestmark = pytest.mark.slow

@@ -468,7 +468,8 @@ def test_progress_bar_counts_steps_not_log_lines(tmp_path):
 def test_update_stats_reduce_has_the_same_length_on_a_rank_with_only_empty_micro_batches():
     """A rank whose share of a mini-batch has no response token runs only empty micro-batches: its stats
     all-reduce must still carry the same keys as the other ranks' (a shorter tensor hangs or fails)."""
-    from rlaif_fast.trainer.generation import Rollouts, train_batch
+    from rlaif_fast.trainer.batches import train_batch
+    from rlaif_fast.trainer.sampling import Rollouts
     from rlaif_fast.trainer.update import ActorCritic, empty_like, run_update
 
     cfg = RLAIFConfig(algorithm="ppo", batch_size=2, micro_batch_size=1, progress=False, tensorboard=False)
@@ -502,7 +503,7 @@ def test_learn_checks_external_rollouts_before_any_compute(tmp_path):
     """learn() on rollouts sampled elsewhere: empty prompts/responses and caller-given scores of the wrong
     length or non-finite fail with the rollout named, before any forward pass."""
     from rlaif_fast.trainer import NonFiniteError
-    from rlaif_fast.trainer.generation import Rollouts
+    from rlaif_fast.trainer.sampling import Rollouts
 
     trainer = _fresh_trainer(_config(tmp_path))
     n = trainer.per_rank["batch"]
@@ -532,7 +533,7 @@ def test_fast_mode_fails_loudly_instead_of_running_the_naive_path(monkeypatch):
     import types
 
     from rlaif_fast.reference import rl as ref_rl
-    from rlaif_fast.trainer import generation, scoring
+    from rlaif_fast.trainer import batches, scoring
 
     monkeypatch.setitem(sys.modules, "rlaif_fast.ops", types.ModuleType("rlaif_fast.ops"))
     with pytest.raises(ImportError, match=r"rlaif_fast\.ops\.gae is missing, so ops='fast' cannot run"):
@@ -540,8 +541,8 @@ def test_fast_mode_fails_loudly_instead_of_running_the_naive_path(monkeypatch):
     assert scoring.rl_op("gae", fast=False) is ref_rl.gae
     monkeypatch.setitem(sys.modules, "rlaif_fast.batching", None)
     with pytest.raises(ImportError):
-        generation._pad_right([[1, 2]], [[3]], 0, 4, fast=True)
-    ids, attn, _ = generation._pad_right([[1, 2]], [[3]], 0, 4, fast=False)  # the naive mode needs neither
+        batches._pad_right([[1, 2]], [[3]], 0, 4, fast=True)
+    ids, attn, _ = batches._pad_right([[1, 2]], [[3]], 0, 4, fast=False)  # the naive mode needs neither
     assert ids.tolist() == [[1, 2, 3, 0]] and attn.tolist() == [[1, 1, 1, 0]]
 
 

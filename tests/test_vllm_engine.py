@@ -21,7 +21,7 @@ from helpers import run_torchrun  # noqa: E402
 from toy import PROMPTS, CharTokenizer, count_a  # noqa: E402
 
 from rlaif_fast.trainer import RLAIFConfig, RLAIFTrainer  # noqa: E402
-from rlaif_fast.trainer.generation import micro_batches  # noqa: E402
+from rlaif_fast.trainer.batches import micro_batches  # noqa: E402
 from rlaif_fast.trainer.rollout_vllm import sampler_logp_tensor, vllm_available  # noqa: E402
 from rlaif_fast.trainer.scoring import response_logprobs, stack_rows  # noqa: E402
 
@@ -215,8 +215,8 @@ def test_tis_weights_are_one_when_sampler_and_trainer_agree(tmp_path):
 
 
 def test_tis_weights_each_token_by_the_capped_ratio_and_logs_the_mismatch():
-    from rlaif_fast.trainer.generation import Rollouts
     from rlaif_fast.trainer.rollout_vllm import sampler_mismatch
+    from rlaif_fast.trainer.sampling import Rollouts
 
     old = torch.tensor([[-1.0, -2.0, -0.5], [-1.0, -3.0, 0.0]])
     sampler = [[-1.0, -2.5, -0.2], [-2.0]]  # row 1 has one response token

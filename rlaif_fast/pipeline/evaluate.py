@@ -69,7 +69,7 @@ def sample_completions(
     """One sampled completion per prompt, with a fixed seed so two evaluations see the same randomness.
     Prompts keep their last ``max_prompt_len`` tokens, fewer where the policy's context needs it.
     ``device``: where the policy is (default: where its parameters are)."""
-    from rlaif_fast.trainer.generation import sample
+    from rlaif_fast.trainer.sampling import sample
 
     state = torch.random.get_rng_state()
     torch.manual_seed(seed)

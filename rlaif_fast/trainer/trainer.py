@@ -36,18 +36,11 @@ from pathlib import Path
 import torch
 
 from rlaif_fast.trainer import checkpoint as ckpt
+from rlaif_fast.trainer.batches import micro_batches, token_micro_batches, train_batch
 from rlaif_fast.trainer.checks import check_inputs, per_rank_sizes
 from rlaif_fast.trainer.config import RLAIFConfig
-from rlaif_fast.trainer.generation import (
-    Rollouts,
-    encode_prompts,
-    micro_batches,
-    sample,
-    special_ids,
-    token_micro_batches,
-    train_batch,
-)
 from rlaif_fast.trainer.logging import MetricsLogger, plot_metrics
+from rlaif_fast.trainer.sampling import Rollouts, encode_prompts, sample, special_ids
 from rlaif_fast.trainer.scoring import advantages_and_returns, response_logprobs, stack_rows
 from rlaif_fast.trainer.update import ActorCritic, empty_like, run_update
 

@@ -12,7 +12,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from rlaif_fast.trainer.generation import TrainBatch
+from rlaif_fast.trainer.batches import TrainBatch
 from rlaif_fast.trainer.scoring import response_logprobs, response_values
 
 

@@ -88,7 +88,7 @@ def failures(out: Path) -> None:
         RLAIFTrainer(tiny_gpt2(), CharTokenizer(), reward, _config(out / "count")).step(["ab", "cd"])
 
     def empty_response():
-        from rlaif_fast.trainer.generation import Rollouts
+        from rlaif_fast.trainer.sampling import Rollouts
 
         trainer = RLAIFTrainer(tiny_gpt2(), CharTokenizer(), count_a, _config(out / "resp"))
         responses = [[4, 2], [] if rank == 1 else [5, 2]]

@@ -19,7 +19,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from toy import PROMPTS, CharTokenizer, count_a  # noqa: E402
 
 from rlaif_fast.trainer import RLAIFConfig, RLAIFTrainer  # noqa: E402
-from rlaif_fast.trainer.generation import micro_batches  # noqa: E402
+from rlaif_fast.trainer.batches import micro_batches  # noqa: E402
 from rlaif_fast.trainer.rollout_vllm import sampler_logp_tensor  # noqa: E402
 from rlaif_fast.trainer.scoring import stack_rows  # noqa: E402
 
