@@ -9,7 +9,7 @@ rollout of the whole batch, in the original order. Packed micro-batches (one row
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, fields, replace
 
 import torch
 
@@ -28,6 +28,15 @@ class TrainBatch:
     rows: list[int]  # rows of the rank's batch that this micro-batch holds
     # packed (trainer/packing.py): one row (1, T), positions restarting per rollout, resp_index flat columns
     position_ids: torch.Tensor | None = None
+
+    def to(self, device: torch.device | str) -> TrainBatch:
+        """A copy with every tensor on ``device`` (``rows`` shared); tensors already there are not copied."""
+        moved = {
+            f.name: getattr(self, f.name).to(device)
+            for f in fields(self)
+            if isinstance(getattr(self, f.name), torch.Tensor)
+        }
+        return replace(self, **moved)
 
 
 def _pad_right_python(prompt_ids, response_ids, pad_id, width):

@@ -372,7 +372,7 @@ class RLAIFTrainer:
             batch_width=max(rollouts.lengths()),
             packed=self.packing,
         ):
-            b = _to(b, self.strategy.device)
+            b = b.to(self.strategy.device)
             parts["mask"].append((b.rows, b.resp_mask.cpu()))
             if not on_policy:  # the shortcut takes the old log-probs from the training forward instead
                 # through the engine: under ZeRO-3 that is what gathers the sharded weights
@@ -507,7 +507,7 @@ class RLAIFTrainer:
                 else:
                     template = train_batch(rollouts, [0], self.pad_id, fast=fast, batch_width=width)
                 mbs.extend(empty_like(template) for _ in range(int(k) - len(mbs)))
-        return [[_to(b, self.strategy.device) for b in mbs] for mbs in out], data
+        return [[b.to(self.strategy.device) for b in mbs] for mbs in out], data
 
     def _gather_rows(self, rollouts, data: dict) -> tuple[Rollouts, dict]:
         """Every rank's token ids and rollout-time data on every rank, row ``r * n + i`` being row ``i``
@@ -683,15 +683,6 @@ class RLAIFTrainer:
                 if hasattr(self.tokenizer, "save_pretrained"):
                     self.tokenizer.save_pretrained(str(path))
         self.strategy.barrier()
-
-
-def _to(batch, device):
-    if device.type == "cpu":
-        return batch
-    for name in ("input_ids", "attention_mask", "response_mask", "resp_index", "resp_mask", "position_ids"):
-        if getattr(batch, name) is not None:
-            setattr(batch, name, getattr(batch, name).to(device))
-    return batch
 
 
 def _enable_gradient_checkpointing(policy, value_model) -> None:
