@@ -246,6 +246,46 @@ def test_linear_ppo_policy_loss_matches_float64(backend, dtype):
         assert_tolerance(o.grad, e.grad, t.grad, atol=_atol(dtype, t.grad), name=name)
 
 
+def test_linear_ppo_policy_loss_on_policy_form_matches_float64(backend):
+    """old_logp=None (the trainer's one-epoch shortcut): the old log-probs are the detached current ones,
+    so the loss is -A·1 per token and its gradient that of -A·logp; entropy_stat=False drops the entropy
+    pass (the stat becomes mean(-logp)); return_logprobs gives the detached log-probs."""
+    from rlaif_fast.ops.ppo import ppo_loss_from_logprobs
+
+    B, T, v = 2, 7, 257
+    hidden, weight, bias, _ = _inputs(torch.float32, True, n=B * T, v=v)
+    hidden = hidden.view(B, T, H)
+    labels = torch.randint(0, v, (B, T))
+    mask = torch.rand(B, T) > 0.3
+    adv = torch.randn(B, T)
+    ref_logp = torch.randn(B, T) - 5.0
+    knobs = dict(clip_eps=0.2, kl_coef=0.1, kl_estimator="k3", loss_agg="token-mean")
+
+    ours_in = _leaves(hidden, weight, bias)
+    loss, stats, logp = linear_ppo_policy_loss(
+        ours_in[0], ours_in[1], labels, None, adv, mask, bias=ours_in[2], ref_logp=ref_logp,
+        temperature=0.7, entropy_stat=False, return_logprobs=True, **knobs,
+    )  # fmt: skip
+    loss.backward()
+    truth_in = _leaves(hidden.double(), weight.double(), bias.double())
+    t_lp, _ = _eager(truth_in[0], truth_in[1], labels, truth_in[2], None, None, 0.7)
+    t_loss, t_stats = ppo_loss_from_logprobs(
+        t_lp, t_lp.detach(), adv.double(), mask, ref_logp=ref_logp.double(), **knobs
+    )
+    t_loss.backward()
+    eager_in = _leaves(hidden, weight, bias)
+    e_lp, _ = _eager(eager_in[0], eager_in[1], labels, eager_in[2], None, None, 0.7)
+    e_loss, _ = ppo_loss_from_logprobs(e_lp, e_lp.detach(), adv, mask, ref_logp=ref_logp, **knobs)
+    e_loss.backward()
+    assert not logp.requires_grad
+    assert (logp.double() - t_lp.detach()).abs()[mask].max() < 1e-4
+    assert_tolerance(loss, e_loss, t_loss, atol=_atol(torch.float32, t_loss), name="loss")
+    assert abs(stats["entropy"].item() - t_stats["entropy"].item()) < 1e-4  # mean(-logp): no entropy pass
+    assert stats["clip_frac"].item() == 0.0 and abs(stats["ratio_mean"].item() - 1.0) < 1e-6
+    for name, o, e, t in zip(["d hidden", "d weight", "d bias"], ours_in, eager_in, truth_in):
+        assert_tolerance(o.grad, e.grad, t.grad, atol=_atol(torch.float32, t.grad), name=name)
+
+
 @pytest.mark.slow
 def test_gpu_benchmark_script_smoke_mode(tmp_path):
     """benchmarks/gpu/bench_linear.py --smoke: every code path of the lent-GPU script, on CPU."""

@@ -332,7 +332,7 @@ def linear_ppo_policy_loss(
     hidden: torch.Tensor,
     weight: torch.Tensor,
     labels: torch.Tensor,
-    old_logp: torch.Tensor,
+    old_logp: torch.Tensor | None,
     advantages: torch.Tensor,
     mask: torch.Tensor,
     *,
@@ -349,22 +349,31 @@ def linear_ppo_policy_loss(
     chunk_size: int | None = None,
     softcap: float | None = None,
     logit_scale: float | None = None,
+    entropy_stat: bool = True,
+    return_logprobs: bool = False,
 ):
     """The PPO policy loss of ``rlaif_fast.ops.ppo_loss_from_logprobs`` with log-probs and entropy taken
     from hidden states (B, T, H) by ``linear_token_logprobs``: a policy step never holds [N, V] logits.
 
-    labels, old_logp, advantages, mask (and ref_logp): (B, T). Returns (loss, stats) as
-    ``ppo_loss_from_logprobs`` does; the entropy (always computed: it costs one accumulator) feeds the
-    stats and, when ``entropy_coef`` != 0, the bonus. PPO: Schulman et al. 2017, arXiv 1707.06347.
+    labels, old_logp, advantages, mask (and ref_logp): (B, T). ``old_logp=None`` is the on-policy case
+    (one epoch over one mini-batch): the old log-probs are the detached current ones (ratio 1, the
+    gradient of -A·logp), so no separate scoring pass is needed. The entropy feeds the stats and, when
+    ``entropy_coef`` != 0, the bonus; ``entropy_stat=False`` skips it when the bonus is off (free in the
+    Triton kernel, one more (C, V) pass each way on the CPU path; the stat is then mean(-logp)).
+    Returns (loss, stats) as ``ppo_loss_from_logprobs`` does, and the detached log-probs (B, T) third
+    when ``return_logprobs``. PPO: Schulman et al. 2017, arXiv 1707.06347.
     """
     from rlaif_fast.ops.ppo import ppo_loss_from_logprobs
 
-    logp, entropy = linear_token_logprobs(
+    with_entropy = entropy_stat or entropy_coef != 0.0
+    out = linear_token_logprobs(
         hidden, weight, labels, bias=bias, temperature=temperature, ignore_index=ignore_index,
-        return_entropy=True, chunk_size=chunk_size, softcap=softcap, logit_scale=logit_scale,
+        return_entropy=with_entropy, chunk_size=chunk_size, softcap=softcap, logit_scale=logit_scale,
     )  # fmt: skip
-    return ppo_loss_from_logprobs(
-        logp, old_logp, advantages, mask, entropy=entropy, ref_logp=ref_logp, clip_eps=clip_eps,
-        clip_eps_high=clip_eps_high, kl_coef=kl_coef, kl_estimator=kl_estimator, entropy_coef=entropy_coef,
-        loss_agg=loss_agg,
+    logp, entropy = out if with_entropy else (out, None)
+    loss, stats = ppo_loss_from_logprobs(
+        logp, logp.detach() if old_logp is None else old_logp, advantages, mask, entropy=entropy,
+        ref_logp=ref_logp, clip_eps=clip_eps, clip_eps_high=clip_eps_high, kl_coef=kl_coef,
+        kl_estimator=kl_estimator, entropy_coef=entropy_coef, loss_agg=loss_agg,
     )  # fmt: skip
+    return (loss, stats, logp.detach()) if return_logprobs else (loss, stats)

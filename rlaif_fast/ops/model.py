@@ -124,9 +124,26 @@ def model_logprobs(
     Selecting the response rows costs one host sync (a boolean index).
     """
     _check(input_ids, attention_mask, response_mask, position_ids)
-    head = model.get_output_embeddings()
-    if head is None or not hasattr(head, "weight"):
-        raise TypeError(f"{type(model).__name__}.get_output_embeddings() has no weight; pass a causal LM")
+    hidden = backbone_hidden(model, input_ids, attention_mask, position_ids)  # (B, T, H)
+    B, T = input_ids.shape
+    sel = response_mask[:, 1:] != 0  # (B, T-1): position t-1 predicts token t
+    res = hidden_logprobs(
+        model,
+        hidden[:, :-1][sel],
+        input_ids[:, 1:][sel],
+        temperature=temperature,
+        return_entropy=return_entropy,
+    )  # (M,) each
+    vals = res if return_entropy else (res,)
+    first = hidden.new_zeros(B, 1, dtype=vals[0].dtype)  # token 0 has no context
+    # masked_scatter is differentiable: gradients flow back to the selected rows only
+    outs = [torch.cat([first, first.new_zeros(B, T - 1).masked_scatter(sel, v)], dim=1) for v in vals]
+    return tuple(outs) if return_entropy else outs[0]
+
+
+def backbone_hidden(model, input_ids, attention_mask, position_ids=None) -> torch.Tensor:
+    """The last hidden states (B, T, H) of a causal LM's backbone (no lm_head, no KV cache), with the
+    position rules of ``model_logprobs``: from the attention mask, or packed rows from ``position_ids``."""
     if position_ids is None:
         if attention_mask is None:
             attention_mask = torch.ones_like(input_ids)
@@ -138,22 +155,24 @@ def model_logprobs(
     out = _backbone(model)(
         input_ids=input_ids, attention_mask=mask_arg, position_ids=position_ids, use_cache=False
     )
-    hidden = out.last_hidden_state if hasattr(out, "last_hidden_state") else out[0]  # (B, T, H)
+    return out.last_hidden_state if hasattr(out, "last_hidden_state") else out[0]
 
-    B, T = input_ids.shape
-    sel = response_mask[:, 1:] != 0  # (B, T-1): position t-1 predicts token t
-    h_sel = hidden[:, :-1][sel]  # (M, H)
-    labels = input_ids[:, 1:][sel]  # (M,)
-    weight = head.weight
-    bias = getattr(head, "bias", None)
-    if h_sel.dtype != weight.dtype:  # e.g. an fp32 head over a bf16 backbone
-        h_sel = h_sel.to(weight.dtype)
-    res = linear_token_logprobs(
-        h_sel, weight, labels, bias=bias, temperature=temperature, return_entropy=return_entropy,
-        **head_transform(model.config),
-    )  # fmt: skip
-    vals = res if return_entropy else (res,)
-    first = hidden.new_zeros(B, 1, dtype=vals[0].dtype)  # token 0 has no context
-    # masked_scatter is differentiable: gradients flow back to the selected rows only
-    outs = [torch.cat([first, first.new_zeros(B, T - 1).masked_scatter(sel, v)], dim=1) for v in vals]
-    return tuple(outs) if return_entropy else outs[0]
+
+def output_head(model) -> tuple[torch.Tensor, torch.Tensor | None, dict]:
+    """(weight (V, H), bias (V,) or None, logit-transform knobs) of a causal LM's output embedding."""
+    head = model.get_output_embeddings()
+    if head is None or not hasattr(head, "weight"):
+        raise TypeError(f"{type(model).__name__}.get_output_embeddings() has no weight; pass a causal LM")
+    return head.weight, getattr(head, "bias", None), head_transform(model.config)
+
+
+def hidden_logprobs(model, hidden: torch.Tensor, labels: torch.Tensor, *, temperature: float = 1.0,
+                    return_entropy: bool = False):  # fmt: skip
+    """``linear_token_logprobs`` of hidden states (..., H) through ``model``'s output head and logit
+    transforms (the head's dtype wins: an fp32 head over a bf16 backbone reads fp32 hidden states)."""
+    weight, bias, knobs = output_head(model)
+    if hidden.dtype != weight.dtype:
+        hidden = hidden.to(weight.dtype)
+    return linear_token_logprobs(
+        hidden, weight, labels, bias=bias, temperature=temperature, return_entropy=return_entropy, **knobs
+    )

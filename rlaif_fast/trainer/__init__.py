@@ -15,6 +15,7 @@ _EXPORTS = {
     "RLAIFConfig": "config",
     "RLAIFTrainer": "trainer",
     "ValueModel": "scoring",
+    "ValueHead": "update",
     "NonFiniteError": "trainer",
     "Rollouts": "sampling",
 }

@@ -14,10 +14,11 @@ def check_inputs(cfg, policy, tokenizer, reward, value_model) -> None:
         raise TypeError(
             f"reward must be a callable (prompts, completions) -> list[float], got {type(reward).__name__}"
         )
-    if cfg.uses_critic and value_model is None:
+    if cfg.uses_critic and value_model is None and cfg.lora is None:  # with LoRA: a ValueHead by default
         raise ValueError(
             f"algorithm={cfg.algorithm!r} trains a value baseline but value_model is None; pass "
-            "value_model=ValueModel.from_policy(policy), or use algorithm='rloo'/'grpo'"
+            "value_model=ValueModel.from_policy(policy) (a trunk of its own) or ValueHead.from_policy(policy) "
+            "(a head on the policy's trunk), or use algorithm='rloo'/'grpo'"
         )
     if not cfg.uses_critic and value_model is not None:
         raise ValueError(

@@ -154,6 +154,10 @@ class RLAIFConfig:
     """'auto' (bf16 when the accelerator supports it), 'true' or 'false'."""
     ops: str = "fast"
     """'fast': rlaif_fast ops and batching; 'reference': full [B, T, V] logits and padding to the batch max."""
+    fused_loss: bool = True
+    """ppo / rloo / grpo with ops='fast': the policy loss is rlaif_fast.ops.linear_ppo_policy_loss on the trunk's
+    hidden states of the response tokens (log-probs, clipped surrogate, KL in the loss and entropy bonus in one
+    call); False: the same math as log-probs first, then the loss."""
     packing: bool | None = None
     """Padding-free micro-batches: the rollouts of a micro-batch end to end in one row, position ids
     restarting per rollout, attention kept inside each (trainer/packing.py). sdpa, eager, flex_attention

@@ -138,8 +138,8 @@ def resolve_packing(cfg, policy, value_model) -> bool:
         # sum(n^2) work, slower than padding beyond a few rollouts per row (benchmarks/results/vs_trl.md)
         return False
     models = [("policy", backbone_of(policy))]
-    if value_model is not None:
-        models.append(("value model", getattr(value_model, "backbone", value_model)))
+    if value_model is not None and hasattr(value_model, "backbone"):  # a ValueHead reads the policy's trunk
+        models.append(("value model", value_model.backbone))
     try:
         for role, model in models:
             check_packing(model, role)

@@ -42,7 +42,7 @@ from rlaif_fast.trainer.config import RLAIFConfig
 from rlaif_fast.trainer.logging import MetricsLogger, plot_metrics
 from rlaif_fast.trainer.sampling import Rollouts, encode_prompts, sample, special_ids
 from rlaif_fast.trainer.scoring import advantages_and_returns, response_logprobs, stack_rows
-from rlaif_fast.trainer.update import ActorCritic, empty_like, run_update
+from rlaif_fast.trainer.update import ActorCritic, ValueHead, empty_like, run_update
 
 RewardFn = Callable[[list[str], list[str]], Sequence[float]]
 
@@ -129,6 +129,8 @@ class RLAIFTrainer:
             policy = apply_lora(policy, cfg.lora)
             # the KL reference is the policy with its adapters off: no copy (unless one was given)
             self.lora_reference = ref_policy is None and cfg.kl_coef > 0
+            if cfg.uses_critic and value_model is None:  # the critic: a head on the adapted trunk, no copy
+                value_model = ValueHead.from_policy(policy)
         if ref_policy is None and cfg.kl_coef > 0 and not self.lora_reference:
             ref_policy = copy.deepcopy(policy)
         # packing is decided on the unsharded models (a small probe forward; trainer/packing.py)
@@ -690,7 +692,7 @@ def _enable_gradient_checkpointing(policy, value_model) -> None:
     under LoRA, and with ZeRO-3's parameter hooks)."""
     kwargs = {"gradient_checkpointing_kwargs": {"use_reentrant": False}}
     for role, model in (("policy", policy), ("value model", value_model)):
-        if model is None:
+        if model is None or isinstance(model, ValueHead):  # a ValueHead runs on the policy's trunk
             continue
         target = getattr(model, "backbone", model)  # ValueModel: its transformer trunk
         if not hasattr(target, "gradient_checkpointing_enable"):

@@ -13,28 +13,147 @@ import torch
 from torch import nn
 
 from rlaif_fast.trainer.batches import TrainBatch
-from rlaif_fast.trainer.scoring import response_logprobs, response_values
+from rlaif_fast.trainer.scoring import response_logprobs, response_values, to_response_layout
+
+
+class ValueHead(nn.Module):
+    """A value head on the policy's own trunk: values = head(the policy backbone's last hidden states).
+
+    One backbone forward then serves log-probs and values (``ActorCritic.forward``), and no second trunk
+    is held or trained: with LoRA the trunk is the adapted policy (the value loss reaches the adapters
+    too, scaled by ``vf_coef``). ``ValueModel`` keeps a separate trunk, as the paper's baseline does.
+    The head starts at zero, so the first baseline is 0.
+    """
+
+    def __init__(self, hidden_size: int):
+        super().__init__()
+        self.head = nn.Linear(hidden_size, 1)
+        nn.init.zeros_(self.head.weight)
+        nn.init.zeros_(self.head.bias)
+
+    @classmethod
+    def from_policy(cls, policy: nn.Module) -> ValueHead:
+        config = (
+            policy.config.get_text_config() if hasattr(policy.config, "get_text_config") else policy.config
+        )
+        return cls(config.hidden_size)
+
+    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
+        """(b, T, H) hidden states -> (b, T) fp32 values."""
+        return self.head(hidden.to(self.head.weight.dtype)).squeeze(-1).float()
+
+
+def _response_rows(per_position: torch.Tensor, batch: TrainBatch, shift: int) -> torch.Tensor:
+    """(b, T, ...) -> (b, L, ...): the entries at each response token's column (+ ``shift``); packed
+    batches index their one row by flat columns, as ``scoring.to_response_layout`` does."""
+    index = (batch.resp_index + shift).clamp(min=0)  # (b, L)
+    if batch.position_ids is not None:
+        return per_position.reshape(-1, *per_position.shape[2:])[index]
+    expand = index.reshape(*index.shape, *([1] * (per_position.dim() - 2)))
+    return per_position.gather(1, expand.expand(*index.shape, *per_position.shape[2:]))
 
 
 class ActorCritic(nn.Module):
-    """Policy (+ value model) as one module, so one DeepSpeed engine and one optimizer train both."""
+    """Policy (+ value model or value head) as one module, so one DeepSpeed engine and one optimizer train
+    both, and everything that reads the weights runs inside ``forward`` (ZeRO-3 gathers them there)."""
 
     def __init__(self, policy: nn.Module, value_model: nn.Module | None):
         super().__init__()
         self.policy = policy
         self.value = value_model
+        self.shared_trunk = isinstance(value_model, ValueHead)
 
     def forward(
-        self, batch: TrainBatch, temperature: float, fast: bool, return_entropy: bool, reference: bool = False
+        self,
+        batch: TrainBatch,
+        temperature: float,
+        fast: bool,
+        return_entropy: bool,
+        reference: bool = False,
+        policy_loss: dict | None = None,
     ):
+        """(logp, entropy or None, values or None), each (b, L); ``reference``: the LoRA reference's logp
+        alone; ``policy_loss``: the fused clipped loss instead (see ``_fused_policy_loss``)."""
         if reference:  # LoRA: the reference policy is the same model with its adapters off (trainer/lora.py)
             with self.policy.disable_adapter():
                 return response_logprobs(self.policy, batch, temperature=temperature, fast=fast)[0]
-        logp, ent = response_logprobs(
-            self.policy, batch, temperature=temperature, fast=fast, return_entropy=return_entropy
+        if policy_loss is not None:
+            return self._fused_policy_loss(batch, temperature, policy_loss)
+        if not self.shared_trunk:
+            logp, ent = response_logprobs(
+                self.policy, batch, temperature=temperature, fast=fast, return_entropy=return_entropy
+            )
+            values = response_values(self.value, batch) if self.value is not None else None
+            return logp, ent, values
+        hidden = self._trunk(batch)  # (b, T, H): one backbone pass for both heads
+        if fast:
+            logp, ent = self._logprobs(hidden, batch, temperature, return_entropy)
+        else:
+            logp, ent = response_logprobs_from_hidden(self.policy, hidden, batch, temperature, return_entropy)
+        return logp, ent, self._values(hidden, batch)
+
+    def _trunk(self, batch: TrainBatch) -> torch.Tensor:
+        from rlaif_fast.ops.model import backbone_hidden
+
+        packed = batch.position_ids is not None
+        return backbone_hidden(
+            self.policy, batch.input_ids, None if packed else batch.attention_mask, batch.position_ids
         )
-        values = response_values(self.value, batch) if self.value is not None else None
-        return logp, ent, values
+
+    def _values(self, hidden: torch.Tensor, batch: TrainBatch) -> torch.Tensor | None:
+        if self.value is None:
+            return None
+        # the value of the state before each response token: the position that predicts it
+        return _response_rows(self.value(hidden), batch, -1) * batch.resp_mask
+
+    def _logprobs(self, hidden, batch, temperature, return_entropy):
+        from rlaif_fast.ops.model import hidden_logprobs
+
+        labels = _response_rows(batch.input_ids, batch, 0).masked_fill(batch.resp_mask == 0, -100)
+        out = hidden_logprobs(
+            self.policy, _response_rows(hidden, batch, -1), labels,
+            temperature=temperature if temperature > 0 else 1.0, return_entropy=return_entropy,
+        )  # fmt: skip
+        logp, ent = out if return_entropy else (out, None)
+        return logp * batch.resp_mask, (ent * batch.resp_mask if ent is not None else None)
+
+    def _fused_policy_loss(self, batch: TrainBatch, temperature: float, opts: dict):
+        """``rlaif_fast.ops.linear_ppo_policy_loss`` straight from the trunk's hidden states of the
+        response tokens (b, L, H): log-probs, clipped surrogate, KL-in-loss and entropy bonus in one call,
+        never a (b, T, V) logit. Returns (loss, stats, detached logp (b, L), values or None)."""
+        from rlaif_fast.ops import linear_ppo_policy_loss
+        from rlaif_fast.ops.model import output_head
+
+        hidden = self._trunk(batch)  # (b, T, H)
+        weight, bias, knobs = output_head(self.policy)
+        h = _response_rows(hidden, batch, -1)  # (b, L, H): the position that predicts each response token
+        if h.dtype != weight.dtype:
+            h = h.to(weight.dtype)
+        labels = _response_rows(batch.input_ids, batch, 0).masked_fill(batch.resp_mask == 0, -100)  # (b, L)
+        loss, stats, logp = linear_ppo_policy_loss(
+            h, weight, labels, opts["old_logp"], opts["advantages"], batch.resp_mask, bias=bias,
+            temperature=temperature if temperature > 0 else 1.0, entropy_stat=False, return_logprobs=True,
+            **opts["loss"], **knobs,
+        )  # fmt: skip
+        values = self._values(hidden, batch) if self.shared_trunk else None
+        if self.value is not None and not self.shared_trunk:
+            values = response_values(self.value, batch)
+        return loss, stats, logp, values
+
+
+def response_logprobs_from_hidden(policy, hidden, batch, temperature, return_entropy):
+    """The naive mode's log-probs from given hidden states: full (b, T, V) logits through the head."""
+    from rlaif_fast.ops.model import apply_head_transform, output_head
+
+    weight, bias, knobs = output_head(policy)
+    logits = torch.nn.functional.linear(hidden.to(weight.dtype), weight, bias)
+    logits = apply_head_transform(logits, knobs)[:, :-1].float() / (temperature if temperature > 0 else 1.0)
+    logp_all = torch.log_softmax(logits, dim=-1)  # (b, T-1, V)
+    logp = torch.nn.functional.pad(logp_all.gather(-1, batch.input_ids[:, 1:, None]).squeeze(-1), (1, 0))
+    ent = None
+    if return_entropy:
+        ent = to_response_layout(torch.nn.functional.pad(-(logp_all.exp() * logp_all).sum(-1), (1, 0)), batch)
+    return to_response_layout(logp, batch), ent
 
 
 def aggregate(per_token: torch.Tensor, mask: torch.Tensor, loss_agg: str) -> torch.Tensor:
@@ -67,36 +186,53 @@ def micro_loss(cfg, model, batch: TrainBatch, data: dict, kl_coef: float, scale_
     width = batch.resp_mask.shape[1]
     take = lambda name: data[name][batch.rows, :width].to(batch.resp_mask.device)  # (b, L)
     mask = batch.resp_mask
-    logp, ent, values = model(batch, cfg.temperature, cfg.ops == "fast", cfg.entropy_coef > 0)
+    fast = cfg.ops == "fast"
     kl_loss_coef = kl_coef if cfg.kl_in == "loss" else 0.0
     ref_logp = take("ref_logp") if "ref_logp" in data else None
-    if data.get("on_policy"):
-        # the on-policy shortcut (one epoch, one mini-batch): the old policy is this very forward, so
-        # its detached log-probs are the old ones (ratio 1) and no separate scoring pass was run; they
-        # are kept for the step's metrics
-        data["old_logp"][batch.rows, :width] = logp.detach().to(data["old_logp"].device, torch.float32)
-    old_logp = take("old_logp") if not data.get("on_policy") else logp.detach()
-    if cfg.algorithm == "reinforce_baseline":
-        per_token = -logp * take("advantages")
-        if kl_loss_coef:
-            per_token = per_token + kl_loss_coef * kl_penalty(logp, ref_logp, cfg.kl_estimator)
-        if cfg.entropy_coef:
-            per_token = per_token - cfg.entropy_coef * ent
-        pg, stats = aggregate(per_token, mask, cfg.loss_agg), {}
+    on_policy = bool(data.get("on_policy"))
+    if fast and cfg.fused_loss and cfg.algorithm != "reinforce_baseline":
+        # the fused path: ops.linear_ppo_policy_loss from the trunk's hidden states, inside the engine's
+        # forward (ZeRO-3 gathers the head there); on-policy, the old log-probs are the detached current
+        opts = {
+            "old_logp": None if on_policy else take("old_logp"),
+            "advantages": take("advantages"),
+            "loss": dict(
+                ref_logp=ref_logp, clip_eps=cfg.clip_eps, kl_coef=kl_loss_coef,
+                kl_estimator=cfg.kl_estimator, entropy_coef=cfg.entropy_coef, loss_agg=cfg.loss_agg,
+            ),
+        }  # fmt: skip
+        pg, stats, logp, values = model(batch, cfg.temperature, fast, False, policy_loss=opts)
+        if on_policy:  # kept for the step's metrics (no separate scoring pass was run)
+            data["old_logp"][batch.rows, :width] = logp.to(data["old_logp"].device, torch.float32)
     else:
-        pg, stats = ppo_loss_from_logprobs(
-            logp,
-            old_logp,
-            take("advantages"),
-            mask,
-            entropy=ent,
-            ref_logp=ref_logp,
-            clip_eps=cfg.clip_eps,
-            kl_coef=kl_loss_coef,
-            kl_estimator=cfg.kl_estimator,
-            entropy_coef=cfg.entropy_coef,
-            loss_agg=cfg.loss_agg,
-        )
+        logp, ent, values = model(batch, cfg.temperature, fast, cfg.entropy_coef > 0)
+        if on_policy:
+            # the on-policy shortcut (one epoch, one mini-batch): the old policy is this very forward, so
+            # its detached log-probs are the old ones (ratio 1) and no separate scoring pass was run; they
+            # are kept for the step's metrics
+            data["old_logp"][batch.rows, :width] = logp.detach().to(data["old_logp"].device, torch.float32)
+        old_logp = take("old_logp") if not on_policy else logp.detach()
+        if cfg.algorithm == "reinforce_baseline":
+            per_token = -logp * take("advantages")
+            if kl_loss_coef:
+                per_token = per_token + kl_loss_coef * kl_penalty(logp, ref_logp, cfg.kl_estimator)
+            if cfg.entropy_coef:
+                per_token = per_token - cfg.entropy_coef * ent
+            pg, stats = aggregate(per_token, mask, cfg.loss_agg), {}
+        else:
+            pg, stats = ppo_loss_from_logprobs(
+                logp,
+                old_logp,
+                take("advantages"),
+                mask,
+                entropy=ent,
+                ref_logp=ref_logp,
+                clip_eps=cfg.clip_eps,
+                kl_coef=kl_loss_coef,
+                kl_estimator=cfg.kl_estimator,
+                entropy_coef=cfg.entropy_coef,
+                loss_agg=cfg.loss_agg,
+            )
     loss = pg * scale_pg
     out = {"policy_loss": float(pg.detach()) * scale_pg}
     out.update({k: float(v) for k, v in stats.items() if k in ("clip_frac", "approx_kl")})
