@@ -1,14 +1,30 @@
-"""The whole RL step (sampling + scoring + update) of RLAIFTrainer against TRL's GRPOTrainer.
+"""The whole RL step (sampling + scoring + reference + update) of RLAIFTrainer against TRL's GRPOTrainer.
 
-Same tiny Llama (built from a config, seeded), same prompts, same sizes (P prompts x G samples x N
-completion tokens), same rule reward (fraction of 'a'), KL to the frozen initial policy with beta=0.05
-(k3 in the loss on both sides), HF ``generate`` sampling on both sides, one optimizer step per batch.
-Each run is its own process (``--side``), sides interleaved (A B A B); a run does one warm-up step and
-STEPS timed steps. Timed: process CPU time (user + sys, all threads) and wall time around the timed
-steps, peak RSS of the process (ru_maxrss, whole run), and the time inside ``generate`` (the sampling
-share). Tokens = sampled completion tokens + prompt tokens of the timed steps.
+Same Llama (built from a config, seeded, saved once; both sides load the same weights), same prompts, same
+sizes (P prompts x G samples x N completion tokens, micro-batches of M rows on both sides), same rule reward
+(fraction of 'a'), KL to the frozen initial policy with beta=0.05 (k3 in the loss on both sides), one
+optimizer step per batch (on-policy), temperature 0.9. Sampling: transformers ``generate`` on both sides
+(``--sampler hf``) or an in-process vLLM engine on both sides (``--sampler vllm``: rlaif_fast's
+``rollout_engine="vllm"`` against TRL's ``use_vllm=True, vllm_mode="colocate"``).
 
-    .venv/bin/python benchmarks/bench_vs_trl.py --runs 2 --steps 2 [--completion 128] [--lora]
+Each run is its own process (``--side``), sides interleaved (A B A B ...); a run builds its model and trainer,
+does one warm-up step, then STEPS timed steps. Per run it reports:
+
+- process CPU time (user + sys of every thread, ``getrusage(RUSAGE_SELF)``) and wall time of the timed
+  steps, split into phases by wrapping the sampler: ``sample`` = inside ``generate`` (hf) or the engine's
+  sample call (vllm); ``sync`` = pushing weights into the vLLM engine; ``learn`` = everything else of the
+  step (reward, reference and policy forwards, backward, optimizer, the trainer's own bookkeeping);
+- memory: ``base`` = VmRSS right after model + trainer construction (interpreter, torch, transformers, the
+  side's library, the model(s), the trainer; vLLM's engine too in vllm mode); ``peak`` = ru_maxrss of the
+  whole process over its whole life; ``step+`` = the peak RSS during the steps (warm-up included; the
+  high-water mark is reset after construction through /proc/self/clear_refs) minus ``base``;
+- tokens = prompt + completion tokens of the timed steps, as each side counts them; the load average
+  (``os.getloadavg``) when the run started.
+
+    .venv/bin/python benchmarks/bench_vs_trl.py --runs 3                     # 16 x 4 x 128, hf sampling
+    .venv/bin/python benchmarks/bench_vs_trl.py --runs 2 --completion 512 --steps 1
+    .venv/bin/python benchmarks/bench_vs_trl.py --runs 2 --sampler vllm
+    .venv/bin/python benchmarks/bench_vs_trl.py --runs 1 --sides rlaif --packing true [--lora]
 """
 
 from __future__ import annotations
@@ -24,6 +40,7 @@ import time
 
 ALPHABET = "abcdefghij "
 VOCAB = 4096
+PROMPT_LEN = 8  # room for the prompt (2 characters, no special tokens added)
 
 
 def tokenizer():
@@ -40,20 +57,29 @@ def tokenizer():
     return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", bos_token="<s>", eos_token="</s>")
 
 
-def model(hidden: int, layers: int, max_len: int):
+def model_path(a) -> str:
+    return f"/tmp/bench_vs_trl_model_{a.hidden}_{a.layers}_{PROMPT_LEN + a.completion}"
+
+
+def model(a):
+    """The run's policy, loaded from a folder written once (both sides, TRL's reference and TRL's vLLM
+    engine read the same weights; the tokenizer is saved beside them for vLLM)."""
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    path = f"/tmp/bench_vs_trl_model_{hidden}_{layers}_{max_len}"
-    if os.path.isdir(path):  # both sides load the same saved weights (TRL reloads its reference from it)
-        return LlamaForCausalLM.from_pretrained(path)
-    torch.manual_seed(0)
-    cfg = LlamaConfig(
-        vocab_size=VOCAB, hidden_size=hidden, intermediate_size=4 * hidden, num_hidden_layers=layers,
-        num_attention_heads=8, num_key_value_heads=8, max_position_embeddings=max_len,
-        bos_token_id=1, eos_token_id=2, pad_token_id=0, tie_word_embeddings=False,
-    )  # fmt: skip
-    LlamaForCausalLM(cfg).save_pretrained(path)
+    path = model_path(a)
+    if not os.path.isdir(path):
+        torch.manual_seed(0)
+        cfg = LlamaConfig(
+            vocab_size=VOCAB, hidden_size=a.hidden, intermediate_size=4 * a.hidden,
+            num_hidden_layers=a.layers, num_attention_heads=a.hidden // 32, num_key_value_heads=a.hidden // 32,
+            max_position_embeddings=PROMPT_LEN + a.completion,
+            bos_token_id=1, eos_token_id=2, pad_token_id=0, tie_word_embeddings=False,
+        )  # fmt: skip  # head size 32: vLLM's CPU attention needs >= 32
+        tmp = f"{path}.tmp{os.getpid()}"
+        LlamaForCausalLM(cfg).save_pretrained(tmp)
+        tokenizer().save_pretrained(tmp)
+        os.replace(tmp, path)  # atomic: a killed first run leaves no half-written model behind
     return LlamaForCausalLM.from_pretrained(path)
 
 
@@ -64,120 +90,278 @@ def reward(prompts, completions, **_):
 PROMPTS = ["ab", "cd", "ef", "gh", "ij", "ba", "dc", "fe", "hg", "ji", "ac", "bd", "ce", "df", "eg", "fh"]
 
 
-class GenTimer:
-    """Wraps ``model.generate``: seconds and tokens sampled."""
-
-    def __init__(self, m):
-        self.seconds, self.tokens, self._real = 0.0, 0, m.generate
-        m.generate = self
-
-    def __call__(self, *args, **kwargs):
-        t = time.perf_counter()
-        out = self._real(*args, **kwargs)
-        self.seconds += time.perf_counter() - t
-        return out
-
-
 def cpu() -> float:
     r = resource.getrusage(resource.RUSAGE_SELF)
     return r.ru_utime + r.ru_stime
 
 
-def run_rlaif(a) -> dict:
+def children_cpu() -> float:
+    r = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return r.ru_utime + r.ru_stime
+
+
+def rss_gb(field: str) -> float:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(field):
+                return int(line.split()[1]) * 1024 / 1e9
+    raise RuntimeError(f"{field} not in /proc/self/status")
+
+
+class Phase:
+    """Wraps ``obj.name`` (an instance attribute from then on): process CPU seconds, wall seconds, calls."""
+
+    def __init__(self, obj, name: str):
+        self.cpu = self.wall = 0.0
+        self.calls = 0
+        self._real = getattr(obj, name)
+        setattr(obj, name, self)
+
+    def __call__(self, *args, **kwargs):
+        c, w = cpu(), time.perf_counter()
+        try:
+            return self._real(*args, **kwargs)
+        finally:
+            self.cpu += cpu() - c
+            self.wall += time.perf_counter() - w
+            self.calls += 1
+
+    def mark(self) -> tuple[float, float, int]:
+        return self.cpu, self.wall, self.calls
+
+
+class Clock:
+    """The timed window: process CPU, wall and each phase's totals at its start and end."""
+
+    def __init__(self, phases: dict[str, Phase]):
+        self.phases, self.start, self.end = phases, None, None
+
+    def snap(self) -> dict:
+        return {"cpu": cpu(), "wall": time.perf_counter(), **{k: p.mark() for k, p in self.phases.items()}}
+
+    def result(self) -> dict:
+        s, e = self.start, self.end
+        out = {"cpu_s": e["cpu"] - s["cpu"], "wall_s": e["wall"] - s["wall"]}
+        for k in self.phases:
+            out[f"{k}_cpu_s"] = e[k][0] - s[k][0]
+            out[f"{k}_wall_s"] = e[k][1] - s[k][1]
+            out[f"{k}_calls"] = e[k][2] - s[k][2]
+        out["learn_cpu_s"] = out["cpu_s"] - sum(out[f"{k}_cpu_s"] for k in self.phases)
+        out["learn_wall_s"] = out["wall_s"] - sum(out[f"{k}_wall_s"] for k in self.phases)
+        return out
+
+
+def constructed(out: dict) -> None:
+    """Record the memory after model + trainer construction, then reset the high-water mark so the peak
+    read after the steps is the steps' own."""
+    out["peak_build_gb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / 1e9
+    out["base_rss_gb"] = rss_gb("VmRSS")
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")  # resets VmHWM (and ru_maxrss) to the current RSS
+
+
+def run_rlaif(a, out: dict) -> dict:
     from rlaif_fast.trainer import RLAIFConfig, RLAIFTrainer
 
-    tok, m = tokenizer(), model(a.hidden, a.layers, 8 + a.completion)
-    timer = GenTimer(m)
+    tok, m = tokenizer(), model(a)
+    out["params_m"] = sum(p.numel() for p in m.parameters()) / 1e6
+    packing = {"auto": None, "true": True, "false": False}[a.packing]
+    extra = {"rollout_engine": "vllm"} if a.sampler == "vllm" else {}
     cfg = RLAIFConfig(
         algorithm="grpo", batch_size=a.prompts * a.group, group_size=a.group,
         micro_batch_size=min(a.micro, a.prompts * a.group),
-        max_new_tokens=a.completion, max_prompt_len=8, kl_coef=0.05, kl_in="loss", kl_estimator="k3",
-        learning_rate=1e-5, temperature=0.9, packing=a.packing, lora=({"r": 8} if a.lora else None),
-        progress=False, tensorboard=False, output_dir="/tmp/bench_vs_trl_rlaif", bf16="false",
+        max_new_tokens=a.completion, max_prompt_len=PROMPT_LEN, kl_coef=0.05, kl_in="loss", kl_estimator="k3",
+        learning_rate=1e-5, temperature=0.9, packing=packing, lora=({"r": 8} if a.lora else None),
+        progress=False, tensorboard=False, output_dir="/tmp/bench_vs_trl_rlaif", bf16="false", **extra,
     )  # fmt: skip
+    if a.sampler == "hf":
+        phases = {"sample": Phase(m, "generate")}
     tr = RLAIFTrainer(m, tok, reward, cfg)
+    if a.sampler == "vllm":
+        phases = {"sample": Phase(tr.rollout_engine, "sample"), "sync": Phase(tr.rollout_engine, "sync")}
+    constructed(out)
+    clock = Clock(phases)
     prompts = [PROMPTS[i % len(PROMPTS)] for i in range(a.prompts)]
-    timer.seconds = 0.0
     tr.step(prompts)  # warm-up
-    timer.seconds, tokens, c0, w0 = 0.0, 0, cpu(), time.perf_counter()
+    clock.start, tokens, lengths = clock.snap(), 0, []
     for _ in range(a.steps):
         metrics = tr.step(prompts)
         tokens += int(metrics["tokens"])
-    return {"cpu_s": cpu() - c0, "wall_s": time.perf_counter() - w0, "gen_s": timer.seconds, "tokens": tokens}
+        lengths.append(metrics["response_len"])
+    clock.end = clock.snap()
+    out.update(clock.result(), tokens=tokens, completion_len=statistics.mean(lengths))
+    out["packing"] = getattr(tr, "packing", packing)
+    return out
 
 
-def run_trl(a) -> dict:
+def run_trl(a, out: dict) -> dict:
     import torch
     from datasets import Dataset
     from transformers import TrainerCallback
     from trl import GRPOConfig, GRPOTrainer
 
-    tok, m = tokenizer(), model(a.hidden, a.layers, 8 + a.completion)
-    timer = GenTimer(m)
+    tok, m = tokenizer(), model(a)
+    out["params_m"] = sum(p.numel() for p in m.parameters()) / 1e6
+    rows = a.prompts * a.group
+    micro = min(a.micro, rows)
+    if rows % micro:
+        sys.exit(f"--micro {a.micro} must divide prompts x group = {rows} for TRL's gradient accumulation")
     n = a.prompts * (a.steps + 1)
     data = Dataset.from_dict({"prompt": [PROMPTS[i % len(PROMPTS)] for i in range(n)]})
+    vllm = {}
+    if a.sampler == "vllm":
+        # the same in-process engine settings as rlaif_fast's (env: KV cache, threads, no engine process);
+        # TRL's default importance-sampling correction adds a forward pass rlaif_fast's default (tis_cap=None)
+        # does not make: off, so both sides run the same algorithm
+        vllm = dict(use_vllm=True, vllm_mode="colocate", vllm_importance_sampling_correction=False)
     args = GRPOConfig(
-        output_dir="/tmp/bench_vs_trl_trl", per_device_train_batch_size=a.prompts * a.group,
+        output_dir="/tmp/bench_vs_trl_trl", per_device_train_batch_size=micro,
+        gradient_accumulation_steps=rows // micro, steps_per_generation=rows // micro,
         num_generations=a.group, max_completion_length=a.completion, beta=0.05, temperature=0.9,
         learning_rate=1e-5, max_steps=a.steps + 1, use_cpu=True, bf16=False, report_to=[],
-        save_strategy="no", logging_steps=1, num_iterations=1, steps_per_generation=1,
-        gradient_accumulation_steps=1, disable_dropout=True,
+        save_strategy="no", logging_steps=1, num_iterations=1, disable_dropout=True, **vllm,
     )  # fmt: skip
-    state = {}
+    clock: Clock | None = None
 
-    class Clock(TrainerCallback):
+    class Window(TrainerCallback):
         def on_step_end(self, args, st, control, **kw):
             if st.global_step == 1:  # after the warm-up step
-                state.update(c0=cpu(), w0=time.perf_counter(), g0=timer.seconds)
+                clock.start = clock.snap()
+            elif st.global_step == a.steps + 1:
+                clock.end = clock.snap()
 
+    if a.sampler == "hf":
+        phases = {"sample": Phase(m, "generate")}
     tr = GRPOTrainer(model=m, reward_funcs=reward, args=args, train_dataset=data, processing_class=tok,
-                     callbacks=[Clock()])  # fmt: skip
+                     callbacks=[Window()])  # fmt: skip
+    if a.sampler == "vllm":
+        if a.trl_vllm_shim:
+            shim_trl_sync(tr.vllm_generation)
+        g = tr.vllm_generation
+        phases = {"sample": Phase(g, "generate"), "sync": Phase(g, "sync_weights")}
+    constructed(out)
+    clock = Clock(phases)
     torch.manual_seed(0)
     tr.train()
-    logged = [float(h["num_tokens"]) for h in tr.state.log_history if "num_tokens" in h]
-    tokens = int(logged[-1] - logged[0])  # prompt + completion tokens of the timed steps
-    return {"cpu_s": cpu() - state["c0"], "wall_s": time.perf_counter() - state["w0"],
-            "gen_s": timer.seconds - state["g0"], "tokens": tokens}  # fmt: skip
+    logged = [h for h in tr.state.log_history if "num_tokens" in h]
+    out.update(clock.result(), tokens=int(logged[-1]["num_tokens"] - logged[0]["num_tokens"]))
+    out["completion_len"] = statistics.mean(h["completions/mean_length"] for h in logged[1:])
+    return out
+
+
+def shim_trl_sync(gen) -> None:
+    """``--trl-vllm-shim``: TRL's colocate sync calls the model's ``load_weights`` one parameter at a time,
+    which vLLM's CPU build cannot do (it prepacks the linear layers at load and the packed parameters have
+    no ``weight_loader``; ../shared/VLLM_CPU.md). This replaces only the push: the same parameters, named
+    as TRL names them, streamed through the worker's ``reload_weights`` (what rlaif_fast uses on CPU), then
+    TRL's prefix-cache reset."""
+
+    def sync_weights():
+        worker = gen.llm.llm_engine.model_executor.driver_worker.worker
+        worker.reload_weights(weights_iterator=((k, v) for k, v in gen._iter_named_params()))
+        gen.llm.reset_prefix_cache()
+
+    gen.sync_weights = sync_weights
 
 
 def worker(a) -> None:
-    out = run_rlaif(a) if a.side == "rlaif" else run_trl(a)
-    out["peak_rss_gb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6
+    out = {"loadavg_start": os.getloadavg()[0], "children_cpu_start": children_cpu()}
+    out = run_rlaif(a, out) if a.side == "rlaif" else run_trl(a, out)
+    peak_steps = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / 1e9
+    out["peak_rss_gb"] = max(out.pop("peak_build_gb"), peak_steps)
+    out["step_increment_gb"] = peak_steps - out["base_rss_gb"]
+    out["children_cpu_s"] = children_cpu() - out.pop("children_cpu_start")  # whole run (compilers etc.)
+    out["sample_calls_ok"] = out["sample_calls"] >= a.steps  # the wrapper saw the sampler
     print("RESULT " + json.dumps(out), flush=True)
+
+
+def label(side: str, a) -> str:
+    if side == "trl":
+        return "TRL GRPOTrainer" + (" (vLLM colocate)" if a.sampler == "vllm" else "")
+    bits = (
+        [f"packing={a.packing}"]
+        + (["lora r=8"] if a.lora else [])
+        + (["vllm"] if a.sampler == "vllm" else [])
+    )
+    return f"rlaif_fast ({', '.join(bits)})"
+
+
+def summary(results: dict[str, list[dict]], a) -> None:
+    med = {s: {k: statistics.median(r[k] for r in rs) for k in rs[0] if isinstance(rs[0][k], (int, float))}
+           for s, rs in results.items() if rs}  # fmt: skip
+    print(f"\nmedians of {a.runs} run(s), {a.steps} timed step(s) each; CPU = process user+sys seconds")
+    head = "| side | CPU s | sample CPU | sync CPU | learn CPU | wall s | tokens/CPU-s | base RSS | step+ | peak RSS |"
+    print(head)
+    print("| --- " * (head.count("|") - 1) + "|")
+    for s, m in med.items():
+        print(f"| {label(s, a)} | {m['cpu_s']:.1f} | {m['sample_cpu_s']:.1f} | {m.get('sync_cpu_s', 0):.1f} | "
+              f"{m['learn_cpu_s']:.1f} | {m['wall_s']:.1f} | {m['tokens'] / m['cpu_s']:.0f} | "
+              f"{m['base_rss_gb']:.2f} GB | {m['step_increment_gb']:.2f} GB | {m['peak_rss_gb']:.2f} GB |")  # fmt: skip
+    if "rlaif" in med and "trl" in med:
+        r, t = med["rlaif"], med["trl"]
+        tps = (r["tokens"] / r["cpu_s"]) / (t["tokens"] / t["cpu_s"])
+        print(f"\ntokens per CPU-second, rlaif / TRL: {tps:.2f}x (goal >= 2)")
+        print(f"learn-phase CPU, TRL / rlaif: {t['learn_cpu_s'] / r['learn_cpu_s']:.2f}x")
+        samp = t["sample_cpu_s"] + t.get("sync_cpu_s", 0)
+        print(f"with TRL's sampling: TRL total / (TRL sample+sync + rlaif learn) = "
+              f"{t['cpu_s'] / (samp + r['learn_cpu_s']):.2f}x; Amdahl ceiling (learning free) = "
+              f"TRL total / TRL sample+sync = {t['cpu_s'] / samp:.2f}x")  # fmt: skip
+        print(f"peak RSS, rlaif / TRL: {r['peak_rss_gb'] / t['peak_rss_gb']:.2f} (goal <= 0.33); "
+              f"step increment: {r['step_increment_gb'] / t['step_increment_gb']:.2f}")  # fmt: skip
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--side", choices=["rlaif", "trl"])
+    p.add_argument("--side", choices=["rlaif", "trl"], help="(internal) one run in this process")
+    p.add_argument("--sides", default="rlaif,trl", help="which sides, in the interleaving order")
     p.add_argument("--runs", type=int, default=2)
-    p.add_argument("--steps", type=int, default=2)
-    p.add_argument("--prompts", type=int, default=8)
+    p.add_argument("--steps", type=int, default=2, help="timed steps per run (after one warm-up step)")
+    p.add_argument("--prompts", type=int, default=16)
     p.add_argument("--group", type=int, default=4)
-    p.add_argument("--micro", type=int, default=16)
-    p.add_argument("--completion", type=int, default=64)
-    p.add_argument("--hidden", type=int, default=256)
-    p.add_argument("--layers", type=int, default=4)
-    p.add_argument("--packing", type=lambda s: s.lower() == "true", default=True)
-    p.add_argument("--lora", action="store_true")
+    p.add_argument("--micro", type=int, default=16, help="rows per micro-batch, both sides")
+    p.add_argument("--completion", type=int, default=128)
+    p.add_argument("--hidden", type=int, default=256, help="with --layers 8: 10.5M parameters")
+    p.add_argument("--layers", type=int, default=8)
+    p.add_argument("--sampler", choices=["hf", "vllm"], default="hf")
+    p.add_argument("--packing", choices=["auto", "true", "false"], default="auto",
+                   help="rlaif_fast's packing (auto: the trainer's default)")  # fmt: skip
+    p.add_argument("--lora", action="store_true", help="rlaif_fast with LoRA r=8")
+    p.add_argument("--trl-vllm-shim", action="store_true",
+                   help="TRL colocate: push weights with reload_weights (see shim_trl_sync)")  # fmt: skip
     a = p.parse_args()
+    if a.hidden % 32:
+        sys.exit(f"--hidden {a.hidden} must be a multiple of 32 (heads of size 32)")
+    if a.sampler == "vllm":  # set before any import of vllm, the same for both sides
+        os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
+        os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
+        os.environ.setdefault("VLLM_CPU_OMP_THREADS_BIND", "nobind")
     if a.side:
         return worker(a)
-    results: dict[str, list] = {"rlaif": [], "trl": []}
-    base = [sys.executable, __file__] + [x for x in sys.argv[1:]]
-    for _ in range(a.runs):
-        for side in ("rlaif", "trl"):  # interleaved: A B A B
+    sides = a.sides.split(",")
+    if set(sides) - {"rlaif", "trl"}:
+        sys.exit(f"--sides {a.sides!r}: use rlaif, trl or both, comma-separated")
+    rev = subprocess.run(
+        ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True
+    ).stdout.strip()
+    dirty = subprocess.run(
+        ["git", "status", "--porcelain", "rlaif_fast"], capture_output=True, text=True
+    ).stdout
+    print(json.dumps({**vars(a), "commit": rev, "rlaif_fast_dirty": bool(dirty.strip())}), flush=True)
+    results: dict[str, list] = {s: [] for s in sides}
+    base = [sys.executable, __file__] + sys.argv[1:]
+    for i in range(a.runs):
+        for side in sides:  # interleaved: A B A B
+            load = os.getloadavg()[0]
             proc = subprocess.run(base + ["--side", side], capture_output=True, text=True, env=os.environ)
             line = [x for x in proc.stdout.splitlines() if x.startswith("RESULT ")]
             if proc.returncode or not line:
-                sys.exit(f"{side} failed ({proc.returncode}):\n{proc.stderr[-3000:]}")
-            results[side].append(json.loads(line[-1][7:]))
-    print(json.dumps(vars(a)))
-    for side, rs in results.items():
-        med = {k: statistics.median(r[k] for r in rs) for k in rs[0]}
-        tps = med["tokens"] / med["cpu_s"]
-        print(f"{side:5s} cpu_s={med['cpu_s']:.1f} wall_s={med['wall_s']:.1f} gen_s={med['gen_s']:.1f} "
-              f"(sampling {med['gen_s'] / med['wall_s']:.0%} of wall) peak_rss={med['peak_rss_gb']:.2f} GB "
-              f"tokens/cpu_s={tps:.0f}  runs={[round(r['cpu_s'], 1) for r in rs]}")  # fmt: skip
+                sys.exit(f"{side} run {i} failed ({proc.returncode}):\n{proc.stderr[-4000:]}")
+            r = json.loads(line[-1][7:])
+            r["loadavg_parent"] = load
+            results[side].append(r)
+            print(f"run {i} {side}: " + json.dumps({k: round(v, 3) if isinstance(v, float) else v
+                                                    for k, v in r.items()}), flush=True)  # fmt: skip
+    summary(results, a)
 
 
 if __name__ == "__main__":
