@@ -84,6 +84,10 @@ def test_packed_update_equals_padded(variant):
     assert diff <= 1e-5 * step, f"packed vs padded differ by {diff:.3e} (update {step:.3e})"
     assert hist_a[0]["kl"] == pytest.approx(hist_b[0]["kl"], rel=1e-5, abs=1e-7)
     assert hist_a[0]["policy_loss"] == pytest.approx(hist_b[0]["policy_loss"], rel=1e-5, abs=1e-7)
+    # the padding the update ran on: none when packed
+    assert hist_b[0]["padded_tokens_ratio"] == 1.0
+    if variant.get("fixed_lengths") is False:  # rollouts of different lengths: the padded rows carry pads
+        assert hist_a[0]["padded_tokens_ratio"] > 1.0
 
 
 def test_on_policy_shortcut_skips_a_forward_and_gives_the_same_update(monkeypatch):

@@ -12,7 +12,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from rlaif_fast.trainer.batches import TrainBatch
+from rlaif_fast.trainer.batches import ScoredBatch, TrainBatch
 from rlaif_fast.trainer.scoring import response_logprobs, response_values, to_response_layout
 
 
@@ -174,7 +174,9 @@ def local_units(mask: torch.Tensor, loss_agg: str) -> float:
     return float((mask.sum(-1) > 0).sum())
 
 
-def micro_loss(cfg, model, batch: TrainBatch, data: dict, kl_coef: float, scale_pg: float, scale_v: float):
+def micro_loss(
+    cfg, model, batch: TrainBatch, data: ScoredBatch, kl_coef: float, scale_pg: float, scale_v: float
+):
     """Loss of one micro-batch, rescaled for data-parallel invariance; returns (loss, stats).
 
     reinforce_baseline: the paper's -log pi(y_t) * stopgrad(A_t), no ratio and no clipping;
@@ -184,12 +186,12 @@ def micro_loss(cfg, model, batch: TrainBatch, data: dict, kl_coef: float, scale_
     from rlaif_fast.reference.rl import kl_penalty
 
     width = batch.resp_mask.shape[1]
-    take = lambda name: data[name][batch.rows, :width].to(batch.resp_mask.device)  # (b, L)
+    take = lambda name: getattr(data, name)[batch.rows, :width].to(batch.resp_mask.device)  # (b, L)
     mask = batch.resp_mask
     fast = cfg.ops == "fast"
     kl_loss_coef = kl_coef if cfg.kl_in == "loss" else 0.0
-    ref_logp = take("ref_logp") if "ref_logp" in data else None
-    on_policy = bool(data.get("on_policy"))
+    ref_logp = take("ref_logp") if data.ref_logp is not None else None
+    on_policy = data.on_policy
     if fast and cfg.fused_loss and cfg.algorithm != "reinforce_baseline":
         # the fused path: ops.linear_ppo_policy_loss from the trunk's hidden states, inside the engine's
         # forward (ZeRO-3 gathers the head there); on-policy, the old log-probs are the detached current
@@ -203,14 +205,14 @@ def micro_loss(cfg, model, batch: TrainBatch, data: dict, kl_coef: float, scale_
         }  # fmt: skip
         pg, stats, logp, values = model(batch, cfg.temperature, fast, False, policy_loss=opts)
         if on_policy:  # kept for the step's metrics (no separate scoring pass was run)
-            data["old_logp"][batch.rows, :width] = logp.to(data["old_logp"].device, torch.float32)
+            data.old_logp[batch.rows, :width] = logp.to(data.old_logp.device, torch.float32)
     else:
         logp, ent, values = model(batch, cfg.temperature, fast, cfg.entropy_coef > 0)
         if on_policy:
             # the on-policy shortcut (one epoch, one mini-batch): the old policy is this very forward, so
             # its detached log-probs are the old ones (ratio 1) and no separate scoring pass was run; they
             # are kept for the step's metrics
-            data["old_logp"][batch.rows, :width] = logp.detach().to(data["old_logp"].device, torch.float32)
+            data.old_logp[batch.rows, :width] = logp.detach().to(data.old_logp.device, torch.float32)
         old_logp = take("old_logp") if not on_policy else logp.detach()
         if cfg.algorithm == "reinforce_baseline":
             per_token = -logp * take("advantages")
@@ -276,7 +278,9 @@ def _check_finite(strategy, loss: torch.Tensor, batch: TrainBatch) -> None:
         raise FloatingPointError(f"non-finite loss in a micro-batch ({where})")
 
 
-def run_update(cfg, strategy, model, batches: list[list[TrainBatch]], data: dict, kl_coef: float) -> dict:
+def run_update(
+    cfg, strategy, model, batches: list[list[TrainBatch]], data: ScoredBatch, kl_coef: float
+) -> dict:
     """``ppo_epochs`` passes; each inner list of micro-batches is one optimizer step (one mini-batch).
 
     Every rank must hold the same number of micro-batches per mini-batch (empty ones pad the short
@@ -286,6 +290,9 @@ def run_update(cfg, strategy, model, batches: list[list[TrainBatch]], data: dict
     """
     totals: dict[str, float] = {}
     n_steps = 0
+    # the update's token slots (micro-batch rows x width) over the real tokens in them: 1.00 when packed
+    slots = sum(float(b.input_ids.numel()) for mini in batches for b in mini if float(b.resp_mask.sum()) > 0)
+    real = sum(float(b.attention_mask.sum()) for mini in batches for b in mini if float(b.resp_mask.sum()) > 0)
     ranks, gas = strategy.world_size, strategy.grad_accum
     for _ in range(cfg.ppo_epochs):
         for mini in batches:
@@ -326,4 +333,7 @@ def run_update(cfg, strategy, model, batches: list[list[TrainBatch]], data: dict
             for k, v in zip(keys, reduced):
                 totals[k] = totals.get(k, 0.0) + v
             n_steps += 1
-    return {k: v / max(n_steps, 1) for k, v in totals.items()}
+    out = {k: v / max(n_steps, 1) for k, v in totals.items()}
+    slots, real = strategy.all_reduce(torch.tensor([slots, real], dtype=torch.float64)).tolist()
+    out["padded_tokens_ratio"] = slots / max(real, 1.0)
+    return out
