@@ -1,5 +1,6 @@
 """Run under torchrun with 2 ranks: packed micro-batches under ZeRO-2 and ZeRO-3, LoRA under ZeRO-2 and
-ZeRO-3 (the reference through the same engine with the adapters off); rank 0 saves the parameters.
+ZeRO-3 (the reference through the same engine with the adapters off), PPO with a ValueHead on the
+policy's trunk; rank 0 saves the parameters.
 
 torchrun --nproc_per_node=2 tests/dist/packing_lora_dp.py OUT_DIR
 """
@@ -15,6 +16,8 @@ from toy import invariance_run  # noqa: E402
 CASES = {
     "packing": dict(packing=True),
     "lora": dict(lora={"r": 4, "alpha": 8, "target_modules": ["c_attn", "c_fc"]}, packing=True),
+    # the critic as a head on the policy's trunk: one trunk pass, ZeRO-3 gathers it for both heads
+    "value_head": dict(value_head=True),
 }
 
 

@@ -97,9 +97,12 @@ def vary_lengths(model, max_new_tokens: int):
     return model
 
 
-def invariance_run(steps: int = 2, fixed_lengths: bool = True, **overrides) -> tuple[dict, list[dict]]:
-    """Train a tiny GPT-2 with a value model by plain SGD; return (full parameters, metrics per step)."""
-    from rlaif_fast.trainer import RLAIFConfig, RLAIFTrainer, ValueModel
+def invariance_run(
+    steps: int = 2, fixed_lengths: bool = True, value_head: bool = False, **overrides
+) -> tuple[dict, list[dict]]:
+    """Train a tiny GPT-2 with a value model (``value_head``: a ValueHead on the policy's trunk) by plain
+    SGD; return (full parameters, metrics per step)."""
+    from rlaif_fast.trainer import RLAIFConfig, RLAIFTrainer, ValueHead, ValueModel
 
     values = dict(
         algorithm="ppo",
@@ -123,7 +126,7 @@ def invariance_run(steps: int = 2, fixed_lengths: bool = True, **overrides) -> t
     policy = tiny_gpt2()
     if fixed_lengths:
         policy = vary_lengths(policy, cfg.max_new_tokens)
-    value_model = ValueModel.from_policy(policy) if cfg.uses_critic else None
+    value_model = (ValueHead if value_head else ValueModel).from_policy(policy) if cfg.uses_critic else None
     trainer = RLAIFTrainer(policy, CharTokenizer(), count_a, cfg, value_model=value_model)
     history = [
         trainer.step(PROMPTS[i * cfg.prompts_per_step : (i + 1) * cfg.prompts_per_step]) for i in range(steps)
