@@ -40,3 +40,28 @@ def test_train_batch_layout_right_pads_and_indexes_the_response():
     naive = train_batch(_rollouts(), [1, 0], pad_id=0, fast=False, batch_width=5)
     assert naive.input_ids.shape == (2, 5)  # the naive layout pads to the whole batch's width
     assert torch.equal(naive.input_ids[:, :4], batch.input_ids)
+
+
+def test_scored_batch_cat_pads_each_part_to_the_widest_and_keeps_absent_fields_none():
+    """The scored rows of several ranks, one after the other: (B, L) fields padded with zeros to the widest
+    L, fields the algorithm has none of (no critic: old_values, returns) stay None; mixed parts refuse."""
+    from rlaif_fast.trainer.batches import ScoredBatch
+
+    def part(rows, width, fill, ref=True):
+        t = torch.full((rows, width), float(fill))
+        return ScoredBatch(
+            mask=t.clone(),
+            old_logp=t.clone(),
+            advantages=t.clone(),
+            kl=t.clone(),
+            ref_logp=t if ref else None,
+        )
+
+    merged = ScoredBatch.cat([part(2, 3, 1.0), part(1, 5, 2.0)])
+    assert sorted(merged.tensors()) == ["advantages", "kl", "mask", "old_logp", "ref_logp"]
+    assert merged.old_values is None and merged.returns is None
+    for name, t in merged.tensors().items():
+        assert t.shape == (3, 5), name
+        assert t[:2].tolist() == [[1.0, 1.0, 1.0, 0.0, 0.0]] * 2 and t[2].tolist() == [2.0] * 5, name
+    with pytest.raises(ValueError, match="different fields"):
+        ScoredBatch.cat([part(1, 2, 0.0), part(1, 2, 0.0, ref=False)])

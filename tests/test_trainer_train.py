@@ -468,7 +468,7 @@ def test_progress_bar_counts_steps_not_log_lines(tmp_path):
 def test_update_stats_reduce_has_the_same_length_on_a_rank_with_only_empty_micro_batches():
     """A rank whose share of a mini-batch has no response token runs only empty micro-batches: its stats
     all-reduce must still carry the same keys as the other ranks' (a shorter tensor hangs or fails)."""
-    from rlaif_fast.trainer.batches import train_batch
+    from rlaif_fast.trainer.batches import ScoredBatch, train_batch
     from rlaif_fast.trainer.sampling import Rollouts
     from rlaif_fast.trainer.update import ActorCritic, empty_like, run_update
 
@@ -477,7 +477,9 @@ def test_update_stats_reduce_has_the_same_length_on_a_rank_with_only_empty_micro
     model = ActorCritic(policy, ValueModel.from_policy(policy))
     rollouts = Rollouts(["ab"] * 2, ["a"] * 2, [[1, 3, 4]] * 2, [[3, 2]] * 2)
     real = train_batch(rollouts, [0], 0, fast=True, batch_width=5)
-    data = {k: torch.zeros(2, 2) for k in ("old_logp", "advantages", "returns", "old_values", "kl")}
+    data = ScoredBatch(
+        **{k: torch.zeros(2, 2) for k in ("mask", "old_logp", "advantages", "returns", "old_values", "kl")}
+    )
 
     class OneOfTwoRanks:
         world_size, grad_accum, rank = 2, 1, 0

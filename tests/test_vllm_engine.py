@@ -215,6 +215,7 @@ def test_tis_weights_are_one_when_sampler_and_trainer_agree(tmp_path):
 
 
 def test_tis_weights_each_token_by_the_capped_ratio_and_logs_the_mismatch():
+    from rlaif_fast.trainer.batches import ScoredBatch
     from rlaif_fast.trainer.rollout_vllm import sampler_mismatch
     from rlaif_fast.trainer.sampling import Rollouts
 
@@ -222,11 +223,11 @@ def test_tis_weights_each_token_by_the_capped_ratio_and_logs_the_mismatch():
     sampler = [[-1.0, -2.5, -0.2], [-2.0]]  # row 1 has one response token
     mask = torch.tensor([[1.0, 1.0, 1.0], [1.0, 0.0, 0.0]])
     rollouts = Rollouts(["p", "p"], ["a", "b"], [[1], [1]], [[3, 4, 5], [3]], extra={"sampler_logp": sampler})
-    data = {"old_logp": old, "mask": mask, "advantages": torch.full((2, 3), 2.0) * mask}
-    out = sampler_mismatch(data, rollouts, 2.0, lambda t, op="sum": t)
+    scored = ScoredBatch(mask, old, torch.full((2, 3), 2.0) * mask, kl=torch.zeros(2, 3))
+    out = sampler_mismatch(scored, rollouts, 2.0, lambda t, op="sum": t)
     r = torch.tensor([[0.0, 0.5, -0.3], [1.0, 0.0, 0.0]])
     w = torch.tensor([[1.0, math.exp(0.5), math.exp(-0.3)], [2.0, 0.0, 0.0]])  # exp(1) capped at 2
-    assert torch.allclose(data["advantages"], 2.0 * w, atol=1e-6)
+    assert torch.allclose(scored.advantages, 2.0 * w, atol=1e-6)
     k3 = (torch.exp(r) - 1 - r) * mask
     assert out["sampler_kl"] == pytest.approx(float(k3.sum() / 4), rel=1e-6)
     assert out["sampler_logp_max_diff"] == pytest.approx(1.0)

@@ -39,6 +39,48 @@ class TrainBatch:
         return replace(self, **moved)
 
 
+@dataclass
+class ScoredBatch:
+    """One rank's rollouts after the scoring pass: what the update reads, as one object.
+
+    Every tensor is in the *response layout* (B, L): row i is rollout i of the rank, column j its response
+    token j, L the longest response of the batch, 0 on padding; fp32 on the CPU. A micro-batch reads its
+    ``rows`` and its own width from it (``update.micro_loss``). Fields an algorithm has no use for are None.
+    """
+
+    mask: torch.Tensor  # (B, L) fp32: 1 where response token j exists
+    # (B, L) fp32: log pi_old(y_j) of the policy at rollout time; with on_policy zeros, filled in by the
+    # update's own forward (update.micro_loss), then read by the step's metrics
+    old_logp: torch.Tensor
+    advantages: torch.Tensor  # (B, L) fp32: per token (rloo / grpo: one per row, broadcast); whitened if set
+    kl: torch.Tensor  # (B, L) fp32: per-token KL estimate to the KL reference policy (0 without one)
+    ref_logp: torch.Tensor | None = None  # (B, L) fp32: log pi_ref(y_j) of the KL reference; None: no KL
+    old_values: torch.Tensor | None = None  # (B, L) fp32: critic's value before token j; None: no critic
+    returns: torch.Tensor | None = None  # (B, L) fp32: the critic's regression targets; None: no critic
+    on_policy: bool = False  # the update's forward is the old policy (trainer._on_policy_shortcut)
+
+    def tensors(self) -> dict[str, torch.Tensor]:
+        """The (B, L) fields that are set, by name."""
+        return {f.name: v for f in fields(self) if isinstance(v := getattr(self, f.name), torch.Tensor)}
+
+    @classmethod
+    def cat(cls, parts: list[ScoredBatch]) -> ScoredBatch:
+        """Rows of ``parts`` one after the other (e.g. every rank's), each padded to the widest L."""
+        names = set(parts[0].tensors())
+        if any(set(p.tensors()) != names for p in parts):
+            raise ValueError(
+                f"cannot concatenate scored batches with different fields: {[sorted(p.tensors()) for p in parts]}"
+            )
+        width = max(p.mask.shape[1] for p in parts)
+        merged = {
+            name: torch.cat(
+                [torch.nn.functional.pad(getattr(p, name), (0, width - p.mask.shape[1])) for p in parts]
+            )
+            for name in parts[0].tensors()
+        }
+        return replace(parts[0], **merged)
+
+
 def _pad_right_python(prompt_ids, response_ids, pad_id, width):
     b = len(prompt_ids)
     ids = torch.full((b, width), pad_id, dtype=torch.long)

@@ -344,23 +344,23 @@ def sampler_logp_tensor(rollouts: Rollouts, width: int) -> torch.Tensor | None:
     return out
 
 
-def sampler_mismatch(data: dict, rollouts: Rollouts, tis_cap: float | None, all_reduce) -> dict:
+def sampler_mismatch(scored, rollouts: Rollouts, tis_cap: float | None, all_reduce) -> dict:
     """Sampler-vs-trainer metrics, and truncated importance sampling when ``tis_cap`` is set.
 
     With r = trainer_old_logp - sampler_logp per response token: ``sampler_kl`` is the k3 estimate of
     KL(sampler || trainer) (exp(r) - 1 - r >= 0, mean over tokens of all ranks) and
     ``sampler_logp_max_diff`` the largest |r|. TIS (as in verl): the sampled tokens came from the
     sampler, not from the trainer's old policy, so each token's policy-gradient term is weighted by
-    w = min(exp(r), tis_cap), detached. The weight multiplies ``data["advantages"]`` in place: the
+    w = min(exp(r), tis_cap), detached. The weight multiplies ``scored.advantages`` (a ScoredBatch): the
     clipped surrogate is positively homogeneous in A (min(rA w, clip(r)A w) = w min(rA, clip(r)A) for
     w > 0), and REINFORCE's -logp * A is linear in it, so this is the per-token loss weight exactly;
     the KL and entropy terms stay unweighted.
     """
-    mask = data["mask"]
+    mask = scored.mask
     sampler = sampler_logp_tensor(rollouts, mask.shape[1])
     if sampler is None:
         return {}
-    r = (data["old_logp"] - sampler) * mask
+    r = (scored.old_logp - sampler) * mask
     r64 = r.double()  # exp(r) - 1 - r cancels to ~r^2 / 2: in fp32 it rounds below 0 for |r| ~ 1e-5
     k3 = (torch.exp(r64) - 1.0 - r64) * mask
     local = torch.tensor([float(k3.sum()), float(mask.sum())], dtype=torch.float64)
@@ -369,7 +369,7 @@ def sampler_mismatch(data: dict, rollouts: Rollouts, tis_cap: float | None, all_
     out = {"sampler_kl": s_kl / max(n, 1.0), "sampler_logp_max_diff": most}
     if tis_cap is not None:
         w = torch.clamp(torch.exp(r), max=float(tis_cap)) * mask
-        data["advantages"] = data["advantages"] * w
+        scored.advantages = scored.advantages * w
         local = torch.tensor([float(w.sum()), float(((w >= tis_cap) * mask).sum())], dtype=torch.float64)
         s_w, capped = all_reduce(local).tolist()
         out.update(tis_weight_mean=s_w / max(n, 1.0), tis_capped_frac=capped / max(n, 1.0))

@@ -36,7 +36,7 @@ from pathlib import Path
 import torch
 
 from rlaif_fast.trainer import checkpoint as ckpt
-from rlaif_fast.trainer.batches import micro_batches, token_micro_batches, train_batch
+from rlaif_fast.trainer.batches import ScoredBatch, micro_batches, token_micro_batches, train_batch
 from rlaif_fast.trainer.checks import check_inputs, per_rank_sizes
 from rlaif_fast.trainer.config import RLAIFConfig
 from rlaif_fast.trainer.logging import MetricsLogger, plot_metrics
@@ -272,24 +272,24 @@ class RLAIFTrainer:
         self._raise_on_every_rank(error, "the rollout checks or the reward")
         rollouts.scores = self._checked_scores(rollouts, scores)
         t_score = time.perf_counter()
-        data = self._score(rollouts)
+        scored = self._score(rollouts)
         from rlaif_fast.trainer.rollout_vllm import sampler_mismatch
 
-        mismatch = sampler_mismatch(data, rollouts, cfg.tis_cap, self.strategy.all_reduce)
+        mismatch = sampler_mismatch(scored, rollouts, cfg.tis_cap, self.strategy.all_reduce)
         t_update = time.perf_counter()
-        batches, update_data = self._mini_batches(rollouts, data)
+        batches, update_scored = self._mini_batches(rollouts, scored)
         try:
-            stats = run_update(cfg, self.strategy, self.engine, batches, update_data, self.kl_coef)
+            stats = run_update(cfg, self.strategy, self.engine, batches, update_scored, self.kl_coef)
         except FloatingPointError as err:
             self._dump_nonfinite(rollouts, str(err))
-        if data.get("on_policy") and "ref_logp" in data:  # the KL metric, now that old_logp is known
+        if scored.on_policy and scored.ref_logp is not None:  # the KL metric, now that old_logp is known
             from rlaif_fast.trainer.scoring import rl_op
 
             kl_op = rl_op("kl_penalty", cfg.ops == "fast")
-            data["kl"] = kl_op(data["old_logp"], data["ref_logp"], cfg.kl_estimator) * data["mask"]
+            scored.kl = kl_op(scored.old_logp, scored.ref_logp, cfg.kl_estimator) * scored.mask
         self._policy_version += 1  # the rollout engine now holds stale weights
         done = time.perf_counter()
-        metrics = self._metrics(rollouts, data, stats, done - t0)
+        metrics = self._metrics(rollouts, scored, stats, done - t0)
         metrics.update(
             mismatch,
             time_reward=t_score - t_reward,
@@ -358,7 +358,7 @@ class RLAIFTrainer:
         return scores
 
     @torch.no_grad()
-    def _score(self, rollouts) -> dict:
+    def _score(self, rollouts) -> ScoredBatch:
         """Rollout-time log-probs of policy and reference and values, all (B, L); then advantages."""
         cfg, fast = self.config, self.config.ops == "fast"
         n = len(rollouts)
@@ -388,24 +388,30 @@ class RLAIFTrainer:
             elif self.ref is not None:
                 ref = self.ref(b, cfg.temperature, fast)
                 parts["ref_logp"].append((b.rows, ref.cpu()))
-        data = {k: stack_rows(v, n, width) for k, v in parts.items() if v}
-        if on_policy:  # filled by the update's forward (update.micro_loss), read by the metrics after it
-            data["old_logp"] = torch.zeros(n, width)
-        values = data.get("old_values", torch.zeros(n, width))
+        stacked = {k: stack_rows(v, n, width) for k, v in parts.items() if v}
+        # on-policy: filled by the update's forward (update.micro_loss), read by the metrics after it
+        old_logp = torch.zeros(n, width) if on_policy else stacked["old_logp"]
+        ref_logp, values = stacked.get("ref_logp"), stacked.get("old_values")
         adv, ret, kl = advantages_and_returns(
             cfg,
             rollouts.scores,
-            data["old_logp"],
-            data.get("ref_logp"),
-            values,
-            data["mask"],
+            old_logp,
+            ref_logp,
+            values if values is not None else torch.zeros(n, width),
+            stacked["mask"],
             self.kl_coef,
             self.strategy.all_reduce,
         )
-        data.update(advantages=adv, returns=ret, kl=kl)
-        if on_policy:
-            data["on_policy"] = True
-        return data
+        return ScoredBatch(
+            mask=stacked["mask"],
+            old_logp=old_logp,
+            advantages=adv,
+            kl=kl,
+            ref_logp=ref_logp,
+            old_values=values,
+            returns=ret if values is not None else None,
+            on_policy=on_policy,
+        )
 
     def _on_policy_shortcut(self) -> bool:
         """True when the update is exactly on-policy and nothing before it reads the old log-probs: one
@@ -430,8 +436,8 @@ class RLAIFTrainer:
             and not moved
         )
 
-    def _mini_batches(self, rollouts, data: dict) -> tuple[list[list], dict]:
-        """(micro-batches of every mini-batch for this rank, the per-row data they index).
+    def _mini_batches(self, rollouts, scored: ScoredBatch) -> tuple[list[list], ScoredBatch]:
+        """(micro-batches of every mini-batch for this rank, the scored rows they index).
 
         No budget: ``micro_batch_size`` rows of this rank at a time. With ``max_tokens_per_microbatch``,
         cut to the budget by ``balanced_microbatches``: ``token_balance="global"`` on several ranks plans
@@ -451,7 +457,7 @@ class RLAIFTrainer:
                 )
         out = []
         if budget is not None and world > 1 and cfg.token_balance == "global":
-            everyone, data = self._gather_rows(rollouts, data)
+            everyone, scored = self._gather_rows(rollouts, scored)
             n = len(rollouts)
             for start in range(0, n, mini):
                 rows = [r * n + i for r in range(world) for i in range(start, start + mini)]
@@ -509,33 +515,27 @@ class RLAIFTrainer:
                 else:
                     template = train_batch(rollouts, [0], self.pad_id, fast=fast, batch_width=width)
                 mbs.extend(empty_like(template) for _ in range(int(k) - len(mbs)))
-        return [[b.to(self.strategy.device) for b in mbs] for mbs in out], data
+        return [[b.to(self.strategy.device) for b in mbs] for mbs in out], scored
 
-    def _gather_rows(self, rollouts, data: dict) -> tuple[Rollouts, dict]:
-        """Every rank's token ids and rollout-time data on every rank, row ``r * n + i`` being row ``i``
-        of rank ``r`` (one all_gather of CPU tensors; (B, L) tensors padded to the widest rank)."""
-        mine = {"prompt_ids": rollouts.prompt_ids, "response_ids": rollouts.response_ids, "data": data}
+    def _gather_rows(self, rollouts, scored: ScoredBatch) -> tuple[Rollouts, ScoredBatch]:
+        """Every rank's token ids and scored rows on every rank, row ``r * n + i`` being row ``i`` of
+        rank ``r`` (one all_gather of CPU tensors; (B, L) tensors padded to the widest rank)."""
+        mine = {"prompt_ids": rollouts.prompt_ids, "response_ids": rollouts.response_ids, "scored": scored}
         everyone = self.strategy.all_gather_object(mine)
-        merged = {}
-        for key, value in data.items():
-            parts = [d["data"][key] for d in everyone]
-            if value.dim() == 2:
-                width = max(p.shape[1] for p in parts)
-                parts = [torch.nn.functional.pad(p, (0, width - p.shape[1])) for p in parts]
-            merged[key] = torch.cat(parts)
+        merged = ScoredBatch.cat([d["scored"] for d in everyone])
         prompt_ids = [ids for d in everyone for ids in d["prompt_ids"]]
         response_ids = [ids for d in everyone for ids in d["response_ids"]]
         blank = [""] * len(prompt_ids)
         return Rollouts(blank, blank, prompt_ids, response_ids), merged
 
-    def _metrics(self, rollouts, data, stats, seconds) -> dict:
-        mask = data["mask"]
+    def _metrics(self, rollouts, scored: ScoredBatch, stats, seconds) -> dict:
+        mask = scored.mask
         local = torch.tensor(
             [
                 float(rollouts.scores.sum()),
-                float(data["kl"].sum()),
+                float(scored.kl.sum()),
                 float(mask.sum()),
-                float((-data["old_logp"] * mask).sum()),
+                float((-scored.old_logp * mask).sum()),
                 float(len(rollouts)),
                 float(sum(rollouts.lengths())),
             ],
