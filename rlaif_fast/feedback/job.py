@@ -33,7 +33,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from rlaif_fast.feedback.config_cli import parse_config
+from rlaif_fast.config_cli import parse_config
 from rlaif_fast.feedback.pairs import (
     Pair,
     check_input,

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import torch
 
-from rlaif_fast.feedback.config_cli import parse_config
+from rlaif_fast.config_cli import parse_config
 from rlaif_fast.reward.loss import soft_bt_loss
 from rlaif_fast.reward.metrics import pairwise_accuracy
 from rlaif_fast.reward.model import RewardModel, RewardModelScorer, encode_pairs_side

@@ -10,8 +10,6 @@ Precedence: RLAIFConfig defaults < the YAML file < flags. Many ranks: ``torchrun
 from __future__ import annotations
 
 import argparse
-import ast
-import dataclasses
 import importlib
 import importlib.util
 import json
@@ -19,42 +17,8 @@ import os
 import sys
 from pathlib import Path
 
+from rlaif_fast.config_cli import add_options
 from rlaif_fast.trainer.config import RLAIFConfig, yaml_values
-
-_SKIP = ("extra",)
-
-
-def _field_docs() -> dict[str, str]:
-    """The docstring under each RLAIFConfig field (read from the source, so there is one copy of it)."""
-    tree = ast.parse(Path(__file__).with_name("config.py").read_text())
-    cls = next(n for n in tree.body if isinstance(n, ast.ClassDef) and n.name == "RLAIFConfig")
-    docs, last = {}, None
-    for node in cls.body:
-        if isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name):
-            last = node.target.id
-        elif last and isinstance(node, ast.Expr) and isinstance(getattr(node, "value", None), ast.Constant):
-            docs[last] = " ".join(str(node.value.value).split())
-            last = None
-    return docs
-
-
-def _parser_for(annotation: str):
-    optional = "None" in annotation
-    base = int if "int" in annotation else float if "float" in annotation else str
-
-    def parse(text: str):
-        if optional and text.lower() in ("none", "null"):
-            return None
-        if annotation.startswith("bool"):  # bool | None (packing): true / false / none
-            if text.lower() not in ("true", "false"):
-                raise argparse.ArgumentTypeError(f"{text!r}: use true, false or none")
-            return text.lower() == "true"
-        if annotation.startswith("dict"):  # lora: a JSON mapping, e.g. '{"r": 8, "alpha": 16}'
-            return json.loads(text)
-        return base(text)
-
-    parse.__name__ = base.__name__
-    return parse
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -84,26 +48,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     job.add_argument("--config", help="YAML file of RLAIFConfig keys")
     job.add_argument("--config-section", help="top-level section of the YAML holding the keys (e.g. rl)")
-    docs = _field_docs()
     cfg_group = p.add_argument_group("RLAIFConfig (defaults shown; flags override the YAML)")
-    for f in dataclasses.fields(RLAIFConfig):
-        if f.name in _SKIP:
-            continue
-        flag = "--" + f.name.replace("_", "-")
-        default = f.default if f.default is not dataclasses.MISSING else None
-        help_ = f"{docs.get(f.name, '')} (default: {default})"
-        if str(f.type) == "bool":
-            cfg_group.add_argument(
-                flag,
-                dest=f.name,
-                action=argparse.BooleanOptionalAction,
-                default=argparse.SUPPRESS,
-                help=help_,
-            )
-        else:
-            cfg_group.add_argument(
-                flag, dest=f.name, type=_parser_for(str(f.type)), default=argparse.SUPPRESS, help=help_
-            )
+    add_options(cfg_group, RLAIFConfig, skip=("extra",), defaults=False)  # a YAML value sits between
     return p
 
 

