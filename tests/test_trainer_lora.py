@@ -101,3 +101,32 @@ def test_bad_lora_settings_fail_naming_the_key(tmp_path):
     cfg = _config(tmp_path, lora={"r": 4, "target_modules": ["q_proj", "qkv"]})
     with pytest.raises(ValueError, match=r"lora\['target_modules'\] names \['qkv'\]"):
         _trainer(cfg)
+
+
+def test_lora_kill_and_resume_matches_an_uninterrupted_run(tmp_path):
+    """PPO with LoRA and the value head on the adapted trunk: 2 steps, a Ctrl-C, a restart from the base
+    model with resume=True, 2 more steps == 4 uninterrupted steps (metrics, adapters, value head)."""
+    kw = dict(total_steps=4, save_every=0)
+    full = _trainer(_config(tmp_path / "a", **kw))
+    want = full.train(PROMPTS)["history"]
+
+    def kill_after_two(step, metrics):
+        if step == 2:
+            raise KeyboardInterrupt
+
+    first = _trainer(_config(tmp_path / "b", **kw))
+    assert first.train(PROMPTS, callback=kill_after_two)["stopped"] == "interrupted"
+    resumed = _trainer(_config(tmp_path / "b", resume=True, **kw))
+    assert resumed.global_step == 2
+    got = resumed.train(PROMPTS)["history"]
+    assert [h["step"] for h in got] == [3, 4]
+    for w, g in zip(want[2:], got):
+        for k in ("reward", "kl", "entropy", "response_len", "policy_loss", "value_loss"):
+            assert g[k] == pytest.approx(w[k], rel=1e-6, abs=1e-6), (k, w["step"])
+    a = dict(full.engine.module.named_parameters())
+    b = dict(resumed.engine.module.named_parameters())
+    trained = [k for k, p in a.items() if p.requires_grad]
+    assert any(".lora_" in k for k in trained) and any(k.startswith("value.") for k in trained)
+    start = dict(first.engine.module.named_parameters())  # after step 2: the last two steps moved them
+    assert max((a[k] - start[k]).abs().max().item() for k in trained) > 1e-4
+    assert max((a[k] - b[k]).abs().max().item() for k in a) <= 1e-6
