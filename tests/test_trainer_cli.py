@@ -103,6 +103,11 @@ def _unknown_yaml_key(tmp, args):
     return "did you mean 'batch_size'"
 
 
+def _unknown_algorithm(tmp, args):
+    args["--algorithm"] = "bogus"  # listed as a choice in --help; the config's message answers it
+    return r"algorithm='bogus' is not supported; use one of \('reinforce_baseline'"
+
+
 @pytest.mark.parametrize(
     "mistake",
     [
@@ -115,6 +120,7 @@ def _unknown_yaml_key(tmp, args):
         _broken_yaml,
         _missing_yaml,
         _unknown_yaml_key,
+        _unknown_algorithm,
     ],
 )
 def test_a_mistake_is_answered_with_exit_2_before_anything_loads(job, mistake, capsys):
