@@ -101,3 +101,35 @@ def test_make_backend_builds_a_vllm_labeler(labeler_dir, monkeypatch):
     monkeypatch.setattr(vllm_backend, "VLLMBackend", lambda path, **kw: built.append((path, kw)) or "engine")
     assert make_backend(f"vllm:{labeler_dir}") == "engine"
     assert built == [(str(labeler_dir), {"max_length": None})]
+
+
+@pytest.mark.parametrize(
+    "config, limit",
+    [
+        ({"model_type": "gpt2", "n_ctx": 96}, 96),  # GPT-2 style: no max_position_embeddings / n_positions
+        (
+            {"model_type": "qwen2_vl", "text_config": {"max_position_embeddings": 77}},
+            77,
+        ),  # a VLM's text model
+        ({"model_type": "rwkv"}, 2048),  # the config does not say
+    ],
+)
+def test_engine_context_is_the_projects_one_lookup(tmp_path, monkeypatch, config, limit):
+    """VLLMBackend sizes the engine (max_model_len) and its prompt limit with ops.model.context_length, as
+    HFBackend does; a stub LLM records the settings (a real engine would compile for ~100 s)."""
+    import json
+
+    import vllm
+
+    from rlaif_fast.feedback.vllm_backend import VLLMBackend
+    from rlaif_fast.ops.model import context_length
+    from rlaif_fast.trainer import rollout_vllm
+
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    settings = []
+    monkeypatch.setattr(vllm, "LLM", lambda **kw: settings.append(kw) or "engine")
+    monkeypatch.setattr(rollout_vllm, "_ENGINES", {})
+    backend = VLLMBackend(str(tmp_path), tokenizer=object())
+    assert backend.llm == "engine" and backend.max_length == limit == settings[0]["max_model_len"]
+    assert (context_length(config) or 2048) == limit
+    assert VLLMBackend(str(tmp_path), tokenizer=object(), max_length=50).max_length == 50

@@ -50,6 +50,7 @@ class VLLMBackend(HFBackend):
         tensor_parallel_size: int = 1,
         enforce_eager: bool = False,
     ):
+        from rlaif_fast.ops.model import context_length
         from rlaif_fast.trainer import rollout_vllm
 
         path = Path(model_path)
@@ -64,9 +65,9 @@ class VLLMBackend(HFBackend):
 
             tokenizer = AutoTokenizer.from_pretrained(str(path))
         config = json.loads((path / "config.json").read_text())
-        limit = config.get("max_position_embeddings") or config.get("n_positions") or 2048
         self.tokenizer = tokenizer
-        self.max_length = int(max_length or limit)
+        # the project's one lookup, as HFBackend reads it (2048 where the config does not say)
+        self.max_length = int(max_length or context_length(config) or 2048)
         self._cand_cache: dict = {}
         self._warned_truncation = False
         settings = dict(
