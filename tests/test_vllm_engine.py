@@ -262,3 +262,42 @@ def test_two_ranks_each_engine_holds_the_zero3_update(tmp_path):
         assert got["partitioned"], got
         # the sync streamed every parameter (twice: before the step, then after) holding one whole at a time
         assert got["streamed"] == 2 * 21 and got["most_whole_at_once"] == 1, got
+
+
+def test_lora_syncs_the_merged_weights_and_the_engine_follows_the_adapters(tmp_path):
+    """rollout_engine="vllm" with lora: each sync streams W + scale * B @ A under the base model's names (no
+    lora_A / lora_B, no base_layer), so the engine's log-probs are the adapted policy's; an engine not
+    synced after the update fails the same bound; the update moved the adapters only, and the sync left
+    the training model's base weights as they were (no merge in place)."""
+    from transformers import AutoModelForCausalLM
+
+    lora = {"r": 4, "alpha": 8, "target_modules": ["q_proj", "v_proj", "o_proj", "up_proj", "down_proj"]}
+    trainer = RLAIFTrainer(tiny_llama(), CharTokenizer(), count_a, config(tmp_path, lora=lora))
+    engine, policy = trainer.rollout_engine, trainer.policy
+    streamed, stream = [], engine._weights
+
+    def recording(model):
+        for name, tensor in stream(model):
+            streamed.append(name)
+            yield name, tensor
+
+    engine._weights = recording
+    start = {k: v.detach().clone() for k, v in policy.named_parameters()}
+    prompts = [p for p in PROMPTS[:2] for _ in range(4)]
+    trainer._sync_rollout_engine()
+    plain = {k for k, _ in AutoModelForCausalLM.from_config(policy.config).named_parameters()}
+    assert sorted(streamed) == sorted(plain)  # every weight once, under the names vLLM loads
+    before = engine.sample(prompts, step=0)
+    assert max_diff(trainer, before) < 1e-4
+    trainer.learn(before)
+    now = dict(policy.named_parameters())
+    moved = {k for k, v in start.items() if not torch.equal(v, now[k].detach())}
+    assert moved and all(".lora_" in k for k in moved), sorted(moved)[:5]  # only adapters trained
+    stale = engine.sample(prompts, step=1)
+    # the engine still holds the base (B = 0 at the start): what a sync that dropped the adapters would push
+    assert max_diff(trainer, stale) > 1e-2  # so the bound below catches an engine without the merged update
+    trainer._sync_rollout_engine()
+    after = engine.sample(prompts, step=1)
+    assert max_diff(trainer, after) < 1e-4
+    unchanged = {k for k, v in start.items() if torch.equal(v, now[k].detach())}
+    assert {k for k in start if ".lora_" not in k} <= unchanged  # the sync merged nothing in place

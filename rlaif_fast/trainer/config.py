@@ -291,7 +291,8 @@ class RLAIFConfig:
             'LoRA adapters through peft instead of full fine-tuning: {"r": 8, "alpha": 16, "dropout": 0.0, '
             '"target_modules": ["q_proj", "v_proj"]} (all but r optional; target_modules default: peft\'s choice '
             "for the architecture). The KL reference is the same model with its adapters disabled (no second "
-            "copy); the value model, when the algorithm needs one, keeps its own trunk and trains in full."
+            "copy); the value model, when the algorithm needs one, keeps its own trunk and trains in full. "
+            "With rollout_engine='vllm' each weight sync pushes the merged weights (W + scale * B @ A)."
         ),
     )
 
@@ -447,11 +448,7 @@ class RLAIFConfig:
             raise ValueError(f"gradient_checkpointing={self.gradient_checkpointing!r} must be True or False")
         if self.lora is None:
             return
-        if self.rollout_engine != "hf":
-            raise ValueError(
-                f"lora with rollout_engine={self.rollout_engine!r} is not supported yet (the engine would need "
-                "the merged weights at every sync); use rollout_engine='hf' or lora=None"
-            )
+        # rollout_engine="vllm" works with lora: each sync streams the merged weights (lora.py)
         if not isinstance(self.lora, dict):
             raise ValueError(
                 f"lora={self.lora!r} must be a mapping like {{'r': 8, 'alpha': 16}} or None (full fine-tuning)"

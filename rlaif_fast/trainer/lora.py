@@ -6,9 +6,15 @@ of the KL penalty is the very same module with its adapters disabled (``PeftMode
 see ``update.ActorCritic.forward(reference=True)``), so no frozen copy of the model is held in memory.
 Saving writes the adapters (``save_pretrained``) or, with ``merged=True``, a plain transformers model
 with the adapters folded into the weights (``merged_state_dict``), which any tool loads without peft.
+With ``rollout_engine="vllm"`` every weight sync streams the merged weights into the engine
+(``merged_named_weights``: one layer at a time, under the base model's names, the training model untouched),
+so the engine samples from the adapted policy without knowing about adapters.
 """
 
 from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable, Iterator
 
 import torch
 
@@ -58,28 +64,79 @@ def is_lora(model) -> bool:
     return hasattr(model, "peft_config") and hasattr(model, "disable_adapter")
 
 
+def _lora_owners(base) -> dict:
+    """``{"<module>.base_layer.weight": the peft LoRA layer}`` of ``base`` (the peft model's base model)."""
+    from peft.tuners.lora import LoraLayer
+
+    return {f"{n}.base_layer.weight": m for n, m in base.named_modules() if isinstance(m, LoraLayer)}
+
+
 def merged_state_dict(model) -> dict[str, torch.Tensor]:
     """The base model's state dict with every adapter folded in (W + scale * B @ A), under the base
     model's own parameter names; ``model`` is left as it was."""
-    from peft.tuners.lora import LoraLayer
-
     base = model.get_base_model()
+    owners = _lora_owners(base)
     out: dict[str, torch.Tensor] = {}
-    lora_modules = {name: m for name, m in base.named_modules() if isinstance(m, LoraLayer)}
     for name, tensor in base.state_dict().items():
         if ".lora_" in name:
             continue
-        owner = next(
-            (m for prefix, m in lora_modules.items() if name.startswith(prefix + ".base_layer.")), None
-        )
+        owner = owners.get(name)
         key = name.replace(".base_layer.", ".")
-        if owner is not None and name.endswith("base_layer.weight"):
-            tensor = tensor.clone()
-            for adapter in owner.active_adapters:
-                if adapter in owner.lora_A:
-                    tensor += owner.get_delta_weight(adapter).to(tensor.dtype)
-        out[key] = tensor.detach().clone()
+        out[key] = tensor.detach().clone() if owner is None else _merged_weight(owner, tensor)
     return out
+
+
+def _merged_weight(owner, weight: torch.Tensor) -> torch.Tensor:
+    """``weight`` (the base layer's) plus every active adapter's scale * B @ A, summed in fp32 and rounded
+    to the weight's dtype once: what the adapted layer computes, as one matrix. A new tensor."""
+    if owner.merged or owner.disable_adapters:  # already folded in, or the forward skips the adapters
+        return weight.detach().clone()
+    out = weight.detach().float()
+    for adapter in owner.active_adapters:
+        if adapter not in owner.lora_A:
+            continue
+        if owner.use_dora.get(adapter, False):
+            raise ValueError(f"adapter {adapter!r} uses DoRA; merged weights support plain LoRA only")
+        if isinstance(owner.get_base_layer(), torch.nn.Linear):
+            a, b = owner.lora_A[adapter].weight.float(), owner.lora_B[adapter].weight.float()
+            delta = (b @ a) * owner.scaling[adapter]
+            out = out + (delta.T if owner.fan_in_fan_out else delta)
+        else:  # other layer kinds: peft's own formula
+            out = out + owner.get_delta_weight(adapter).float()
+    return out.to(weight.dtype)
+
+
+def merged_named_weights(
+    model, gather: Callable[[list], contextlib.AbstractContextManager] | None = None
+) -> Iterator[tuple[str, torch.Tensor]]:
+    """(name, tensor) for every parameter of the base model, adapters folded in, one at a time.
+
+    Names are the base model's own (``model.layers.0.self_attn.q_proj.weight``: peft's ``base_layer.``
+    dropped), as an inference engine or ``from_pretrained`` expects; no ``lora_A`` / ``lora_B`` tensor is
+    yielded. The training model is never modified (no merge_adapter / unmerge_adapter round trip, whose
+    W + d - d does not give W back bit for bit): each merged weight is a new tensor, so at most one
+    layer's extra copy exists at a time. ``gather(params)`` is entered around each tensor's computation
+    (ZeRO-3: ``GatheredParameters`` of one module, base weight and adapters together; every rank must
+    iterate in step). The tensor is yielded inside it, as ``VLLMRolloutEngine`` streams plain weights."""
+    gather = gather or (lambda params: contextlib.nullcontext())
+    base = model.get_base_model()
+    owners = _lora_owners(base)
+    for name, param in base.named_parameters():
+        if ".lora_" in name:
+            continue
+        if ".modules_to_save." in name or ".original_module." in name:
+            raise ValueError(
+                f"{name}: peft modules_to_save are not supported by the merged weights; train those "
+                "modules with adapters (target_modules) instead"
+            )
+        key = name.replace(".base_layer.", ".")
+        owner = owners.get(name)
+        if owner is None:
+            with gather([param]):
+                yield key, param.detach().clone()
+        else:
+            with gather(list(owner.parameters())):
+                yield key, _merged_weight(owner, param)
 
 
 def save_merged(model, path) -> None:

@@ -186,10 +186,15 @@ def _seed(*parts: int) -> int:
 
 def _gathered(param):
     """ZeRO-3: the full parameter for the duration of the context (every rank joins); else as is."""
-    if hasattr(param, "ds_id"):
+    return _gathered_all([param])
+
+
+def _gathered_all(params: list):
+    """ZeRO-3: these parameters whole for the duration of the context (every rank joins); else as is."""
+    if any(hasattr(p, "ds_id") for p in params):
         import deepspeed
 
-        return deepspeed.zero.GatheredParameters([param], modifier_rank=None)
+        return deepspeed.zero.GatheredParameters(params, modifier_rank=None)
     return contextlib.nullcontext()
 
 
@@ -215,7 +220,20 @@ class VLLMRolloutEngine:
     # ---- weights ------------------------------------------------------------------------------------
     def _weights(self, policy) -> Iterator[tuple[str, torch.Tensor]]:
         """(name, full tensor) one parameter at a time. Under ZeRO-3 each is gathered alone and cloned
-        before its gather ends (vLLM may hold a layer's tensors until the layer is complete)."""
+        before its gather ends (vLLM may hold a layer's tensors until the layer is complete).
+
+        A LoRA policy (peft) streams its merged weights, W + scale * B @ A per adapted layer, under the
+        base model's names (``lora.merged_named_weights``; under ZeRO-3 one layer's base weight and
+        adapters are gathered together): the engine holds a plain model of the adapted policy, and
+        ``lora_A`` / ``lora_B`` are never sent. Merging is exact up to fp rounding of the sum (bf16: the
+        merged weight is rounded once, which ``sampler_kl`` then shows)."""
+        from rlaif_fast.trainer.lora import is_lora
+
+        if is_lora(policy):
+            from rlaif_fast.trainer.lora import merged_named_weights
+
+            yield from merged_named_weights(policy, gather=_gathered_all)
+            return
         for name, param in policy.named_parameters():
             with _gathered(param):
                 yield name, param.detach().clone()
