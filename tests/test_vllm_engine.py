@@ -262,6 +262,13 @@ def test_two_ranks_each_engine_holds_the_zero3_update(tmp_path):
         assert got["partitioned"], got
         # the sync streamed every parameter (twice: before the step, then after) holding one whole at a time
         assert got["streamed"] == 2 * 21 and got["most_whole_at_once"] == 1, got
+        # LoRA under ZeRO-3: the merged weights, one adapted layer (base weight, lora_A, lora_B) whole at a time
+        lora = got["lora"]
+        assert lora["partitioned"] and lora["after"] < 1e-4 and lora["stale"] > 1e-2, lora
+        assert lora["before"] < 1e-4, lora
+        assert lora["streamed"] == 2 * 21 and lora["lora_names"] == 0 and lora["most_whole_at_once"] <= 3, (
+            lora
+        )
 
 
 def test_lora_syncs_the_merged_weights_and_the_engine_follows_the_adapters(tmp_path):

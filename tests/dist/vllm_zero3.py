@@ -84,8 +84,45 @@ def main(out: str, tp: int = 1) -> None:
         streamed=len(whole),
         sync_seconds=metrics["time_weight_sync"],
     )
+    result["lora"] = lora_case(cfg)  # the same engine (same architecture and settings), a LoRA policy
     print(f"rank {rank}: {result}", flush=True)
     torch.save(result, Path(out) / f"rank{rank}.pt")
+
+
+def lora_case(cfg) -> dict:
+    """LoRA under ZeRO-3: each sync streams the merged weights, gathering one adapted layer (its base
+    weight and adapters) at a time; after the adapters' update and a sync the engine is the policy."""
+    import dataclasses
+
+    lora = {"r": 4, "alpha": 8, "target_modules": ["q_proj", "v_proj", "up_proj"]}
+    cfg = dataclasses.replace(cfg, lora=lora, output_dir=cfg.output_dir + "_lora")
+    trainer = RLAIFTrainer(tiny_llama(), CharTokenizer(), count_a, cfg)
+    rank, params = trainer.strategy.rank, list(trainer.policy.parameters())
+    partitioned = all(hasattr(p, "ds_numel") and p.numel() < p.ds_numel for p in params)
+    engine, whole, names = trainer.rollout_engine, [], []
+    stream = engine._weights
+
+    def counting(policy):
+        for name, tensor in stream(policy):
+            whole.append(sum(p.numel() == p.ds_numel for p in params))
+            names.append(name)
+            yield name, tensor
+
+    engine._weights = counting
+    metrics = trainer.step(PROMPTS[:2])
+    mine = [PROMPTS[0]] * 4 if rank == 0 else [PROMPTS[1]] * 4
+    stale = engine_vs_policy(trainer, engine.sample(mine, step=1))
+    trainer._sync_rollout_engine()
+    after = engine_vs_policy(trainer, engine.sample(mine, step=1))
+    return dict(
+        before=metrics["sampler_logp_max_diff"],
+        after=after,
+        stale=stale,
+        partitioned=partitioned,
+        most_whole_at_once=max(whole),
+        streamed=len(whole),
+        lora_names=sum(".lora_" in n or "base_layer" in n for n in names),
+    )
 
 
 if __name__ == "__main__":
