@@ -8,7 +8,7 @@ import pytest
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent / "dist"))
-from toy import PROMPTS, CharTokenizer, count_a, tiny_llama  # noqa: E402
+from toy import PROMPTS, CharTokenizer, count_a, tiny_gpt2, tiny_llama  # noqa: E402
 
 from rlaif_fast.trainer import RLAIFConfig, RLAIFTrainer, ValueModel  # noqa: E402
 from rlaif_fast.trainer.batches import micro_batches  # noqa: E402
@@ -125,3 +125,30 @@ def test_lora_kill_and_resume_matches_an_uninterrupted_run(tmp_path):
     start = dict(first.engine.module.named_parameters())  # after step 2: the last two steps moved them
     assert max((a[k] - start[k]).abs().max().item() for k in trained) > 1e-4
     assert max((a[k] - b[k]).abs().max().item() for k in a) <= 1e-6
+
+
+def test_merged_weights_of_conv1d_adapters_are_the_adapted_model_and_leave_it_untouched():
+    """GPT-2's Conv1D layers (fan_in_fan_out): merged_named_weights (what a vLLM sync streams) and
+    merged_state_dict (what save(merged=True) writes) both give a plain model with the adapted outputs,
+    under the plain model's names, and neither changes the peft model."""
+    from rlaif_fast.trainer.lora import apply_lora, merged_named_weights, merged_state_dict
+
+    model = apply_lora(tiny_gpt2(), {"r": 4, "alpha": 8, "target_modules": ["c_attn", "c_fc"]})
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if ".lora_B." in name:  # B = 0 at init: give the adapters an effect
+                p.normal_(0.0, 0.5)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    streamed, state = dict(merged_named_weights(model)), merged_state_dict(model)
+    plain = tiny_gpt2(seed=1)
+    assert sorted(streamed) == sorted(k for k, _ in plain.named_parameters())
+    assert all(torch.equal(streamed[k], state[k]) for k in streamed)
+    plain.load_state_dict(state)
+    ids = torch.tensor([[1, 3, 4, 5, 6, 7]])
+    with torch.no_grad():
+        want, got = model(input_ids=ids).logits, plain(input_ids=ids).logits
+        with model.disable_adapter():
+            base = model(input_ids=ids).logits
+    assert (want - base).abs().max() > 1e-2  # the adapters matter, so the check below can fail
+    assert (got - want).abs().max() <= 1e-5
+    assert all(torch.equal(v, model.state_dict()[k]) for k, v in before.items())
