@@ -23,7 +23,7 @@ from typing import Any
 
 def option(
     default: Any = dataclasses.MISSING,
-    help: str = "",  # noqa: A002 - the argparse word
+    help: str = "",  # argparse's word for it
     *,
     default_factory: Callable[[], Any] | Any = dataclasses.MISSING,
     flags: tuple[str, ...] | None = None,
