@@ -1,8 +1,8 @@
 """The learn half of one RL step: RLAIFTrainer with rlaif_fast ops + batching ("fast", ``ops="fast"``) vs
-the same trainer on the naive path ("naive", ``ops="reference"``: full logits, reference math, every
-micro-batch padded to the batch's longest rollout).
+the same trainer on the naive path ("naive", ``ops="naive"``: full logits, the plain-torch KL / advantage
+loops, every micro-batch padded to the batch's longest rollout).
 
-Timed: ``RLAIFTrainer.learn(rollouts)`` on fixed, pre-made rollouts = old and reference log-probs
+Timed: ``RLAIFTrainer.learn(rollouts)`` on fixed, pre-made rollouts = old and KL-reference log-probs
 (forwards), KL-shaped rewards and RLOO advantages, the micro-batch layout, then forward + backward +
 one AdamW step per mini-batch. NOT timed: sampling (``generate``) and scoring the responses; sampling is
 the same HF ``generate`` in both modes and often dominates a real step, so these figures are not the
@@ -134,11 +134,11 @@ def run_mode(
     }
 
 
-NAMES = {"reference": "naive (ops='reference')", "fast": "fast (ops='fast')"}
+NAMES = {"naive": "naive (ops='naive')", "fast": "fast (ops='fast')"}
 
 
 def table(args) -> str:
-    runs = [("reference", []), ("fast", [])]
+    runs = [("naive", []), ("fast", [])]
     if args.max_tokens is not None:
         runs.append(("budget", ["--max-tokens", str(args.max_tokens)]))
     base = [sys.executable, __file__, "--json", "--n", str(args.n), "--hi", str(args.hi)]
@@ -169,15 +169,15 @@ def table(args) -> str:
         return statistics.median(r[key] for r in rows[name])
 
     lines.append(
-        f"| median ratio fast/naive | | {med('fast', 'seconds') / med('reference', 'seconds'):.2f}x | "
-        f"{med('fast', 'cpu_seconds') / med('reference', 'cpu_seconds'):.2f}x | "
-        f"{med('fast', 'tokens_per_s') / med('reference', 'tokens_per_s'):.2f}x | "
-        f"{med('fast', 'peak_extra_mib') / max(med('reference', 'peak_extra_mib'), 1e-9):.2f}x | |"
+        f"| median ratio fast/naive | | {med('fast', 'seconds') / med('naive', 'seconds'):.2f}x | "
+        f"{med('fast', 'cpu_seconds') / med('naive', 'cpu_seconds'):.2f}x | "
+        f"{med('fast', 'tokens_per_s') / med('naive', 'tokens_per_s'):.2f}x | "
+        f"{med('fast', 'peak_extra_mib') / max(med('naive', 'peak_extra_mib'), 1e-9):.2f}x | |"
     )
     return "\n".join(lines)
 
 
-@pytest.mark.parametrize("mode", ["reference", "fast"])
+@pytest.mark.parametrize("mode", ["naive", "fast"])
 def test_bench_trainer_step(benchmark, mode, tmp_path):
     """Small size for `make bench` (the full workload is the script's): one learn() per round."""
     from rlaif_fast.trainer import RLAIFConfig, RLAIFTrainer
@@ -198,7 +198,7 @@ def test_bench_trainer_step(benchmark, mode, tmp_path):
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--mode", choices=("fast", "reference"))
+    p.add_argument("--mode", choices=("fast", "naive"))
     p.add_argument("--json", action="store_true")
     p.add_argument("--n", type=int, default=64)
     p.add_argument("--hi", type=int, default=448)

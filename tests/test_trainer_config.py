@@ -41,6 +41,14 @@ def test_bad_config_raises_with_the_rule(values, match):
         RLAIFConfig(**values)
 
 
+def test_ops_reference_is_refused_naming_its_new_name_naive():
+    # ops="reference" meant the naive baseline; "reference" now names only the KL reference policy
+    for make in (lambda: RLAIFConfig(ops="reference"), lambda: RLAIFConfig.from_dict({"ops": "reference"})):
+        with pytest.raises(ValueError, match=r"ops='reference' is now called ops='naive'.*set ops='naive'"):
+            make()
+    assert RLAIFConfig(ops="naive").ops == "naive"
+
+
 def test_from_dict_rejects_unknown_keys_with_a_hint():
     with pytest.raises(ValueError, match=r"'learning_rte' \(did you mean 'learning_rate'\?\)"):
         RLAIFConfig.from_dict({"learning_rte": 1e-5})

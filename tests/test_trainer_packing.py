@@ -158,7 +158,7 @@ def _trainer(policy, **kw):
 
 def test_packing_choices_fail_naming_the_key():
     with pytest.raises(ValueError, match="packing=True needs ops='fast'"):
-        RLAIFConfig(packing=True, ops="reference")
+        RLAIFConfig(packing=True, ops="naive")
     with pytest.raises(ValueError, match="packing="):
         RLAIFConfig(packing="yes")
     with pytest.raises(ValueError, match="gradient_checkpointing="):

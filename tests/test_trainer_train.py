@@ -56,7 +56,7 @@ def test_every_policy_parameter_changes(tmp_path):
         dict(
             algorithm="ppo", adaptive_kl=True, kl_target=0.01, kl_horizon=100, ppo_epochs=2, mini_batch_size=4
         ),
-        dict(algorithm="rloo", group_size=2, loss_agg="seq-mean-token-sum", ops="reference"),
+        dict(algorithm="rloo", group_size=2, loss_agg="seq-mean-token-sum", ops="naive"),
     ],
 )
 def test_algorithm_variants_take_finite_steps(tmp_path, variant):
@@ -103,17 +103,17 @@ def test_token_budget_micro_batches_equal_fixed_size(monkeypatch):
     """Micro-batches cut to a padded-token budget (a varying count per mini-batch, the accumulation
     boundary set by the trainer) give the fixed-size update; clip_frac / approx_kl are token-weighted,
     so they do not depend on the split either (a mean of per-micro-batch means would)."""
-    from rlaif_fast.trainer import trainer as trainer_module
+    from rlaif_fast.trainer import batches
 
     counts = []
-    real = trainer_module.token_micro_batches
+    real = batches.token_micro_batches
 
     def counting(*args, **kwargs):
         out = real(*args, **kwargs)
         counts.append(len(out))
         return out
 
-    monkeypatch.setattr(trainer_module, "token_micro_batches", counting)
+    monkeypatch.setattr(batches, "token_micro_batches", counting)  # what the trainer's BatchLayout calls
     # rollouts of 3 prompt + 1..6 response tokens; fixed: one micro-batch of 8, budget: several
     kw = dict(steps=1, zero_stage=0, max_prompt_len=4, mini_batch_size=8, micro_batch_size=8)
     fixed, fixed_hist = invariance_run(**kw)
@@ -329,7 +329,7 @@ def test_trainer_on_the_triton_kernels_equals_reference_ops(monkeypatch):
 
     kw = dict(steps=1, zero_stage=0, kl_in="loss", kl_estimator="k3", entropy_coef=0.01)
     monkeypatch.setenv("RLAIF_FAST_BACKEND", "reference")
-    want, want_hist = invariance_run(ops="reference", **kw)
+    want, want_hist = invariance_run(ops="naive", **kw)
     assert not launched
     monkeypatch.setenv("RLAIF_FAST_BACKEND", "triton")
     got, got_hist = invariance_run(ops="fast", **kw)
@@ -530,7 +530,7 @@ def test_learn_checks_external_rollouts_before_any_compute(tmp_path):
 
 
 def test_fast_mode_fails_loudly_instead_of_running_the_naive_path(monkeypatch):
-    # rl_op and the batch padding caught ImportError/AttributeError and ran the reference math / Python
+    # rl_ops and the batch padding caught ImportError/AttributeError and ran the naive math / Python
     # loop instead, while the run said ops="fast"
     import types
 
@@ -538,9 +538,11 @@ def test_fast_mode_fails_loudly_instead_of_running_the_naive_path(monkeypatch):
     from rlaif_fast.trainer import batches, scoring
 
     monkeypatch.setitem(sys.modules, "rlaif_fast.ops", types.ModuleType("rlaif_fast.ops"))
-    with pytest.raises(ImportError, match=r"rlaif_fast\.ops\.gae is missing, so ops='fast' cannot run"):
-        scoring.rl_op("gae", fast=True)
-    assert scoring.rl_op("gae", fast=False) is ref_rl.gae
+    with pytest.raises(
+        ImportError, match=r"rlaif_fast\.ops\.kl_penalty is missing, so ops='fast' cannot run"
+    ):
+        scoring.rl_ops("fast")
+    assert scoring.rl_ops("naive").gae is ref_rl.gae
     monkeypatch.setitem(sys.modules, "rlaif_fast.batching", None)
     with pytest.raises(ImportError):
         batches._pad_right([[1, 2]], [[3]], 0, 4, fast=True)

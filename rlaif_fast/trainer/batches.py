@@ -2,7 +2,7 @@
 
 Training batches are right-padded (prompt at position 0, as during generation once HF derives positions
 from the mask). In the fast mode each micro-batch is padded only to its own longest rollout
-(``rlaif_fast.batching``, rows sorted by length); in the naive mode (``ops='reference'``) to the longest
+(``rlaif_fast.batching``, rows sorted by length); in the naive mode (``ops='naive'``) to the longest
 rollout of the whole batch, in the original order. Packed micro-batches (one row, no padding) are
 ``packing.py``'s.
 """
@@ -137,7 +137,7 @@ def micro_batches(
     """Split ``rows`` into micro-batches of ``micro_batch_size``.
 
     fast: rows sorted by length so each micro-batch pads to its own longest rollout (padding to the
-    batch's longest inflates the work about 2x on sampled lengths). reference: original order, every
+    batch's longest inflates the work about 2x on sampled lengths). naive: original order, every
     micro-batch padded to ``batch_width``. Losses are sums over tokens, so the order does not change
     the update. packed: each micro-batch is one row without padding (trainer/packing.py).
     """
@@ -176,7 +176,7 @@ def token_micro_batches(
     this returns rank ``rank``'s share: with one rank, all of ``rows``; with several, ``rows`` are the
     global mini-batch (every rank plans the same, deterministically, and takes its own micro-batches).
     Rollouts of similar length share a micro-batch, so short rollouts run many to a forward and long
-    ones few. reference: every row counts as ``batch_width`` tokens, the width it is padded to, so the
+    ones few. naive: every row counts as ``batch_width`` tokens, the width it is padded to, so the
     budget bounds the work actually done in both modes. The count varies with the lengths sampled.
     """
     from rlaif_fast.batching import balanced_microbatches
@@ -199,3 +199,47 @@ def token_micro_batches(
         for mb in plan.microbatches[rank]
         if mb
     ]
+
+
+@dataclass(frozen=True)
+class BatchLayout:
+    """How a trainer lays rollouts out, chosen once when it is built: ``fast`` (rows sorted by length, each
+    micro-batch padded to its own longest rollout, by the C++ ``pad_rollouts``), naive (``fast=False``:
+    original order, every micro-batch padded to ``batch_width``, the batch's longest), or ``packed`` (one
+    row per micro-batch, no padding: trainer/packing.py)."""
+
+    pad_id: int
+    fast: bool
+    packed: bool = False
+
+    def micro_batches(
+        self, rollouts: Rollouts, rows: list[int], size: int, batch_width: int
+    ) -> list[TrainBatch]:
+        """``rows`` in micro-batches of ``size`` rows (``micro_batches``)."""
+        return micro_batches(
+            rollouts, rows, size, self.pad_id, fast=self.fast, batch_width=batch_width, packed=self.packed
+        )
+
+    def token_micro_batches(
+        self,
+        rollouts: Rollouts,
+        rows: list[int],
+        max_tokens: int,
+        batch_width: int,
+        rank: int = 0,
+        ranks: int = 1,
+    ) -> list[TrainBatch]:
+        """``rows`` in micro-batches of at most ``max_tokens`` padded tokens, rank ``rank``'s share of the
+        plan over ``ranks`` ranks (``token_micro_batches``)."""
+        return token_micro_batches(
+            rollouts, rows, max_tokens, self.pad_id, fast=self.fast, batch_width=batch_width,
+            rank=rank, ranks=ranks, packed=self.packed,
+        )  # fmt: skip
+
+    def one(self, rollouts: Rollouts, rows: list[int], batch_width: int) -> TrainBatch:
+        """``rows`` as a single micro-batch."""
+        if self.packed:
+            from rlaif_fast.trainer.packing import packed_batch
+
+            return packed_batch(rollouts, rows)
+        return train_batch(rollouts, rows, self.pad_id, fast=self.fast, batch_width=batch_width)

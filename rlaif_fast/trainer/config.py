@@ -20,7 +20,7 @@ CRITIC_ALGORITHMS = ("reinforce_baseline", "ppo")
 GROUP_ALGORITHMS = ("rloo", "grpo")
 KL_PLACES = ("reward", "loss")
 KL_ESTIMATORS = ("k1", "k2", "k3", "abs")
-OPS = ("fast", "reference")
+OPS = ("fast", "naive")
 LOSS_AGGS = ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum")
 OPTIMIZERS = ("adamw", "sgd", "adafactor")
 LORA_KEYS = ("r", "alpha", "dropout", "target_modules")
@@ -267,7 +267,8 @@ class RLAIFConfig:
     )
     ops: str = option(
         "fast",
-        "'fast': rlaif_fast ops and batching; 'reference': full [B, T, V] logits and padding to the batch max.",
+        "'fast': rlaif_fast ops and batching; 'naive': the naive baseline (full [B, T, V] logits, plain-torch "
+        "KL / advantages, padding to the batch max).",
         choices=OPS,
     )
     packing: bool | None = option(
@@ -336,6 +337,11 @@ class RLAIFConfig:
 
     # ---- validation: each message states the rule and the fix -----------------------------------
     def _validate_choices(self) -> None:
+        if self.ops == "reference":  # the old name: "reference" now means only the KL reference policy
+            raise ValueError(
+                "ops='reference' is now called ops='naive' (the naive baseline: full logits, plain torch, "
+                "padding to the batch max); set ops='naive'"
+            )
         for name, choices in (
             ("algorithm", ALGORITHMS),
             ("kl_in", KL_PLACES),
@@ -441,7 +447,7 @@ class RLAIFConfig:
             raise ValueError(f"packing={self.packing!r}; use True, False or None (on where supported)")
         if self.packing is True and self.ops != "fast":
             raise ValueError(
-                "packing=True needs ops='fast' (ops='reference' is the padded baseline); set packing=None "
+                "packing=True needs ops='fast' (ops='naive' is the padded baseline); set packing=None "
                 "or False, or ops='fast'"
             )
         if not isinstance(self.gradient_checkpointing, bool):

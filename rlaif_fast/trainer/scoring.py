@@ -2,34 +2,71 @@
 
 Everything per token lives in the *response layout*: (B, L) with L the longest response of the batch,
 column j = response token j, so tensors of micro-batches padded to different widths stack cheaply and
-no (B, T, V) tensor outlives one micro-batch. ``ops='fast'`` runs ``rlaif_fast.ops`` (log-probs
-straight from hidden states, fused KL / GAE); ``ops='reference'`` materializes full logits and runs
-``rlaif_fast.reference`` — the naive baseline of the benchmark and the oracle of the tests.
+no (B, T, V) tensor outlives one micro-batch.
+
+The math of a mode is chosen once, when the trainer is built (``rl_ops(cfg.ops)``): ``ops='fast'`` runs
+``rlaif_fast.ops`` (log-probs straight from hidden states, fused KL / GAE); ``ops='naive'`` is the
+benchmark's baseline, what most trainers run: full logits and the plain-torch loops (``RLOps`` below).
+In the trainer, "reference" means only the KL reference policy (``ref_logp``).
 """
 
 from __future__ import annotations
 
 import copy
 import importlib
+from collections.abc import Callable
+from dataclasses import dataclass
 
 import torch
 from torch import nn
 
 from rlaif_fast.trainer.batches import TrainBatch
 
+RL_OP_NAMES = ("kl_penalty", "kl_shaped_rewards", "gae", "group_advantages")
 
-def rl_op(name: str, fast: bool):
-    """``rlaif_fast.ops.<name>`` when ``fast``, else the plain reference (the naive baseline). A fast op
-    that cannot load is an error: falling back would run the naive path while reporting the fast one."""
-    if not fast:
-        return getattr(importlib.import_module("rlaif_fast.reference.rl"), name)
-    try:
-        return getattr(importlib.import_module("rlaif_fast.ops"), name)
-    except AttributeError as e:
-        raise ImportError(
-            f"rlaif_fast.ops.{name} is missing, so ops='fast' cannot run; reinstall rlaif_fast "
-            "(pip install -e .), or set ops='reference' to run the naive path on purpose"
-        ) from e
+
+@dataclass(frozen=True)
+class RLOps:
+    """The per-token RL math of one ``ops`` mode, picked once by ``rl_ops``; the same signatures in both.
+
+    kl_penalty(logp, ref_logp, estimator) -> (B, L); kl_shaped_rewards(scores, logp, ref_logp, mask,
+    kl_coef, estimator) -> (rewards, kl); gae(rewards, values, mask, gamma, lam) -> (advantages, returns);
+    group_advantages(scores, group_size, method, scale_by_std) -> (B,).
+    """
+
+    mode: str  # "fast" | "naive"
+    kl_penalty: Callable
+    kl_shaped_rewards: Callable
+    gae: Callable
+    group_advantages: Callable
+
+    @property
+    def fast(self) -> bool:
+        return self.mode == "fast"
+
+
+def rl_ops(mode: str) -> RLOps:
+    """The math of ``mode``: "fast" = ``rlaif_fast.ops``; "naive" = the plain-torch loops (a Python loop
+    over time for GAE, one over rows for the shaped rewards and the groups) that ``rlaif_fast.reference.rl``
+    defines once, as the tests' oracle and the benchmarks' baseline. This is the trainer's only use of that
+    package. A fast op that cannot load is an error: falling back would run the naive path while
+    reporting the fast one."""
+    if mode == "naive":
+        plain = importlib.import_module("rlaif_fast.reference.rl")
+        return RLOps("naive", *(getattr(plain, name) for name in RL_OP_NAMES))
+    if mode != "fast":
+        raise ValueError(f"ops={mode!r} is not a mode; use 'fast' or 'naive'")
+    fast = importlib.import_module("rlaif_fast.ops")
+    found = []
+    for name in RL_OP_NAMES:
+        try:
+            found.append(getattr(fast, name))
+        except AttributeError as e:
+            raise ImportError(
+                f"rlaif_fast.ops.{name} is missing, so ops='fast' cannot run; reinstall rlaif_fast "
+                "(pip install -e .), or set ops='naive' to run the naive path on purpose"
+            ) from e
+    return RLOps("fast", *found)
 
 
 class ValueModel(nn.Module):
@@ -69,8 +106,8 @@ class ValueModel(nn.Module):
         return self.head(hidden.to(self.head.weight.dtype)).squeeze(-1).float()  # (B, T)
 
 
-def _reference_logprobs(model, batch: TrainBatch, temperature: float, return_entropy: bool):
-    """Full (B, T, V) logits, log-softmax, gather: what most trainers do today."""
+def _naive_logprobs(model, batch: TrainBatch, temperature: float, return_entropy: bool):
+    """The naive mode: full (B, T, V) logits, log-softmax, gather: what most trainers do today."""
     if batch.position_ids is None:
         logits = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits  # (B, T, V)
     else:  # packed: the block-diagonal mask comes from the position ids
@@ -106,7 +143,7 @@ def response_logprobs(
         )
         logp, ent = out if return_entropy else (out, None)
     else:
-        logp, ent = _reference_logprobs(model, batch, temperature, return_entropy)
+        logp, ent = _naive_logprobs(model, batch, temperature, return_entropy)
     logp = to_response_layout(logp, batch)  # (b, L)
     if ent is not None:
         ent = to_response_layout(ent, batch)
@@ -155,31 +192,32 @@ def global_whiten(x: torch.Tensor, mask: torch.Tensor, all_reduce, eps: float = 
     return (x - mean) / (max(var, 0.0) + eps) ** 0.5 * m
 
 
-def advantages_and_returns(cfg, scores, logp, ref_logp, values, mask, kl_coef: float, all_reduce):
-    """Per-token advantages and returns (B, L) for ``cfg.algorithm``; returns (adv, returns, kl (B, L)).
+def advantages_and_returns(cfg, ops: RLOps, scores, logp, ref_logp, values, mask, kl_coef: float, all_reduce):
+    """Per-token advantages and returns (B, L) for ``cfg.algorithm`` with the math ``ops`` (``rl_ops``);
+    returns (adv, returns, kl (B, L)).
 
     reinforce_baseline: reward (1 - beta) * r at the last token, -beta * KL per token, gamma = 1,
     A_t = G_t - V_t (GAE with lambda = 1); ppo: the same rewards, GAE(gamma, lam); rloo / grpo: one
     sequence reward r - beta * sum_t KL_t, group baseline, broadcast to every token.
     """
-    fast = cfg.ops == "fast"
-    kl_op = rl_op("kl_penalty", fast)
-    kl = kl_op(logp, ref_logp, cfg.kl_estimator) * mask if ref_logp is not None else torch.zeros_like(logp)
+    kl = (
+        ops.kl_penalty(logp, ref_logp, cfg.kl_estimator) * mask
+        if ref_logp is not None
+        else torch.zeros_like(logp)
+    )
     beta_reward = kl_coef if cfg.kl_in == "reward" else 0.0
     if cfg.algorithm in ("reinforce_baseline", "ppo"):
         # the paper's objective (1 - beta) r - beta KL; PPO keeps the usual r - beta KL
         r = scores * (1.0 - kl_coef) if cfg.algorithm == "reinforce_baseline" else scores
-        shaped = rl_op("kl_shaped_rewards", fast)
-        rewards, _ = shaped(
+        rewards, _ = ops.kl_shaped_rewards(
             r, logp, ref_logp if ref_logp is not None else logp, mask, beta_reward, cfg.kl_estimator
         )
         lam = 1.0 if cfg.algorithm == "reinforce_baseline" else cfg.lam
-        adv, returns = rl_op("gae", fast)(rewards.float(), values, mask, cfg.gamma, lam)
+        adv, returns = ops.gae(rewards.float(), values, mask, cfg.gamma, lam)
     else:
         seq_reward = scores - beta_reward * kl.sum(-1)  # (B,)
         method = cfg.algorithm
-        group = rl_op("group_advantages", fast)
-        seq_adv = group(seq_reward, cfg.group_size, method, scale_by_std=(method == "grpo"))
+        seq_adv = ops.group_advantages(seq_reward, cfg.group_size, method, scale_by_std=(method == "grpo"))
         adv = seq_adv[:, None] * mask
         returns = torch.zeros_like(adv)
     if cfg.whiten_advantages:

@@ -36,12 +36,12 @@ from pathlib import Path
 import torch
 
 from rlaif_fast.trainer import checkpoint as ckpt
-from rlaif_fast.trainer.batches import ScoredBatch, micro_batches, token_micro_batches, train_batch
+from rlaif_fast.trainer.batches import BatchLayout, ScoredBatch
 from rlaif_fast.trainer.checks import check_inputs, per_rank_sizes
 from rlaif_fast.trainer.config import RLAIFConfig
 from rlaif_fast.trainer.logging import MetricsLogger, plot_metrics
 from rlaif_fast.trainer.sampling import Rollouts, encode_prompts, sample, special_ids
-from rlaif_fast.trainer.scoring import advantages_and_returns, response_logprobs, stack_rows
+from rlaif_fast.trainer.scoring import advantages_and_returns, response_logprobs, rl_ops, stack_rows
 from rlaif_fast.trainer.update import ActorCritic, ValueHead, empty_like, run_update
 
 RewardFn = Callable[[list[str], list[str]], Sequence[float]]
@@ -90,14 +90,14 @@ class _GracefulInterrupt:
 
 
 class _RefScorer(torch.nn.Module):
-    """forward(batch) = the reference policy's response log-probs (b, L); see RLAIFTrainer.__init__."""
+    """forward(batch) = the KL reference policy's response log-probs (b, L); see RLAIFTrainer.__init__."""
 
-    def __init__(self, ref_policy):
+    def __init__(self, ref_policy, fast: bool):
         super().__init__()
-        self.policy = ref_policy
+        self.policy, self.fast = ref_policy, fast
 
-    def forward(self, batch, temperature: float, fast: bool) -> torch.Tensor:
-        return response_logprobs(self.policy, batch, temperature=temperature, fast=fast)[0]
+    def forward(self, batch, temperature: float) -> torch.Tensor:
+        return response_logprobs(self.policy, batch, temperature=temperature, fast=self.fast)[0]
 
 
 class NonFiniteError(FloatingPointError):
@@ -117,6 +117,8 @@ class RLAIFTrainer:
         check_inputs(cfg, policy, tokenizer, reward, value_model)
         self.tokenizer, self.reward = tokenizer, reward
         self.pad_id, _ = special_ids(tokenizer)
+        # the mode's math, chosen once: rlaif_fast.ops, or the naive baseline's plain-torch loops
+        self.rl_ops = rl_ops(cfg.ops)
         from rlaif_fast.trainer.strategy import Strategy
 
         self.strategy = Strategy(cfg)
@@ -137,13 +139,17 @@ class RLAIFTrainer:
         from rlaif_fast.trainer.packing import resolve_packing
 
         self.packing = resolve_packing(cfg, policy, value_model)
+        # the micro-batch layout, chosen once: fast (sorted, padded per micro-batch), naive, or packed
+        self.layout = BatchLayout(self.pad_id, fast=self.rl_ops.fast, packed=self.packing)
         if cfg.gradient_checkpointing:
             _enable_gradient_checkpointing(policy, value_model)
         # the reference scores through a module of its own, so that under ZeRO-3 its sharded weights are
         # gathered for the whole log-prob computation (the output embedding is read outside lm_head)
         self.ref = None
         if ref_policy is not None:
-            self.ref = self.strategy.prepare_frozen(_RefScorer(ref_policy), cfg.micro_batch_size)
+            self.ref = self.strategy.prepare_frozen(
+                _RefScorer(ref_policy, self.rl_ops.fast), cfg.micro_batch_size
+            )
             self.strategy.register_external(
                 getattr(self.ref, "module", self.ref), [ref_policy.get_output_embeddings().weight]
             )
@@ -283,10 +289,9 @@ class RLAIFTrainer:
         except FloatingPointError as err:
             self._dump_nonfinite(rollouts, str(err))
         if scored.on_policy and scored.ref_logp is not None:  # the KL metric, now that old_logp is known
-            from rlaif_fast.trainer.scoring import rl_op
-
-            kl_op = rl_op("kl_penalty", cfg.ops == "fast")
-            scored.kl = kl_op(scored.old_logp, scored.ref_logp, cfg.kl_estimator) * scored.mask
+            scored.kl = (
+                self.rl_ops.kl_penalty(scored.old_logp, scored.ref_logp, cfg.kl_estimator) * scored.mask
+            )
         self._policy_version += 1  # the rollout engine now holds stale weights
         done = time.perf_counter()
         metrics = self._metrics(rollouts, scored, stats, done - t0)
@@ -360,19 +365,13 @@ class RLAIFTrainer:
     @torch.no_grad()
     def _score(self, rollouts) -> ScoredBatch:
         """Rollout-time log-probs of policy and reference and values, all (B, L); then advantages."""
-        cfg, fast = self.config, self.config.ops == "fast"
+        cfg, fast = self.config, self.rl_ops.fast
         n = len(rollouts)
         width = max(len(r) for r in rollouts.response_ids)
         parts: dict[str, list] = {"old_logp": [], "ref_logp": [], "old_values": [], "mask": []}
         on_policy = self._on_policy_shortcut()
-        for b in micro_batches(
-            rollouts,
-            list(range(n)),
-            cfg.micro_batch_size,
-            self.pad_id,
-            fast=fast,
-            batch_width=max(rollouts.lengths()),
-            packed=self.packing,
+        for b in self.layout.micro_batches(
+            rollouts, list(range(n)), cfg.micro_batch_size, batch_width=max(rollouts.lengths())
         ):
             b = b.to(self.strategy.device)
             parts["mask"].append((b.rows, b.resp_mask.cpu()))
@@ -386,7 +385,7 @@ class RLAIFTrainer:
                 ref = self.engine(b, cfg.temperature, fast, False, reference=True)
                 parts["ref_logp"].append((b.rows, ref.cpu()))
             elif self.ref is not None:
-                ref = self.ref(b, cfg.temperature, fast)
+                ref = self.ref(b, cfg.temperature)
                 parts["ref_logp"].append((b.rows, ref.cpu()))
         stacked = {k: stack_rows(v, n, width) for k, v in parts.items() if v}
         # on-policy: filled by the update's forward (update.micro_loss), read by the metrics after it
@@ -394,6 +393,7 @@ class RLAIFTrainer:
         ref_logp, values = stacked.get("ref_logp"), stacked.get("old_values")
         adv, ret, kl = advantages_and_returns(
             cfg,
+            self.rl_ops,
             rollouts.scores,
             old_logp,
             ref_logp,
@@ -445,7 +445,7 @@ class RLAIFTrainer:
         this rank's share; ``"per_rank"`` plans this rank's rows alone. Counts can still differ across
         ranks, so the shorter lists get empty micro-batches up to the longest."""
         cfg, mini = self.config, self.per_rank["mini"]
-        fast, width = cfg.ops == "fast", max(rollouts.lengths())
+        layout, width = self.layout, max(rollouts.lengths())
         budget = cfg.max_tokens_per_microbatch
         world, rank = self.strategy.world_size, self.strategy.rank
         if budget is not None:  # decided on all ranks together: a rank raising alone would hang the rest
@@ -461,59 +461,20 @@ class RLAIFTrainer:
             n = len(rollouts)
             for start in range(0, n, mini):
                 rows = [r * n + i for r in range(world) for i in range(start, start + mini)]
-                out.append(
-                    token_micro_batches(
-                        everyone,
-                        rows,
-                        budget,
-                        self.pad_id,
-                        fast=fast,
-                        batch_width=width,
-                        rank=rank,
-                        ranks=world,
-                        packed=self.packing,
-                    )
-                )
+                out.append(layout.token_micro_batches(everyone, rows, budget, width, rank=rank, ranks=world))
         else:
             for start in range(0, len(rollouts), mini):
                 rows = list(range(start, start + mini))
                 if budget is None:
-                    out.append(
-                        micro_batches(
-                            rollouts,
-                            rows,
-                            cfg.micro_batch_size,
-                            self.pad_id,
-                            fast=fast,
-                            batch_width=width,
-                            packed=self.packing,
-                        )
-                    )
+                    out.append(layout.micro_batches(rollouts, rows, cfg.micro_batch_size, width))
                 else:
-                    out.append(
-                        token_micro_batches(
-                            rollouts,
-                            rows,
-                            budget,
-                            self.pad_id,
-                            fast=fast,
-                            batch_width=width,
-                            packed=self.packing,
-                        )
-                    )
+                    out.append(layout.token_micro_batches(rollouts, rows, budget, width))
         if budget is not None:
             counts = torch.tensor([float(len(m)) for m in out], dtype=torch.float64)
             most = self.strategy.all_reduce(counts, op="max").tolist()
             for mbs, k in zip(out, most):
                 # a rank the global plan gave no row of this mini-batch shapes its empties on a local row
-                if mbs:
-                    template = mbs[-1]
-                elif self.packing:
-                    from rlaif_fast.trainer.packing import packed_batch
-
-                    template = packed_batch(rollouts, [0])
-                else:
-                    template = train_batch(rollouts, [0], self.pad_id, fast=fast, batch_width=width)
+                template = mbs[-1] if mbs else layout.one(rollouts, [0], width)
                 mbs.extend(empty_like(template) for _ in range(int(k) - len(mbs)))
         return [[b.to(self.strategy.device) for b in mbs] for mbs in out], scored
 

@@ -19,11 +19,11 @@ def token_budget_run(balance: str) -> dict:
     counts differ across ranks, so the shorter rank runs empty micro-batches (counted here) to stay in
     the collectives. global: the ranks plan every mini-batch together and trade rows (counted here: rows
     a rank trains on that another rank sampled), and the padded tokens each rank computes are summed."""
+    from rlaif_fast.trainer import batches, update
     from rlaif_fast.trainer import trainer as trainer_module
-    from rlaif_fast.trainer import update
 
     empties, moved, padded = [], [], []
-    real_empty, real_plan = update.empty_like, trainer_module.token_micro_batches
+    real_empty, real_plan = update.empty_like, batches.token_micro_batches
 
     def counting_empty(batch):
         empties.append(1)
@@ -38,13 +38,14 @@ def token_budget_run(balance: str) -> dict:
             padded.append(b.input_ids.numel())
         return out
 
-    trainer_module.empty_like, trainer_module.token_micro_batches = counting_empty, counting_plan
+    # the trainer's BatchLayout calls batches.token_micro_batches
+    trainer_module.empty_like, batches.token_micro_batches = counting_empty, counting_plan
     try:
         params, history = invariance_run(
             zero_stage=3, max_prompt_len=4, max_tokens_per_microbatch=12, token_balance=balance
         )
     finally:
-        trainer_module.empty_like, trainer_module.token_micro_batches = real_empty, real_plan
+        trainer_module.empty_like, batches.token_micro_batches = real_empty, real_plan
     counts = torch.tensor([float(len(empties)), float(len(moved))])
     torch.distributed.all_reduce(counts)
     loads = [None] * torch.distributed.get_world_size()
