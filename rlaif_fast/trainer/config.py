@@ -271,6 +271,14 @@ class RLAIFConfig:
         "KL / advantages, padding to the batch max).",
         choices=OPS,
     )
+    fused_loss: bool = option(
+        True,
+        (
+            "ppo / rloo / grpo with ops='fast': the policy loss is rlaif_fast.ops.linear_ppo_policy_loss "
+            "on the trunk's hidden states of the response tokens (log-probs, clipped surrogate, KL in the loss "
+            "and entropy bonus in one call); False: the same math as log-probs first, then the loss."
+        ),
+    )
     packing: bool | None = option(
         None,
         (
