@@ -111,6 +111,13 @@ def test_lora_kill_and_resume_matches_an_uninterrupted_run(tmp_path):
 
     first = _trainer(_config(tmp_path / "b", **kw))
     assert first.train(PROMPTS, callback=kill_after_two)["stopped"] == "interrupted"
+    # the checkpoint holds the adapters and the value head (and their optimizer state), not the frozen base
+    saved = torch.load(
+        tmp_path / "b/run/checkpoints/step_000002/state/mp_rank_00_model_states.pt", weights_only=False
+    )["module"]
+    assert saved and all(".lora_" in k or k.startswith("value.") for k in saved), sorted(saved)[:5]
+    with pytest.raises(ValueError, match="frozen weights .* are not the ones this run was trained on"):
+        _trainer(_config(tmp_path / "b", resume=True, **kw), tiny_llama(seed=1))  # another base model
     resumed = _trainer(_config(tmp_path / "b", resume=True, **kw))
     assert resumed.global_step == 2
     got = resumed.train(PROMPTS)["history"]

@@ -5,10 +5,17 @@ per rank under ZeRO), ``trainer_rank{r}.pt`` (step counter, KL controller, RNG s
 ``config.json``. It is written as ``step_000012.tmp`` and renamed when every rank has finished, then
 ``latest`` (a one-line file) is replaced atomically: a crash mid-save leaves the previous checkpoint
 as the latest one. Data order needs no state: step k always reads the same slice of the prompts.
+
+Frozen parameters (LoRA's base model, or any the user froze) are not written: they never change, and a
+resumed run is built from the same model again (as ``--resume`` is). A checkpoint of a LoRA run therefore
+holds the adapters, the value head and their optimizer state, not a copy of the base model per step.
+``trainer_rank{r}.pt`` keeps a fingerprint of the frozen weights (``frozen_fingerprint``), and a resume
+from a model whose frozen weights differ is refused before anything loads.
 """
 
 from __future__ import annotations
 
+import hashlib
 import os
 import random
 import shutil
@@ -54,10 +61,30 @@ def latest_checkpoint(output_dir: str | Path) -> Path | None:
     return folder if folder.is_dir() else None
 
 
+def frozen_fingerprint(module) -> str | None:
+    """A digest of ``module``'s frozen parameters on this rank (None when it has none): names, shapes,
+    dtypes and 1024 evenly spaced values of each (under ZeRO-3, of this rank's partition). It tells a
+    different base model apart at the cost of reading a few values per tensor; it is not a checksum of
+    every weight."""
+    frozen = [(n, p) for n, p in module.named_parameters() if not p.requires_grad]
+    if not frozen:
+        return None
+    digest = hashlib.blake2b(digest_size=16)
+    for name, p in frozen:
+        local = p.ds_tensor if hasattr(p, "ds_tensor") else p  # ZeRO-3: this rank's partition
+        flat = local.detach().reshape(-1)
+        idx = torch.linspace(0, max(flat.numel() - 1, 0), min(flat.numel(), 1024)).long()
+        values = flat[idx].float().cpu().numpy().tobytes()
+        shape = getattr(p, "ds_shape", p.shape)
+        digest.update(f"{name}|{tuple(shape)}|{p.dtype}|".encode() + values)
+    return digest.hexdigest()
+
+
 def save_checkpoint(
     strategy, output_dir: str | Path, step: int, trainer_state: dict, config_json: str
 ) -> Path:
-    """Write step ``step`` atomically; every rank calls this (ZeRO shards are per rank)."""
+    """Write step ``step`` atomically; every rank calls this (ZeRO shards are per rank). The frozen
+    parameters are left out, their fingerprint kept (module docstring)."""
     root = checkpoint_root(output_dir)
     name = f"step_{step:06d}"
     final, tmp = root / name, root / (name + ".tmp")
@@ -66,8 +93,10 @@ def save_checkpoint(
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir()
     strategy.barrier()
-    strategy.save(str(tmp), client_state={"step": step})
-    torch.save({**trainer_state, "rng": rng_state()}, tmp / f"trainer_rank{strategy.rank}.pt")
+    frozen = frozen_fingerprint(strategy.engine.module)
+    strategy.save(str(tmp), client_state={"step": step}, exclude_frozen=frozen is not None)
+    state = {**trainer_state, "rng": rng_state(), "frozen_fingerprint": frozen}
+    torch.save(state, tmp / f"trainer_rank{strategy.rank}.pt")
     strategy.barrier()
     if strategy.is_main:
         (tmp / "config.json").write_text(config_json)
@@ -114,8 +143,9 @@ def check_resume_config(folder: Path, config_json: str) -> None:
 
 
 def load_checkpoint(strategy, folder: Path) -> dict:
-    """Restore engine state and this rank's trainer state (RNG included); returns the trainer state."""
-    strategy.load(str(folder))
+    """Restore engine state and this rank's trainer state (RNG included); returns the trainer state.
+    A checkpoint saved without its frozen parameters loads only onto a model with the same frozen
+    weights (the fingerprint), which then keeps them."""
     path = folder / f"trainer_rank{strategy.rank}.pt"
     if not path.is_file():
         raise FileNotFoundError(
@@ -123,5 +153,14 @@ def load_checkpoint(strategy, folder: Path) -> dict:
             "number of ranks; resume with the same world size"
         )
     state = torch.load(path, weights_only=False)
+    saved = state.pop("frozen_fingerprint", None)
+    if saved is not None and saved != frozen_fingerprint(strategy.engine.module):
+        raise ValueError(
+            f"resume: {folder} holds only the trained parameters (e.g. LoRA adapters); the frozen ones "
+            "come from the model the trainer is built with, and its frozen weights (e.g. the LoRA base "
+            "model) are not the ones this run was trained on. Build the trainer from the same base "
+            "model and the same trainable set as the run that wrote the checkpoint"
+        )
+    strategy.load(str(folder), frozen_excluded=saved is not None)
     set_rng_state(state.pop("rng"))
     return state

@@ -42,6 +42,18 @@ def check_shardable(module: nn.Module, stage: int, name: str = "policy") -> None
         raise ValueError(f"{name} is already partitioned by DeepSpeed; pass the plain nn.Module")
 
 
+def _load_all_but_frozen(src: dict, dst: nn.Module) -> None:
+    """``dst.load_state_dict(src)`` where ``src`` may lack exactly the frozen parameters of ``dst``."""
+    frozen = {n for n, p in dst.named_parameters(remove_duplicate=False) if not p.requires_grad}
+    result = dst.load_state_dict(src, strict=False)
+    missing = sorted(set(result.missing_keys) - frozen)
+    if missing or result.unexpected_keys:
+        raise RuntimeError(
+            f"checkpoint module state does not match the model: missing {missing[:5]}, unexpected "
+            f"{sorted(result.unexpected_keys)[:5]}; resume with the model the run was started with"
+        )
+
+
 class Strategy:
     """Distributed setup and the DeepSpeed engine of one trainable module."""
 
@@ -267,13 +279,26 @@ class Strategy:
         return box[0]
 
     # ---- checkpoints ----------------------------------------------------------------------------
-    def save(self, folder: str, client_state: dict) -> None:
-        """Engine state (ZeRO-partitioned model + optimizer) into ``folder``; every rank writes its shard."""
-        self.engine.save_checkpoint(folder, tag="state", client_state=client_state, save_latest=False)
+    def save(self, folder: str, client_state: dict, exclude_frozen: bool = False) -> None:
+        """Engine state (ZeRO-partitioned model + optimizer) into ``folder``; every rank writes its shard.
+        ``exclude_frozen``: the frozen parameters (LoRA's base weights) are left out (checkpoint.py)."""
+        self.engine.save_checkpoint(
+            folder,
+            tag="state",
+            client_state=client_state,
+            save_latest=False,
+            exclude_frozen_parameters=exclude_frozen,
+        )
 
-    def load(self, folder: str) -> dict:
+    def load(self, folder: str, frozen_excluded: bool = False) -> dict:
+        """The engine state of ``folder``; ``frozen_excluded``: it was saved without the frozen parameters,
+        which the module keeps (any other key missing from the checkpoint is an error)."""
         _, client_state = self.engine.load_checkpoint(
-            folder, tag="state", load_optimizer_states=True, load_lr_scheduler_states=True
+            folder,
+            tag="state",
+            load_optimizer_states=True,
+            load_lr_scheduler_states=True,
+            custom_load_fn=_load_all_but_frozen if frozen_excluded else None,
         )
         if client_state is None:
             raise FileNotFoundError(
