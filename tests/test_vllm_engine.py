@@ -137,6 +137,9 @@ def test_grpo_with_vllm_learns_and_resumes_exactly_after_a_kill(tmp_path):
     full = RLAIFTrainer(
         tiny_llama(), CharTokenizer(), count_a, config(tmp_path / "a", total_steps=steps, **kw)
     )
+    # one epoch over one mini-batch: the old log-probs come from the update's forward, and the sampler
+    # comparison below reads them after the update
+    assert full._on_policy_shortcut()
     summary = full.train(PROMPTS)
     history = summary["history"]
     assert summary["time_generate_total"] > 0 and summary["time_update_total"] > 0  # the summary's split
