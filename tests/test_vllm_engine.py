@@ -2,7 +2,8 @@
 
 Its per-token log-probs equal the policy's before and after an update + sync, and a stale engine (no
 sync) fails that check; a prompt cached before a sync is scored fresh after it; GRPO with a rule reward
-learns and resumes after a kill exactly; without vllm the config fails naming the install.
+learns and resumes after a kill exactly; with LoRA the engine holds the merged weights and follows the
+adapters' update (also under ZeRO-3 on 2 ranks); without vllm the config fails naming the install.
 
 One engine serves the whole module (and test_vllm_backend.py's labeler engine sits in the same xdist
 group): vLLM's import costs 15-40 s, its start a few seconds. The 2-rank ZeRO-3 check is in

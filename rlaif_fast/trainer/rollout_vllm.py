@@ -8,7 +8,9 @@ The loop, per RL step (the trainer drives it, ``rollout_engine="vllm"``):
    (``deepspeed.zero.GatheredParameters([p])``), so no rank ever holds a second full copy of the model
    beside the engine's. Then the prefix cache is reset: KV blocks cached before the sync hold the old
    policy's keys and values, and a prompt that hits them would be scored by the old policy (measured up
-   to 38 nats off on a 77M Llama).
+   to 38 nats off on a 77M Llama). With LoRA (``lora=...``) the stream is the merged weights,
+   W + scale * B @ A per adapted layer under the base model's names (under ZeRO-3 one layer's base
+   weight and adapters gathered together); the training model is not merged in place.
 2. ``sample(prompts, step=k)``: one request of ``n`` samples per run of equal prompts, with the trainer's
    temperature / top-p / ``max_prompt_len`` / ``max_new_tokens`` and the same EOS rule as the hf engine
    (stop at the tokenizer's EOS and keep it). Every request carries its own seed, derived from
