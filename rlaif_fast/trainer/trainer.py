@@ -281,7 +281,13 @@ class RLAIFTrainer:
         scored = self._score(rollouts)
         from rlaif_fast.trainer.rollout_vllm import sampler_mismatch
 
-        mismatch = sampler_mismatch(scored, rollouts, cfg.tis_cap, self.strategy.all_reduce)
+        # TIS reweights the advantages before the update; without it the comparison is a metric only, read
+        # after the update when the on-policy shortcut fills the old log-probs there
+        mismatch = (
+            {}
+            if scored.on_policy
+            else sampler_mismatch(scored, rollouts, cfg.tis_cap, self.strategy.all_reduce)
+        )
         t_update = time.perf_counter()
         batches, update_scored = self._mini_batches(rollouts, scored)
         try:
@@ -292,6 +298,8 @@ class RLAIFTrainer:
             scored.kl = (
                 self.rl_ops.kl_penalty(scored.old_logp, scored.ref_logp, cfg.kl_estimator) * scored.mask
             )
+        if scored.on_policy:
+            mismatch = sampler_mismatch(scored, rollouts, None, self.strategy.all_reduce)
         self._policy_version += 1  # the rollout engine now holds stale weights
         done = time.perf_counter()
         metrics = self._metrics(rollouts, scored, stats, done - t0)
@@ -417,9 +425,9 @@ class RLAIFTrainer:
         """True when the update is exactly on-policy and nothing before it reads the old log-probs: one
         epoch over one mini-batch (the old policy is the policy of the training forward), no KL in the
         reward (it would shape the advantages before the update), no critic (its values come from the
-        scoring pass), the rollouts sampled by this model (the vLLM sampler comparison reads them) and
-        the rows trained where they were scored. Then the scoring pass skips the policy forward and the
-        update takes the detached log-probs of its own forward as the old ones (ratio 1, the same loss)."""
+        scoring pass), no truncated importance sampling (its weights need the old log-probs before the
+        update; the sampler comparison alone is read after it) and the rows trained where they were
+        scored. Then the scoring pass skips the policy forward and the update takes the detached log-probs of its own forward as the old ones (ratio 1, the same loss)."""
         cfg = self.config
         kl_in_reward = cfg.kl_in == "reward" and cfg.kl_coef > 0
         moved = (
@@ -432,7 +440,7 @@ class RLAIFTrainer:
             and cfg.mini_batch_size == cfg.batch_size
             and not kl_in_reward
             and not cfg.uses_critic
-            and self.rollout_engine is None
+            and cfg.tis_cap is None
             and not moved
         )
 
