@@ -272,6 +272,9 @@ def worker(a) -> None:
     out["step_increment_gb"] = peak_steps - out["base_rss_gb"]
     out["children_cpu_s"] = children_cpu() - out.pop("children_cpu_start")  # whole run (compilers etc.)
     out["sample_calls_ok"] = out["sample_calls"] >= a.steps  # the wrapper saw the sampler
+    import torch
+
+    out["torch_threads"] = torch.get_num_threads()
     print("RESULT " + json.dumps(out), flush=True)
 
 
@@ -326,6 +329,11 @@ def main() -> None:
     p.add_argument("--packing", choices=["auto", "true", "false"], default="auto",
                    help="rlaif_fast's packing (auto: the trainer's default)")  # fmt: skip
     p.add_argument("--lora", action="store_true", help="rlaif_fast with LoRA r=8")
+    p.add_argument(
+        "--threads", type=int, default=1,
+        help="OMP/MKL threads of each run (default 1: on a shared machine, idle OpenMP threads spin and "
+        "inflate process CPU time several-fold; measured 6-10x at 2 threads under load 6)",
+    )  # fmt: skip
     p.add_argument("--trl-vllm-shim", action="store_true",
                    help="TRL colocate: push weights with reload_weights (see shim_trl_sync)")  # fmt: skip
     a = p.parse_args()
@@ -335,6 +343,8 @@ def main() -> None:
         os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
         os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
         os.environ.setdefault("VLLM_CPU_OMP_THREADS_BIND", "nobind")
+    for var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS"):  # set before torch loads, inherited by the runs
+        os.environ[var] = str(a.threads)
     if a.side:
         return worker(a)
     sides = a.sides.split(",")
