@@ -1,4 +1,4 @@
-"""Scoring: log-probs of policy and reference, values, KL and advantages of a batch of rollouts.
+"""Scoring: log-probs of the policy and the KL reference policy, values, KL and advantages of rollouts.
 
 Everything per token lives in the *response layout*: (B, L) with L the longest response of the batch,
 column j = response token j, so tensors of micro-batches padded to different widths stack cheaply and

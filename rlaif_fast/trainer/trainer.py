@@ -372,7 +372,8 @@ class RLAIFTrainer:
 
     @torch.no_grad()
     def _score(self, rollouts) -> ScoredBatch:
-        """Rollout-time log-probs of policy and reference and values, all (B, L); then advantages."""
+        """Rollout-time log-probs of the policy and the KL reference policy and values, all (B, L); then
+        the KL and advantages."""
         cfg, fast = self.config, self.rl_ops.fast
         n = len(rollouts)
         width = max(len(r) for r in rollouts.response_ids)
