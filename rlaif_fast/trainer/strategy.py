@@ -279,6 +279,13 @@ class Strategy:
         return box[0]
 
     # ---- checkpoints ----------------------------------------------------------------------------
+    def release_gathered(self) -> None:
+        """ZeRO-3: partition again every parameter DeepSpeed left whole after the last forward / backward
+        (its prefetcher keeps parameters it expects to reuse soon: after an update, measured, all of them),
+        so this rank holds its shard only, e.g. before a vLLM weight sync and sampling. No-op below 3."""
+        if self.engine is not None and self.zero_stage == 3:
+            self.engine.empty_partition_cache()
+
     def save(self, folder: str, client_state: dict, exclude_frozen: bool = False) -> None:
         """Engine state (ZeRO-partitioned model + optimizer) into ``folder``; every rank writes its shard.
         ``exclude_frozen``: the frozen parameters (LoRA's base weights) are left out (checkpoint.py)."""

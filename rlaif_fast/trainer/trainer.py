@@ -251,6 +251,7 @@ class RLAIFTrainer:
         engine = self.rollout_engine
         if engine is None or engine.synced_version == self._policy_version:
             return 0.0
+        self.strategy.release_gathered()  # ZeRO-3: no parameter left whole by the update during the sync
         return engine.sync(self.policy, self._policy_version)
 
     def learn(self, rollouts, *, t0: float | None = None) -> dict:
