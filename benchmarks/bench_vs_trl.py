@@ -16,8 +16,9 @@ does one warm-up step, then STEPS timed steps. Per run it reports:
   step (reward, reference and policy forwards, backward, optimizer, the trainer's own bookkeeping);
 - memory: ``base`` = VmRSS right after model + trainer construction (interpreter, torch, transformers, the
   side's library, the model(s), the trainer; vLLM's engine too in vllm mode); ``peak`` = ru_maxrss of the
-  whole process over its whole life; ``step+`` = the peak RSS during the steps (warm-up included; the
-  high-water mark is reset after construction through /proc/self/clear_refs) minus ``base``;
+  whole process over its whole life; ``step+`` = the peak RSS during the steps (warm-up included) minus
+  ``base``, and the same split by phase (the high-water mark is reset at every phase boundary through
+  /proc/self/clear_refs; RSS, so memory the allocator kept after a phase counts in the next one);
 - tokens = prompt + completion tokens of the timed steps, as each side counts them; the load average
   (``os.getloadavg``) when the run started.
 
@@ -108,16 +109,29 @@ def rss_gb(field: str) -> float:
     raise RuntimeError(f"{field} not in /proc/self/status")
 
 
-class Phase:
-    """Wraps ``obj.name`` (an instance attribute from then on): process CPU seconds, wall seconds, calls."""
+PEAKS: dict[str, float] = {}  # phase -> highest RSS (GB) seen while it ran, after construction
 
-    def __init__(self, obj, name: str):
+
+def peak_cut(phase: str) -> None:
+    """Credit the RSS high-water mark since the last cut to ``phase``, then reset it (/proc/self/clear_refs
+    5 resets VmHWM and ru_maxrss to the current RSS): exact per-phase peaks, no polling."""
+    PEAKS[phase] = max(PEAKS.get(phase, 0.0), rss_gb("VmHWM"))
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")
+
+
+class Phase:
+    """Wraps ``obj.name`` (an instance attribute from then on): process CPU seconds, wall seconds, calls,
+    and the RSS peak while it runs (PEAKS[label]; what runs outside every Phase is credited to "learn")."""
+
+    def __init__(self, obj, name: str, label: str):
         self.cpu = self.wall = 0.0
-        self.calls = 0
+        self.calls, self.label = 0, label
         self._real = getattr(obj, name)
         setattr(obj, name, self)
 
     def __call__(self, *args, **kwargs):
+        peak_cut("learn")
         c, w = cpu(), time.perf_counter()
         try:
             return self._real(*args, **kwargs)
@@ -125,6 +139,7 @@ class Phase:
             self.cpu += cpu() - c
             self.wall += time.perf_counter() - w
             self.calls += 1
+            peak_cut(self.label)
 
     def mark(self) -> tuple[float, float, int]:
         return self.cpu, self.wall, self.calls
@@ -156,8 +171,8 @@ def constructed(out: dict) -> None:
     read after the steps is the steps' own."""
     out["peak_build_gb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / 1e9
     out["base_rss_gb"] = rss_gb("VmRSS")
-    with open("/proc/self/clear_refs", "w") as f:
-        f.write("5")  # resets VmHWM (and ru_maxrss) to the current RSS
+    peak_cut("build")
+    PEAKS.clear()
 
 
 def run_rlaif(a, out: dict) -> dict:
@@ -175,10 +190,13 @@ def run_rlaif(a, out: dict) -> dict:
         progress=False, tensorboard=False, output_dir="/tmp/bench_vs_trl_rlaif", bf16="false", **extra,
     )  # fmt: skip
     if a.sampler == "hf":
-        phases = {"sample": Phase(m, "generate")}
+        phases = {"sample": Phase(m, "generate", "sample")}
     tr = RLAIFTrainer(m, tok, reward, cfg)
     if a.sampler == "vllm":
-        phases = {"sample": Phase(tr.rollout_engine, "sample"), "sync": Phase(tr.rollout_engine, "sync")}
+        phases = {
+            "sample": Phase(tr.rollout_engine, "sample", "sample"),
+            "sync": Phase(tr.rollout_engine, "sync", "sync"),
+        }
     constructed(out)
     clock = Clock(phases)
     prompts = [PROMPTS[i % len(PROMPTS)] for i in range(a.prompts)]
@@ -231,14 +249,14 @@ def run_trl(a, out: dict) -> dict:
                 clock.end = clock.snap()
 
     if a.sampler == "hf":
-        phases = {"sample": Phase(m, "generate")}
+        phases = {"sample": Phase(m, "generate", "sample")}
     tr = GRPOTrainer(model=m, reward_funcs=reward, args=args, train_dataset=data, processing_class=tok,
                      callbacks=[Window()])  # fmt: skip
     if a.sampler == "vllm":
         if a.trl_vllm_shim:
             shim_trl_sync(tr.vllm_generation)
         g = tr.vllm_generation
-        phases = {"sample": Phase(g, "generate"), "sync": Phase(g, "sync_weights")}
+        phases = {"sample": Phase(g, "generate", "sample"), "sync": Phase(g, "sync_weights", "sync")}
     constructed(out)
     clock = Clock(phases)
     torch.manual_seed(0)
@@ -267,9 +285,12 @@ def shim_trl_sync(gen) -> None:
 def worker(a) -> None:
     out = {"loadavg_start": os.getloadavg()[0], "children_cpu_start": children_cpu()}
     out = run_rlaif(a, out) if a.side == "rlaif" else run_trl(a, out)
-    peak_steps = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / 1e9
+    peak_cut("learn")
+    peak_steps = max(PEAKS.values())
     out["peak_rss_gb"] = max(out.pop("peak_build_gb"), peak_steps)
     out["step_increment_gb"] = peak_steps - out["base_rss_gb"]
+    for phase, gb in PEAKS.items():  # RSS a phase reached above base (the allocator keeps what it freed)
+        out[f"{phase}_peak_inc_gb"] = gb - out["base_rss_gb"]
     out["children_cpu_s"] = children_cpu() - out.pop("children_cpu_start")  # whole run (compilers etc.)
     out["sample_calls_ok"] = out["sample_calls"] >= a.steps  # the wrapper saw the sampler
     import torch
@@ -293,13 +314,17 @@ def summary(results: dict[str, list[dict]], a) -> None:
     med = {s: {k: statistics.median(r[k] for r in rs) for k in rs[0] if isinstance(rs[0][k], (int, float))}
            for s, rs in results.items() if rs}  # fmt: skip
     print(f"\nmedians of {a.runs} run(s), {a.steps} timed step(s) each; CPU = process user+sys seconds")
-    head = "| side | CPU s | sample CPU | sync CPU | learn CPU | wall s | tokens/CPU-s | base RSS | step+ | peak RSS |"
+    head = (
+        "| side | CPU s | sample CPU | sync CPU | learn CPU | wall s | tokens/CPU-s | base RSS | step+ "
+        "(in sample / learn) | peak RSS |"
+    )
     print(head)
     print("| --- " * (head.count("|") - 1) + "|")
     for s, m in med.items():
         print(f"| {label(s, a)} | {m['cpu_s']:.1f} | {m['sample_cpu_s']:.1f} | {m.get('sync_cpu_s', 0):.1f} | "
               f"{m['learn_cpu_s']:.1f} | {m['wall_s']:.1f} | {m['tokens'] / m['cpu_s']:.0f} | "
-              f"{m['base_rss_gb']:.2f} GB | {m['step_increment_gb']:.2f} GB | {m['peak_rss_gb']:.2f} GB |")  # fmt: skip
+              f"{m['base_rss_gb']:.2f} GB | {m['step_increment_gb']:.2f} GB ({m.get('sample_peak_inc_gb', 0):.2f} / "
+              f"{m.get('learn_peak_inc_gb', 0):.2f}) | {m['peak_rss_gb']:.2f} GB |")  # fmt: skip
     if "rlaif" in med and "trl" in med:
         r, t = med["rlaif"], med["trl"]
         tps = (r["tokens"] / r["cpu_s"]) / (t["tokens"] / t["cpu_s"])
