@@ -14,7 +14,8 @@ does one warm-up step, then STEPS timed steps. Per run it reports:
   steps, split into phases by wrapping the sampler: ``sample`` = inside ``generate`` (hf) or the engine's
   sample call (vllm); ``sync`` = pushing weights into the vLLM engine; ``learn`` = everything else of the
   step (reward, reference and policy forwards, backward, optimizer, the trainer's own bookkeeping);
-- memory: ``base`` = VmRSS right after model + trainer construction (interpreter, torch, transformers, the
+- memory: ``import`` = VmRSS after the side's imports (torch, transformers, rlaif_fast.trainer or trl);
+  ``base`` = VmRSS right after model + trainer construction (interpreter, torch, transformers, the
   side's library, the model(s), the trainer; vLLM's engine too in vllm mode); ``peak`` = ru_maxrss of the
   whole process over its whole life; ``step+`` = the peak RSS during the steps (warm-up included) minus
   ``base``, and the same split by phase (the high-water mark is reset at every phase boundary through
@@ -176,8 +177,11 @@ def constructed(out: dict) -> None:
 
 
 def run_rlaif(a, out: dict) -> dict:
+    import transformers  # noqa: F401 - loaded before the import RSS is read, as on TRL's side
+
     from rlaif_fast.trainer import RLAIFConfig, RLAIFTrainer
 
+    out["import_rss_gb"] = rss_gb("VmRSS")
     tok, m = tokenizer(), model(a)
     out["params_m"] = sum(p.numel() for p in m.parameters()) / 1e6
     packing = {"auto": None, "true": True, "false": False}[a.packing]
@@ -218,6 +222,7 @@ def run_trl(a, out: dict) -> dict:
     from transformers import TrainerCallback
     from trl import GRPOConfig, GRPOTrainer
 
+    out["import_rss_gb"] = rss_gb("VmRSS")
     tok, m = tokenizer(), model(a)
     out["params_m"] = sum(p.numel() for p in m.parameters()) / 1e6
     rows = a.prompts * a.group
@@ -250,8 +255,13 @@ def run_trl(a, out: dict) -> dict:
 
     if a.sampler == "hf":
         phases = {"sample": Phase(m, "generate", "sample")}
+    peft = None
+    if a.lora:  # as rlaif_fast's lora={"r": 8}: alpha 2r, no dropout, peft's default targets for Llama
+        from peft import LoraConfig
+
+        peft = LoraConfig(r=8, lora_alpha=16, lora_dropout=0.0, task_type="CAUSAL_LM")
     tr = GRPOTrainer(model=m, reward_funcs=reward, args=args, train_dataset=data, processing_class=tok,
-                     callbacks=[Window()])  # fmt: skip
+                     callbacks=[Window()], peft_config=peft)  # fmt: skip
     if a.sampler == "vllm":
         if a.trl_vllm_shim:
             shim_trl_sync(tr.vllm_generation)
@@ -301,7 +311,8 @@ def worker(a) -> None:
 
 def label(side: str, a) -> str:
     if side == "trl":
-        return "TRL GRPOTrainer" + (" (vLLM colocate)" if a.sampler == "vllm" else "")
+        bits = (["LoRA r=8"] if a.lora else []) + (["vLLM colocate"] if a.sampler == "vllm" else [])
+        return "TRL GRPOTrainer" + (f" ({', '.join(bits)})" if bits else "")
     bits = (
         [f"packing={a.packing}"]
         + (["lora r=8"] if a.lora else [])
@@ -353,7 +364,9 @@ def main() -> None:
     p.add_argument("--sampler", choices=["hf", "vllm"], default="hf")
     p.add_argument("--packing", choices=["auto", "true", "false"], default="auto",
                    help="rlaif_fast's packing (auto: the trainer's default)")  # fmt: skip
-    p.add_argument("--lora", action="store_true", help="rlaif_fast with LoRA r=8")
+    p.add_argument(
+        "--lora", action="store_true", help="LoRA r=8 (alpha 16, peft's default targets), both sides"
+    )
     p.add_argument(
         "--threads", type=int, default=1,
         help="OMP/MKL threads of each run (default 1: on a shared machine, idle OpenMP threads spin and "
