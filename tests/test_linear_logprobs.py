@@ -285,6 +285,20 @@ def test_linear_ppo_policy_loss_on_policy_form_matches_float64(backend):
     for name, o, e, t in zip(["d hidden", "d weight", "d bias"], ours_in, eager_in, truth_in):
         assert_tolerance(o.grad, e.grad, t.grad, atol=_atol(torch.float32, t.grad), name=name)
 
+    # the selected form: only the M masked rows (M, H) and labels (M,) -> the same loss and gradients
+    sel_in = _leaves(hidden, weight, bias)
+    s_loss, _, s_logp = linear_ppo_policy_loss(
+        sel_in[0][mask], sel_in[1], labels[mask], None, adv, mask, bias=sel_in[2], ref_logp=ref_logp,
+        temperature=0.7, entropy_stat=False, return_logprobs=True, **knobs,
+    )  # fmt: skip
+    s_loss.backward()
+    assert s_logp.shape == (B, T) and (s_logp[~mask] == 0).all()
+    assert_tolerance(s_loss, e_loss, t_loss, atol=_atol(torch.float32, t_loss), name="selected loss")
+    for name, o, e, t in zip(["d hidden", "d weight", "d bias"], sel_in, eager_in, truth_in):
+        assert_tolerance(o.grad, e.grad, t.grad, atol=_atol(torch.float32, t.grad), name="selected " + name)
+    with pytest.raises(ValueError, match="rows but mask selects"):
+        linear_ppo_policy_loss(hidden[mask][:-1], weight, labels[mask][:-1], None, adv, mask)
+
 
 @pytest.mark.slow
 def test_gpu_benchmark_script_smoke_mode(tmp_path):

@@ -355,7 +355,9 @@ def linear_ppo_policy_loss(
     """The PPO policy loss of ``rlaif_fast.ops.ppo_loss_from_logprobs`` with log-probs and entropy taken
     from hidden states (B, T, H) by ``linear_token_logprobs``: a policy step never holds [N, V] logits.
 
-    labels, old_logp, advantages, mask (and ref_logp): (B, T). ``old_logp=None`` is the on-policy case
+    labels, old_logp, advantages, mask (and ref_logp): (B, T). Or ``hidden`` (M, H) and ``labels`` (M,) of
+    only the M positions where ``mask`` (B, T) is set, in row-major order: padding then never reaches the
+    head (the log-probs are scattered back to (B, T)). ``old_logp=None`` is the on-policy case
     (one epoch over one mini-batch): the old log-probs are the detached current ones (ratio 1, the
     gradient of -A·logp), so no separate scoring pass is needed. The entropy feeds the stats and, when
     ``entropy_coef`` != 0, the bonus; ``entropy_stat=False`` skips it when the bonus is off (free in the
@@ -366,11 +368,22 @@ def linear_ppo_policy_loss(
     from rlaif_fast.ops.ppo import ppo_loss_from_logprobs
 
     with_entropy = entropy_stat or entropy_coef != 0.0
+    selected = hidden.dim() == 2 and labels.dim() == 1 and mask.dim() == 2
+    if selected and hidden.device.type == "cpu" and hidden.shape[0] != int(mask.sum()):
+        raise ValueError(
+            f"hidden holds {hidden.shape[0]} rows but mask selects {int(mask.sum())} positions; pass the "
+            "(M, H) hidden states of exactly the masked positions (row-major), or (B, T, H) and (B, T) labels"
+        )
     out = linear_token_logprobs(
         hidden, weight, labels, bias=bias, temperature=temperature, ignore_index=ignore_index,
         return_entropy=with_entropy, chunk_size=chunk_size, softcap=softcap, logit_scale=logit_scale,
     )  # fmt: skip
     logp, entropy = out if with_entropy else (out, None)
+    if selected:  # back to (B, T): masked_scatter is differentiable, padding never reached the head
+        where = mask.bool()
+        logp = logp.new_zeros(mask.shape).masked_scatter(where, logp)
+        if entropy is not None:
+            entropy = entropy.new_zeros(mask.shape).masked_scatter(where, entropy)
     loss, stats = ppo_loss_from_logprobs(
         logp, logp.detach() if old_logp is None else old_logp, advantages, mask, entropy=entropy,
         ref_logp=ref_logp, clip_eps=clip_eps, clip_eps_high=clip_eps_high, kl_coef=kl_coef,

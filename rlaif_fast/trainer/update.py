@@ -43,14 +43,15 @@ class ValueHead(nn.Module):
         return self.head(hidden.to(self.head.weight.dtype)).squeeze(-1).float()
 
 
-def _response_rows(per_position: torch.Tensor, batch: TrainBatch, shift: int) -> torch.Tensor:
-    """(b, T, ...) -> (b, L, ...): the entries at each response token's column (+ ``shift``); packed
-    batches index their one row by flat columns, as ``scoring.to_response_layout`` does."""
-    index = (batch.resp_index + shift).clamp(min=0)  # (b, L)
-    if batch.position_ids is not None:
-        return per_position.reshape(-1, *per_position.shape[2:])[index]
-    expand = index.reshape(*index.shape, *([1] * (per_position.dim() - 2)))
-    return per_position.gather(1, expand.expand(*index.shape, *per_position.shape[2:]))
+def _response_tokens(hidden: torch.Tensor, batch: TrainBatch) -> tuple[torch.Tensor, torch.Tensor]:
+    """(h (M, H), labels (M,)) of the batch's M response tokens, in the row-major order of ``resp_mask``:
+    each token's id and the hidden state of the position before it (the one that predicts it)."""
+    flat = batch.resp_index  # (b, L) columns; packed batches: already flat columns of their one row
+    if batch.position_ids is None:  # padded rows: offset each row's columns
+        width = batch.input_ids.shape[1]
+        flat = flat + torch.arange(flat.shape[0], device=flat.device)[:, None] * width
+    flat = flat[batch.resp_mask.bool()]  # (M,)
+    return hidden.reshape(-1, hidden.shape[-1])[flat - 1], batch.input_ids.reshape(-1)[flat]
 
 
 class ActorCritic(nn.Module):
@@ -104,32 +105,32 @@ class ActorCritic(nn.Module):
         if self.value is None:
             return None
         # the value of the state before each response token: the position that predicts it
-        return _response_rows(self.value(hidden), batch, -1) * batch.resp_mask
+        return to_response_layout(self.value(hidden), batch, shift=-1)
 
     def _logprobs(self, hidden, batch, temperature, return_entropy):
         from rlaif_fast.ops.model import hidden_logprobs
 
-        labels = _response_rows(batch.input_ids, batch, 0).masked_fill(batch.resp_mask == 0, -100)
+        h, labels = _response_tokens(hidden, batch)  # (M, H), (M,)
         out = hidden_logprobs(
-            self.policy, _response_rows(hidden, batch, -1), labels,
-            temperature=temperature if temperature > 0 else 1.0, return_entropy=return_entropy,
+            self.policy, h, labels, temperature=temperature if temperature > 0 else 1.0,
+            return_entropy=return_entropy,
         )  # fmt: skip
-        logp, ent = out if return_entropy else (out, None)
-        return logp * batch.resp_mask, (ent * batch.resp_mask if ent is not None else None)
+        where = batch.resp_mask.bool()
+        back = lambda v: v.new_zeros(where.shape).masked_scatter(where, v)  # (M,) -> (b, L), differentiable
+        return (back(out[0]), back(out[1])) if return_entropy else (back(out), None)
 
     def _fused_policy_loss(self, batch: TrainBatch, temperature: float, opts: dict):
-        """``rlaif_fast.ops.linear_ppo_policy_loss`` straight from the trunk's hidden states of the
-        response tokens (b, L, H): log-probs, clipped surrogate, KL-in-loss and entropy bonus in one call,
+        """``rlaif_fast.ops.linear_ppo_policy_loss`` straight from the trunk's hidden states of the M
+        response tokens (M, H): log-probs, clipped surrogate, KL-in-loss and entropy bonus in one call,
         never a (b, T, V) logit. Returns (loss, stats, detached logp (b, L), values or None)."""
         from rlaif_fast.ops import linear_ppo_policy_loss
         from rlaif_fast.ops.model import output_head
 
         hidden = self._trunk(batch)  # (b, T, H)
         weight, bias, knobs = output_head(self.policy)
-        h = _response_rows(hidden, batch, -1)  # (b, L, H): the position that predicts each response token
+        h, labels = _response_tokens(hidden, batch)  # (M, H), (M,): padding never reaches the head
         if h.dtype != weight.dtype:
             h = h.to(weight.dtype)
-        labels = _response_rows(batch.input_ids, batch, 0).masked_fill(batch.resp_mask == 0, -100)  # (b, L)
         loss, stats, logp = linear_ppo_policy_loss(
             h, weight, labels, opts["old_logp"], opts["advantages"], batch.resp_mask, bias=bias,
             temperature=temperature if temperature > 0 else 1.0, entropy_stat=False, return_logprobs=True,
@@ -292,7 +293,9 @@ def run_update(
     n_steps = 0
     # the update's token slots (micro-batch rows x width) over the real tokens in them: 1.00 when packed
     slots = sum(float(b.input_ids.numel()) for mini in batches for b in mini if float(b.resp_mask.sum()) > 0)
-    real = sum(float(b.attention_mask.sum()) for mini in batches for b in mini if float(b.resp_mask.sum()) > 0)
+    real = sum(
+        float(b.attention_mask.sum()) for mini in batches for b in mini if float(b.resp_mask.sum()) > 0
+    )
     ranks, gas = strategy.world_size, strategy.grad_accum
     for _ in range(cfg.ppo_epochs):
         for mini in batches:
