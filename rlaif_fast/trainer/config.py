@@ -300,7 +300,8 @@ class RLAIFConfig:
             'LoRA adapters through peft instead of full fine-tuning: {"r": 8, "alpha": 16, "dropout": 0.0, '
             '"target_modules": ["q_proj", "v_proj"]} (all but r optional; target_modules default: peft\'s choice '
             "for the architecture). The KL reference is the same model with its adapters disabled (no second "
-            "copy); the value model, when the algorithm needs one, keeps its own trunk and trains in full. "
+            "copy); the critic, when the algorithm needs one and no value_model is given, is a ValueHead on "
+            "the adapted trunk (no second trunk; a given ValueModel keeps its own and trains in full). "
             "With rollout_engine='vllm' each weight sync pushes the merged weights (W + scale * B @ A)."
         ),
     )
