@@ -10,17 +10,10 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import sys
 
 import torch
 from torch import nn
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def check_shardable(module: nn.Module, stage: int, name: str = "policy") -> None:
@@ -82,7 +75,9 @@ class Strategy:
             return  # launched by torchrun / deepspeed
         os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", LOCAL_WORLD_SIZE="1")
         os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-        os.environ.setdefault("MASTER_PORT", str(_free_port()))
+        from rlaif_fast.feedback.server_process import free_port
+
+        os.environ.setdefault("MASTER_PORT", str(free_port()))
 
     @property
     def is_main(self) -> bool:
