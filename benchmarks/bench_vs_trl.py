@@ -177,7 +177,7 @@ def constructed(out: dict) -> None:
 
 
 def run_rlaif(a, out: dict) -> dict:
-    import transformers  # noqa: F401 - loaded before the import RSS is read, as on TRL's side
+    from transformers import LlamaForCausalLM  # noqa: F401 - the modeling code, loaded as TRL's side loads it
 
     from rlaif_fast.trainer import RLAIFConfig, RLAIFTrainer
 
@@ -219,7 +219,7 @@ def run_rlaif(a, out: dict) -> dict:
 def run_trl(a, out: dict) -> dict:
     import torch
     from datasets import Dataset
-    from transformers import TrainerCallback
+    from transformers import LlamaForCausalLM, TrainerCallback  # noqa: F401 - the modeling code, as above
     from trl import GRPOConfig, GRPOTrainer
 
     out["import_rss_gb"] = rss_gb("VmRSS")
