@@ -35,6 +35,7 @@ import argparse
 import json
 import os
 import resource
+import shutil
 import statistics
 import subprocess
 import sys
@@ -60,7 +61,7 @@ def tokenizer():
 
 
 def model_path(a) -> str:
-    return f"/tmp/bench_vs_trl_model_{a.hidden}_{a.layers}_{PROMPT_LEN + a.completion}"
+    return os.path.join(a.workdir, f"bench_vs_trl_model_{a.hidden}_{a.layers}_{PROMPT_LEN + a.completion}")
 
 
 def model(a):
@@ -81,7 +82,12 @@ def model(a):
         tmp = f"{path}.tmp{os.getpid()}"
         LlamaForCausalLM(cfg).save_pretrained(tmp)
         tokenizer().save_pretrained(tmp)
-        os.replace(tmp, path)  # atomic: a killed first run leaves no half-written model behind
+        try:
+            os.replace(tmp, path)  # atomic: a killed first run leaves no half-written model behind
+        except OSError:  # another run wrote it first: keep theirs
+            if not os.path.isdir(path):
+                raise
+            shutil.rmtree(tmp)
     return LlamaForCausalLM.from_pretrained(path)
 
 
@@ -191,7 +197,7 @@ def run_rlaif(a, out: dict) -> dict:
         micro_batch_size=min(a.micro, a.prompts * a.group),
         max_new_tokens=a.completion, max_prompt_len=PROMPT_LEN, kl_coef=0.05, kl_in="loss", kl_estimator="k3",
         learning_rate=1e-5, temperature=0.9, packing=packing, lora=({"r": 8} if a.lora else None),
-        progress=False, tensorboard=False, output_dir="/tmp/bench_vs_trl_rlaif", bf16="false", **extra,
+        progress=False, tensorboard=False, output_dir=os.path.join(a.workdir, "bench_vs_trl_rlaif"), bf16="false", **extra,
     )  # fmt: skip
     if a.sampler == "hf":
         phases = {"sample": Phase(m, "generate", "sample")}
@@ -238,7 +244,7 @@ def run_trl(a, out: dict) -> dict:
         # does not make: off, so both sides run the same algorithm
         vllm = dict(use_vllm=True, vllm_mode="colocate", vllm_importance_sampling_correction=False)
     args = GRPOConfig(
-        output_dir="/tmp/bench_vs_trl_trl", per_device_train_batch_size=micro,
+        output_dir=os.path.join(a.workdir, "bench_vs_trl_trl"), per_device_train_batch_size=micro,
         gradient_accumulation_steps=rows // micro, steps_per_generation=rows // micro,
         num_generations=a.group, max_completion_length=a.completion, beta=0.05, temperature=0.9,
         learning_rate=1e-5, max_steps=a.steps + 1, use_cpu=True, bf16=False, report_to=[],
@@ -337,16 +343,31 @@ def summary(results: dict[str, list[dict]], a) -> None:
               f"{m['base_rss_gb']:.2f} GB | {m['step_increment_gb']:.2f} GB ({m.get('sample_peak_inc_gb', 0):.2f} / "
               f"{m.get('learn_peak_inc_gb', 0):.2f}) | {m['peak_rss_gb']:.2f} GB |")  # fmt: skip
     if "rlaif" in med and "trl" in med:
-        r, t = med["rlaif"], med["trl"]
-        tps = (r["tokens"] / r["cpu_s"]) / (t["tokens"] / t["cpu_s"])
-        print(f"\ntokens per CPU-second, rlaif / TRL: {tps:.2f}x (goal >= 2)")
-        print(f"learn-phase CPU, TRL / rlaif: {t['learn_cpu_s'] / r['learn_cpu_s']:.2f}x")
-        samp = t["sample_cpu_s"] + t.get("sync_cpu_s", 0)
-        print(f"with TRL's sampling: TRL total / (TRL sample+sync + rlaif learn) = "
-              f"{t['cpu_s'] / (samp + r['learn_cpu_s']):.2f}x; Amdahl ceiling (learning free) = "
-              f"TRL total / TRL sample+sync = {t['cpu_s'] / samp:.2f}x")  # fmt: skip
-        print(f"peak RSS, rlaif / TRL: {r['peak_rss_gb'] / t['peak_rss_gb']:.2f} (goal <= 0.33); "
-              f"step increment: {r['step_increment_gb'] / t['step_increment_gb']:.2f}")  # fmt: skip
+        q = ratios(med["rlaif"], med["trl"])
+        print(f"\ntokens per CPU-second, rlaif / TRL: {q['tokens_per_cpu']:.2f}x (goal >= 2)")
+        print(f"learn-phase CPU, TRL / rlaif: {q['learn']:.2f}x")
+        print(f"with TRL's sampling: TRL total / (TRL sample+sync + rlaif learn) = {q['same_sampling']:.2f}x; "
+              f"Amdahl ceiling (learning free) = TRL total / TRL sample+sync = {q['ceiling']:.2f}x")  # fmt: skip
+        print(
+            f"peak RSS, rlaif / TRL: {q['peak_rss']:.2f} (goal <= 0.33); step increment: {q['step_rss']:.2f}"
+        )
+
+
+def ratios(r: dict, t: dict) -> dict:
+    """rlaif_fast (``r``) against TRL (``t``), from one run's or the medians' figures: tokens per CPU-second
+    (rlaif / TRL, > 1 = rlaif better), learn-phase CPU (TRL / rlaif), the whole-step ratio if rlaif sampled
+    at TRL's cost (TRL total / (TRL sample + sync + rlaif learn)), its ceiling when learning cost nothing
+    (TRL total / TRL sample + sync: Amdahl's bound with sampling unchanged), peak and step RSS (rlaif / TRL,
+    < 1 = rlaif smaller)."""
+    sampling = t["sample_cpu_s"] + t.get("sync_cpu_s", 0.0)
+    return {
+        "tokens_per_cpu": (r["tokens"] / r["cpu_s"]) / (t["tokens"] / t["cpu_s"]),
+        "learn": t["learn_cpu_s"] / r["learn_cpu_s"],
+        "same_sampling": t["cpu_s"] / (sampling + r["learn_cpu_s"]),
+        "ceiling": t["cpu_s"] / sampling,
+        "peak_rss": r["peak_rss_gb"] / t["peak_rss_gb"],
+        "step_rss": r["step_increment_gb"] / t["step_increment_gb"],
+    }
 
 
 def main() -> None:
@@ -362,6 +383,7 @@ def main() -> None:
     p.add_argument("--hidden", type=int, default=256, help="with --layers 8: 10.5M parameters")
     p.add_argument("--layers", type=int, default=8)
     p.add_argument("--sampler", choices=["hf", "vllm"], default="hf")
+    p.add_argument("--workdir", default="/tmp", help="where the model and the trainers' outputs go")
     p.add_argument("--packing", choices=["auto", "true", "false"], default="auto",
                    help="rlaif_fast's packing (auto: the trainer's default)")  # fmt: skip
     p.add_argument(
