@@ -298,7 +298,36 @@ def shim_trl_sync(gen) -> None:
     gen.sync_weights = sync_weights
 
 
+def flop_floor(a) -> dict:
+    """The learning phase's lower bound: its matmul FLOPs at this machine's GEMM rate (same threads). Per
+    step, full fine-tuning needs the reference forward (1), the policy forward (1) and its backward (2: input
+    and weight gradients) = 4 forwards; with LoRA the frozen weights need no gradient: 3. A forward over a
+    row of ``seq`` tokens: 2 FLOPs per matmul weight per token (q, k, v, o, the MLP, the LM head) plus
+    causal attention (QK^T and AV over seq/2 keys on average: 2 * hidden * seq per layer per token)."""
+    import torch
+
+    h, seq, rows = a.hidden, a.seq, a.prompts * a.group
+    weights = a.layers * (4 * h * h + 3 * h * 4 * h) + h * VOCAB
+    fwd = rows * seq * (2 * weights + a.layers * 2 * h * seq)
+    x, w = torch.randn(min(a.micro, rows) * int(seq), h), torch.randn(h, 4 * h)
+    x @ w
+    c, n = cpu(), 0
+    while cpu() - c < 2.0:  # the MLP's GEMM at a micro-batch's shape, 2 CPU-seconds of it
+        x @ w
+        n += 1
+    rate = n * 2 * x.shape[0] * h * 4 * h / (cpu() - c)
+    return {
+        "fwd_gflop": fwd / 1e9,
+        "gemm_gflops": rate / 1e9,
+        "full_s": 4 * fwd / rate,
+        "lora_s": 3 * fwd / rate,
+    }
+
+
 def worker(a) -> None:
+    if a.side == "floor":
+        print("RESULT " + json.dumps(flop_floor(a)), flush=True)
+        return
     out = {"loadavg_start": os.getloadavg()[0], "children_cpu_start": children_cpu()}
     out = run_rlaif(a, out) if a.side == "rlaif" else run_trl(a, out)
     peak_cut("learn")
@@ -327,7 +356,7 @@ def label(side: str, a) -> str:
     return f"rlaif_fast ({', '.join(bits)})"
 
 
-def summary(results: dict[str, list[dict]], a) -> None:
+def summary(results: dict[str, list[dict]], a, floor: dict) -> None:
     med = {s: {k: statistics.median(r[k] for r in rs) for k in rs[0] if isinstance(rs[0][k], (int, float))}
            for s, rs in results.items() if rs}  # fmt: skip
     print(f"\nmedians of {a.runs} run(s), {a.steps} timed step(s) each; CPU = process user+sys seconds")
@@ -351,6 +380,13 @@ def summary(results: dict[str, list[dict]], a) -> None:
         print(
             f"peak RSS, rlaif / TRL: {q['peak_rss']:.2f} (goal <= 0.33); step increment: {q['step_rss']:.2f}"
         )
+    bound = floor["lora_s" if a.lora else "full_s"]
+    print(f"learn floor: {floor['fwd_gflop']:.0f} GFLOP per forward x {3 if a.lora else 4} at "
+          f"{floor['gemm_gflops']:.0f} GFLOP/s = {bound:.1f} CPU-s per step")  # fmt: skip
+    if "trl" in med:
+        t = med["trl"]
+        best = t["cpu_s"] / (t["sample_cpu_s"] + t.get("sync_cpu_s", 0.0) + bound)
+        print(f"best whole-step ratio with TRL's sampling and learning at the floor: {best:.2f}x")
 
 
 def ratios(r: dict, t: dict) -> dict:
@@ -372,7 +408,8 @@ def ratios(r: dict, t: dict) -> dict:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--side", choices=["rlaif", "trl"], help="(internal) one run in this process")
+    p.add_argument("--side", choices=["rlaif", "trl", "floor"], help="(internal) one run in this process")
+    p.add_argument("--seq", type=float, default=0.0, help="(internal, --side floor) tokens per row")
     p.add_argument("--sides", default="rlaif,trl", help="which sides, in the interleaving order")
     p.add_argument("--runs", type=int, default=2)
     p.add_argument("--steps", type=int, default=2, help="timed steps per run (after one warm-up step)")
@@ -431,7 +468,12 @@ def main() -> None:
             results[side].append(r)
             print(f"run {i} {side}: " + json.dumps({k: round(v, 3) if isinstance(v, float) else v
                                                     for k, v in r.items()}), flush=True)  # fmt: skip
-    summary(results, a)
+    rows = [r for rs in results.values() for r in rs]
+    a.seq = statistics.median(r["tokens"] for r in rows) / a.steps / (a.prompts * a.group)
+    proc = subprocess.run(base + ["--side", "floor", "--seq", str(a.seq)], capture_output=True, text=True)
+    floor = json.loads([x for x in proc.stdout.splitlines() if x.startswith("RESULT ")][-1][7:])
+    print("floor: " + json.dumps(floor), flush=True)
+    summary(results, a, floor)
 
 
 if __name__ == "__main__":
