@@ -85,3 +85,5 @@ def test_end_to_end_tiny(tmp_path):
         assert r["peak_rss_gb"] >= r["base_rss_gb"] + r["step_increment_gb"] - 1e-6, side
         assert r["torch_threads"] == 1, side
     assert "tokens per CPU-second, rlaif / TRL" in out.stdout
+    floor = json.loads(next(x for x in out.stdout.splitlines() if x.startswith("floor: "))[7:])
+    assert floor["gemm_gflops"] > 0.1 and 0 < floor["lora_s"] < floor["full_s"]
