@@ -82,7 +82,9 @@ def test_end_to_end_tiny(tmp_path):
         assert r["tokens"] == 2 * 2 * (2 + 4) or r["completion_len"] < 4, (side, r)  # prompt + completion
         assert r["cpu_s"] > 0 and r["sample_cpu_s"] > 0 and r["learn_cpu_s"] > 0, side
         assert r["base_rss_gb"] >= r["import_rss_gb"] > 0.05, side
-        assert r["peak_rss_gb"] >= r["base_rss_gb"] + r["step_increment_gb"] - 1e-6, side
+        assert r["peak_rss_gb"] >= r["base_rss_gb"] + r["step_increment_gb"] - 2e-3, (
+            side
+        )  # printed to 3 digits
         assert r["torch_threads"] == 1, side
     assert "tokens per CPU-second, rlaif / TRL" in out.stdout
     floor = json.loads(next(x for x in out.stdout.splitlines() if x.startswith("floor: "))[7:])
