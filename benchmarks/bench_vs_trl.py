@@ -219,6 +219,7 @@ def run_rlaif(a, out: dict) -> dict:
     clock.end = clock.snap()
     out.update(clock.result(), tokens=tokens, completion_len=statistics.mean(lengths))
     out["packing"] = getattr(tr, "packing", packing)
+    out["fused_loss"] = getattr(cfg, "fused_loss", None)
     return out
 
 
