@@ -207,6 +207,7 @@ def run_rlaif(a, out: dict) -> dict:
             "sample": Phase(tr.rollout_engine, "sample", "sample"),
             "sync": Phase(tr.rollout_engine, "sync", "sync"),
         }
+        out["vllm"] = engine_settings(tr.rollout_engine.llm)
     constructed(out)
     clock = Clock(phases)
     prompts = [PROMPTS[i % len(PROMPTS)] for i in range(a.prompts)]
@@ -274,6 +275,7 @@ def run_trl(a, out: dict) -> dict:
             shim_trl_sync(tr.vllm_generation)
         g = tr.vllm_generation
         phases = {"sample": Phase(g, "generate", "sample"), "sync": Phase(g, "sync_weights", "sync")}
+        out["vllm"] = engine_settings(g.llm)
     constructed(out)
     clock = Clock(phases)
     torch.manual_seed(0)
@@ -282,6 +284,15 @@ def run_trl(a, out: dict) -> dict:
     out.update(clock.result(), tokens=int(logged[-1]["num_tokens"] - logged[0]["num_tokens"]))
     out["completion_len"] = statistics.mean(h["completions/mean_length"] for h in logged[1:])
     return out
+
+
+def engine_settings(llm) -> dict:
+    """What the two sides' engines were built with, so the note can say they match."""
+    e = llm.llm_engine
+    m, c, s = e.model_config, e.vllm_config.compilation_config, e.vllm_config.scheduler_config
+    return {"dtype": str(m.dtype), "max_model_len": m.max_model_len, "enforce_eager": m.enforce_eager,
+            "compile_mode": str(getattr(c, "mode", getattr(c, "level", None))),
+            "max_num_seqs": s.max_num_seqs, "max_num_batched_tokens": s.max_num_batched_tokens}  # fmt: skip
 
 
 def shim_trl_sync(gen) -> None:
