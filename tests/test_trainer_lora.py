@@ -52,10 +52,10 @@ def test_only_adapters_and_value_model_train_and_the_reference_is_the_base(tmp_p
     r = Rollouts(["p"] * 2, ["c"] * 2, [[1, 3, 4], [1, 5]], [[3, 3, 2], [4, 6]])
     (b,) = micro_batches(r, [0, 1], 2, 0, fast=True, batch_width=5, packed=True)
     with torch.no_grad():
-        ref = model(b, 0.9, True, False, reference=True)
+        ref = model(b, 0.9, reference=True)
         base.load_state_dict(base_state)
         want, _ = response_logprobs(base, b, temperature=0.9, fast=True)
-        tuned, _, _ = model(b, 0.9, True, False)
+        tuned, _, _ = model(b, 0.9)
     assert (ref - want).abs().max() <= 1e-6
     assert (tuned - want).abs().max() > 1e-4  # the adapters did move the policy
 

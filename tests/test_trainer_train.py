@@ -470,6 +470,7 @@ def test_update_stats_reduce_has_the_same_length_on_a_rank_with_only_empty_micro
     all-reduce must still carry the same keys as the other ranks' (a shorter tensor hangs or fails)."""
     from rlaif_fast.trainer.batches import ScoredBatch, train_batch
     from rlaif_fast.trainer.sampling import Rollouts
+    from rlaif_fast.trainer.scoring import rl_ops
     from rlaif_fast.trainer.update import ActorCritic, empty_like, run_update
 
     cfg = RLAIFConfig(algorithm="ppo", batch_size=2, micro_batch_size=1, progress=False, tensorboard=False)
@@ -496,7 +497,7 @@ def test_update_stats_reduce_has_the_same_length_on_a_rank_with_only_empty_micro
     for batches in ([[real]], [[empty_like(real)]]):
         strategy = OneOfTwoRanks()
         strategy.reduced = []
-        run_update(cfg, strategy, model, batches, data, 0.0)
+        run_update(cfg, strategy, model, batches, data, 0.0, ops=rl_ops("fast"))
         sizes.append(strategy.reduced)
     assert sizes[0] == sizes[1], sizes
 

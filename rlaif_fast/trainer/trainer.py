@@ -156,7 +156,7 @@ class RLAIFTrainer:
         if cfg.disable_dropout:
             for module in (policy, value_model):
                 _disable_dropout(module)
-        self.model = ActorCritic(policy, value_model)
+        self.model = ActorCritic(policy, value_model, self.rl_ops)
         groups = [{"params": [p for p in policy.parameters() if p.requires_grad], "lr": cfg.learning_rate}]
         if value_model is not None:
             groups.append(
@@ -292,7 +292,9 @@ class RLAIFTrainer:
         t_update = time.perf_counter()
         batches, update_scored = self._mini_batches(rollouts, scored)
         try:
-            stats = run_update(cfg, self.strategy, self.engine, batches, update_scored, self.kl_coef)
+            stats = run_update(
+                cfg, self.strategy, self.engine, batches, update_scored, self.kl_coef, ops=self.rl_ops
+            )
         except FloatingPointError as err:
             self._dump_nonfinite(rollouts, str(err))
         if scored.on_policy and scored.ref_logp is not None:  # the KL metric, now that old_logp is known
@@ -375,7 +377,7 @@ class RLAIFTrainer:
     def _score(self, rollouts) -> ScoredBatch:
         """Rollout-time log-probs of the policy and the KL reference policy and values, all (B, L); then
         the KL and advantages."""
-        cfg, fast = self.config, self.rl_ops.fast
+        cfg = self.config
         n = len(rollouts)
         width = max(len(r) for r in rollouts.response_ids)
         parts: dict[str, list] = {"old_logp": [], "ref_logp": [], "old_values": [], "mask": []}
@@ -387,12 +389,12 @@ class RLAIFTrainer:
             parts["mask"].append((b.rows, b.resp_mask.cpu()))
             if not on_policy:  # the shortcut takes the old log-probs from the training forward instead
                 # through the engine: under ZeRO-3 that is what gathers the sharded weights
-                logp, _, values = self.engine(b, cfg.temperature, fast, False)
+                logp, _, values = self.engine(b, cfg.temperature)
                 parts["old_logp"].append((b.rows, logp.cpu()))
                 if values is not None:
                     parts["old_values"].append((b.rows, values.cpu()))
             if self.lora_reference:  # the same engine with the adapters off (no reference copy)
-                ref = self.engine(b, cfg.temperature, fast, False, reference=True)
+                ref = self.engine(b, cfg.temperature, reference=True)
                 parts["ref_logp"].append((b.rows, ref.cpu()))
             elif self.ref is not None:
                 ref = self.ref(b, cfg.temperature)

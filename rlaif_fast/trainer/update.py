@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 from rlaif_fast.trainer.batches import ScoredBatch, TrainBatch
-from rlaif_fast.trainer.scoring import response_logprobs, response_values, to_response_layout
+from rlaif_fast.trainer.scoring import RLOps, response_logprobs, response_values, rl_ops, to_response_layout
 
 
 class ValueHead(nn.Module):
@@ -58,23 +58,26 @@ class ActorCritic(nn.Module):
     """Policy (+ value model or value head) as one module, so one DeepSpeed engine and one optimizer train
     both, and everything that reads the weights runs inside ``forward`` (ZeRO-3 gathers them there)."""
 
-    def __init__(self, policy: nn.Module, value_model: nn.Module | None):
+    def __init__(self, policy: nn.Module, value_model: nn.Module | None, ops: RLOps | None = None):
         super().__init__()
         self.policy = policy
         self.value = value_model
         self.shared_trunk = isinstance(value_model, ValueHead)
+        self.rl_ops = ops if ops is not None else rl_ops("fast")  # the mode, chosen once (the trainer's)
 
     def forward(
         self,
         batch: TrainBatch,
         temperature: float,
-        fast: bool,
-        return_entropy: bool,
+        *,
+        return_entropy: bool = False,
         reference: bool = False,
         policy_loss: dict | None = None,
     ):
-        """(logp, entropy or None, values or None), each (b, L); ``reference``: the LoRA reference's logp
-        alone; ``policy_loss``: the fused clipped loss instead (see ``_fused_policy_loss``)."""
+        """(logp, entropy or None, values or None), each (b, L); ``reference``: the KL reference's logp
+        alone (LoRA: the adapters off); ``policy_loss``: the fused clipped loss instead (see
+        ``_fused_policy_loss``). Log-probs as the mode ``self.rl_ops`` computes them."""
+        fast = self.rl_ops.fast
         if reference:  # LoRA: the reference policy is the same model with its adapters off (trainer/lora.py)
             with self.policy.disable_adapter():
                 return response_logprobs(self.policy, batch, temperature=temperature, fast=fast)[0]
@@ -176,23 +179,30 @@ def local_units(mask: torch.Tensor, loss_agg: str) -> float:
 
 
 def micro_loss(
-    cfg, model, batch: TrainBatch, data: ScoredBatch, kl_coef: float, scale_pg: float, scale_v: float
+    cfg,
+    model,
+    batch: TrainBatch,
+    scored: ScoredBatch,
+    kl_coef: float,
+    scale_pg: float,
+    scale_v: float,
+    ops: RLOps,
 ):
     """Loss of one micro-batch, rescaled for data-parallel invariance; returns (loss, stats).
 
     reinforce_baseline: the paper's -log pi(y_t) * stopgrad(A_t), no ratio and no clipping;
-    ppo / rloo / grpo: the clipped surrogate of ``rlaif_fast.ops.ppo_loss_from_logprobs``.
+    ppo / rloo / grpo: the clipped surrogate of ``rlaif_fast.ops.ppo_loss_from_logprobs``. ``ops``: the
+    mode's math (``scoring.rl_ops``), for the KL term of reinforce_baseline and the fused-loss choice.
     """
     from rlaif_fast.ops import ppo_loss_from_logprobs, value_loss
-    from rlaif_fast.reference.rl import kl_penalty
 
     width = batch.resp_mask.shape[1]
-    take = lambda name: getattr(data, name)[batch.rows, :width].to(batch.resp_mask.device)  # (b, L)
+    take = lambda name: getattr(scored, name)[batch.rows, :width].to(batch.resp_mask.device)  # (b, L)
     mask = batch.resp_mask
-    fast = cfg.ops == "fast"
+    fast = ops.fast
     kl_loss_coef = kl_coef if cfg.kl_in == "loss" else 0.0
-    ref_logp = take("ref_logp") if data.ref_logp is not None else None
-    on_policy = data.on_policy
+    ref_logp = take("ref_logp") if scored.ref_logp is not None else None
+    on_policy = scored.on_policy
     if fast and cfg.fused_loss and cfg.algorithm != "reinforce_baseline":
         # the fused path: ops.linear_ppo_policy_loss from the trunk's hidden states, inside the engine's
         # forward (ZeRO-3 gathers the head there); on-policy, the old log-probs are the detached current
@@ -204,21 +214,21 @@ def micro_loss(
                 kl_estimator=cfg.kl_estimator, entropy_coef=cfg.entropy_coef, loss_agg=cfg.loss_agg,
             ),
         }  # fmt: skip
-        pg, stats, logp, values = model(batch, cfg.temperature, fast, False, policy_loss=opts)
+        pg, stats, logp, values = model(batch, cfg.temperature, policy_loss=opts)
         if on_policy:  # kept for the step's metrics (no separate scoring pass was run)
-            data.old_logp[batch.rows, :width] = logp.to(data.old_logp.device, torch.float32)
+            scored.old_logp[batch.rows, :width] = logp.to(scored.old_logp.device, torch.float32)
     else:
-        logp, ent, values = model(batch, cfg.temperature, fast, cfg.entropy_coef > 0)
+        logp, ent, values = model(batch, cfg.temperature, return_entropy=cfg.entropy_coef > 0)
         if on_policy:
             # the on-policy shortcut (one epoch, one mini-batch): the old policy is this very forward, so
             # its detached log-probs are the old ones (ratio 1) and no separate scoring pass was run; they
             # are kept for the step's metrics
-            data.old_logp[batch.rows, :width] = logp.detach().to(data.old_logp.device, torch.float32)
+            scored.old_logp[batch.rows, :width] = logp.detach().to(scored.old_logp.device, torch.float32)
         old_logp = take("old_logp") if not on_policy else logp.detach()
         if cfg.algorithm == "reinforce_baseline":
             per_token = -logp * take("advantages")
             if kl_loss_coef:
-                per_token = per_token + kl_loss_coef * kl_penalty(logp, ref_logp, cfg.kl_estimator)
+                per_token = per_token + kl_loss_coef * ops.kl_penalty(logp, ref_logp, cfg.kl_estimator)
             if cfg.entropy_coef:
                 per_token = per_token - cfg.entropy_coef * ent
             pg, stats = aggregate(per_token, mask, cfg.loss_agg), {}
@@ -264,7 +274,7 @@ def empty_like(batch: TrainBatch) -> TrainBatch:
 def _zero_loss(cfg, model, batch: TrainBatch) -> torch.Tensor:
     """0 x the outputs of an empty micro-batch: every trained parameter gets a (zero) gradient, as on
     the ranks that run a real one, so ZeRO's per-parameter reductions line up."""
-    logp, _, values = model(batch, cfg.temperature, cfg.ops == "fast", False)
+    logp, _, values = model(batch, cfg.temperature)
     loss = (logp * 0).sum()
     return loss + (values * 0).sum() if values is not None else loss
 
@@ -280,9 +290,17 @@ def _check_finite(strategy, loss: torch.Tensor, batch: TrainBatch) -> None:
 
 
 def run_update(
-    cfg, strategy, model, batches: list[list[TrainBatch]], data: ScoredBatch, kl_coef: float
+    cfg,
+    strategy,
+    model,
+    batches: list[list[TrainBatch]],
+    scored: ScoredBatch,
+    kl_coef: float,
+    *,
+    ops: RLOps,
 ) -> dict:
-    """``ppo_epochs`` passes; each inner list of micro-batches is one optimizer step (one mini-batch).
+    """``ppo_epochs`` passes; each inner list of micro-batches is one optimizer step (one mini-batch);
+    ``scored``: the rows the micro-batches index, ``ops``: the mode's math (``scoring.rl_ops``).
 
     Every rank must hold the same number of micro-batches per mini-batch (empty ones pad the short
     lists). The trainer marks the last one as DeepSpeed's accumulation boundary, so the count may
@@ -323,7 +341,7 @@ def run_update(
                     # the engine divides by gas and averages over ranks: undo both, then weigh by units
                     scale_pg = local_units(b.resp_mask, cfg.loss_agg) / max(units, 1.0) * ranks * gas
                     scale_v = n_tok / max(tokens, 1.0) * ranks * gas
-                    loss, stats = micro_loss(cfg, model, b, data, kl_coef, scale_pg, scale_v)
+                    loss, stats = micro_loss(cfg, model, b, scored, kl_coef, scale_pg, scale_v, ops)
                 _check_finite(strategy, loss, b)
                 strategy.backward(loss)
                 strategy.step()  # DeepSpeed only steps the optimizer at the accumulation boundary

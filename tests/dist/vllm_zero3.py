@@ -35,7 +35,7 @@ def engine_vs_policy(trainer, rollouts) -> float:
     n, width = len(rollouts), max(len(r) for r in rollouts.response_ids)
     (batch,) = micro_batches(rollouts, list(range(n)), n, trainer.pad_id, fast=True, batch_width=width)
     with torch.no_grad():
-        logp, _, _ = trainer.engine(batch, trainer.config.temperature, True, False)
+        logp, _, _ = trainer.engine(batch, trainer.config.temperature)
     ours = stack_rows([(batch.rows, logp)], n, width)  # micro_batches sorts rows by length: put them back
     return float((ours - sampler_logp_tensor(rollouts, width)).abs().max())
 
