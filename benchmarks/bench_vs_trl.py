@@ -371,7 +371,12 @@ def label(side: str, a) -> str:
 def summary(results: dict[str, list[dict]], a, floor: dict) -> None:
     med = {s: {k: statistics.median(r[k] for r in rs) for k in rs[0] if isinstance(rs[0][k], (int, float))}
            for s, rs in results.items() if rs}  # fmt: skip
-    print(f"\nmedians of {a.runs} run(s), {a.steps} timed step(s) each; CPU = process user+sys seconds")
+    for m in med.values():  # per step from here on
+        for k in [k for k in m if k.endswith(("_s", "tokens")) and not k.startswith("children")]:
+            m[k] /= a.steps
+    print(
+        f"\nmedians of {a.runs} run(s), {a.steps} timed step(s) each, per step; CPU = process user+sys seconds"
+    )
     head = (
         "| side | CPU s | sample CPU | sync CPU | learn CPU | wall s | tokens/CPU-s | base RSS | step+ "
         "(in sample / learn) | peak RSS |"
@@ -397,7 +402,7 @@ def summary(results: dict[str, list[dict]], a, floor: dict) -> None:
           f"{floor['gemm_gflops']:.0f} GFLOP/s = {bound:.1f} CPU-s per step")  # fmt: skip
     if "trl" in med:
         t = med["trl"]
-        best = t["cpu_s"] / (t["sample_cpu_s"] + t.get("sync_cpu_s", 0.0) + bound)
+        best = t["cpu_s"] / (t["sample_cpu_s"] + t.get("sync_cpu_s", 0.0) + bound)  # all per step
         print(f"best whole-step ratio with TRL's sampling and learning at the floor: {best:.2f}x")
 
 
