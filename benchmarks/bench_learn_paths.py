@@ -26,6 +26,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _procs import interleaved, rss_kib  # noqa: E402
+from bench_trainer import _Tok  # noqa: E402  (ids and lengths only: nothing is decoded)
 
 CONFIGS = {
     "grpo-fused": dict(algorithm="grpo", fused_loss=True),
@@ -33,16 +34,6 @@ CONFIGS = {
     "ppo-head": dict(algorithm="ppo", value="head"),
     "ppo-model": dict(algorithm="ppo", value="model"),
 }
-
-
-class _Tok:
-    pad_token_id, eos_token_id = 0, 2
-
-    def __init__(self, vocab):
-        self.vocab = vocab
-
-    def __len__(self):
-        return self.vocab
 
 
 def worker(a) -> None:
