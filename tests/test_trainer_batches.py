@@ -65,3 +65,22 @@ def test_scored_batch_cat_pads_each_part_to_the_widest_and_keeps_absent_fields_n
         assert t[:2].tolist() == [[1.0, 1.0, 1.0, 0.0, 0.0]] * 2 and t[2].tolist() == [2.0] * 5, name
     with pytest.raises(ValueError, match="different fields"):
         ScoredBatch.cat([part(1, 2, 0.0), part(1, 2, 0.0, ref=False)])
+
+
+@pytest.mark.parametrize("packed", [False, True])
+def test_batch_layout_is_the_mode_chosen_once(packed):
+    """``BatchLayout`` (what the trainer builds at init) lays rows out by its mode: fast sorts rows by length
+    and pads each micro-batch to its own longest; naive keeps the order and pads to the batch's width;
+    packed makes one padding-free row per micro-batch."""
+    from rlaif_fast.trainer.batches import BatchLayout
+
+    rollouts = _rollouts()  # lengths 3, 4, 5
+    if packed:
+        (one,) = BatchLayout(0, fast=True, packed=True).micro_batches(rollouts, [2, 0], 2, batch_width=5)
+        assert one.input_ids.shape == (1, 8) and one.position_ids is not None
+        return
+    fast = BatchLayout(0, fast=True).micro_batches(rollouts, [2, 1, 0], 2, batch_width=5)
+    naive = BatchLayout(0, fast=False).micro_batches(rollouts, [2, 1, 0], 2, batch_width=5)
+    assert [b.rows for b in fast] == [[0, 1], [2]] and [b.input_ids.shape[1] for b in fast] == [4, 5]
+    assert [b.rows for b in naive] == [[2, 1], [0]] and [b.input_ids.shape[1] for b in naive] == [5, 5]
+    assert BatchLayout(0, fast=False).one(rollouts, [0], batch_width=5).input_ids.shape == (1, 5)
