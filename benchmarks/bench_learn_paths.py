@@ -47,9 +47,14 @@ def worker(a) -> None:
     torch.manual_seed(0)
     policy = LlamaForCausalLM(
         LlamaConfig(
-            vocab_size=a.vocab, hidden_size=a.hidden, intermediate_size=4 * a.hidden,
-            num_hidden_layers=a.layers, num_attention_heads=8, num_key_value_heads=8,
-            max_position_embeddings=a.prompt + a.completion + 8, tie_word_embeddings=False,
+            vocab_size=a.vocab,
+            hidden_size=a.hidden,
+            intermediate_size=4 * a.hidden,
+            num_hidden_layers=a.layers,
+            num_attention_heads=8,
+            num_key_value_heads=8,
+            max_position_embeddings=a.prompt + a.completion + 8,
+            tie_word_embeddings=False,
         )  # fmt: skip
     )
     n = a.prompts * a.group
@@ -59,7 +64,9 @@ def worker(a) -> None:
         tensorboard=False, output_dir=f"/tmp/bench_learn_paths_{a.config}", bf16="false", **spec,
     )  # fmt: skip
     vm = {None: None, "head": ValueHead.from_policy, "model": ValueModel.from_policy}[value]
-    trainer = RLAIFTrainer(policy, _Tok(a.vocab), lambda p, c: [0.0] * len(c), cfg, value_model=vm and vm(policy))
+    trainer = RLAIFTrainer(
+        policy, _Tok(a.vocab), lambda p, c: [0.0] * len(c), cfg, value_model=vm and vm(policy)
+    )
     g = torch.Generator().manual_seed(1)
     prompt_ids = [torch.randint(3, a.vocab, (a.prompt,), generator=g).tolist() for _ in range(n)]
     lengths = torch.randint(a.completion // 2, a.completion + 1, (n,), generator=g).tolist()
@@ -110,7 +117,9 @@ def main() -> None:
     cmds = {c: [sys.executable, __file__, *passed, "--config", c] for c in a.only}
     rows = interleaved(cmds, a.repeats)
     print(json.dumps({k: v for k, v in vars(a).items() if k not in ("config",)}))
-    print(f"{'config':11s} {'CPU s/learn':>12s} {'wall s':>8s} {'tokens/CPU-s':>13s} {'peak GB':>8s} {'above base':>10s}")
+    print(
+        f"{'config':11s} {'CPU s/learn':>12s} {'wall s':>8s} {'tokens/CPU-s':>13s} {'peak GB':>8s} {'above base':>10s}"
+    )
     for name, rs in rows.items():
         med = {k: statistics.median(r[k] for r in rs) for k in rs[0]}
         print(

@@ -418,9 +418,7 @@ def test_rl_max_prompt_len_reaches_pair_sampling_and_rl_capped_to_the_context(
     run = _run_with_sft(tmp_path, policy, tok, rl={"max_prompt_len": 5})
     seen = []
     real = sampling.sample
-    monkeypatch.setattr(
-        sampling, "sample", lambda *a, **k: seen.append(k["max_prompt_len"]) or real(*a, **k)
-    )
+    monkeypatch.setattr(sampling, "sample", lambda *a, **k: seen.append(k["max_prompt_len"]) or real(*a, **k))
     run._sample(policy, [T.make_prompt("cat")], seed=0)
     assert seen == [5]  # the rl section's prompt length is also the one pairs are sampled with
 
