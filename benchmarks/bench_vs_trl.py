@@ -25,8 +25,11 @@ does one warm-up step, then STEPS timed steps. Per run it reports:
 
     .venv/bin/python benchmarks/bench_vs_trl.py --runs 3                     # 16 x 4 x 128, hf sampling
     .venv/bin/python benchmarks/bench_vs_trl.py --runs 2 --completion 512 --steps 1
-    .venv/bin/python benchmarks/bench_vs_trl.py --runs 2 --sampler vllm
-    .venv/bin/python benchmarks/bench_vs_trl.py --runs 1 --sides rlaif --packing true [--lora]
+    .venv/bin/python benchmarks/bench_vs_trl.py --runs 2 --sampler vllm --trl-vllm-shim  # TRL's sync fails on CPU without
+    .venv/bin/python benchmarks/bench_vs_trl.py --runs 1 --sides rlaif --packing true
+    .venv/bin/python benchmarks/bench_vs_trl.py --runs 1 --lora                   # LoRA r=8 on both sides
+
+Figures and what they mean: benchmarks/results/vs_trl.md.
 """
 
 from __future__ import annotations
