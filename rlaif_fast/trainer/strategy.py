@@ -164,7 +164,10 @@ class Strategy:
             )
         if name != "adamw":
             raise ValueError(f"optimizer={name!r}; use 'adamw', 'sgd' or 'adafactor'")
-        return torch.optim.AdamW(param_groups, weight_decay=wd)
+        try:  # one fused kernel per step (CPU and CUDA): 0.05 vs 0.13-0.35 CPU-s a step here (results/vs_trl.md)
+            return torch.optim.AdamW(param_groups, weight_decay=wd, fused=True)
+        except (RuntimeError, ValueError):  # a parameter the fused kernel does not take (dtype, device)
+            return torch.optim.AdamW(param_groups, weight_decay=wd)
 
     def prepare_frozen(self, module: nn.Module, micro_batch_size: int) -> nn.Module:
         """A frozen model (the KL reference) for forward passes only. Under ZeRO-3 it is sharded like
