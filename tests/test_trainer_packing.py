@@ -145,6 +145,25 @@ def test_gradient_checkpointing_equals_without(monkeypatch):
     assert diff <= 1e-5 * step, f"checkpointed vs plain differ by {diff:.3e} (update {step:.3e})"
 
 
+def test_gradient_checkpointing_works_on_a_model_loaded_in_eval_mode(monkeypatch):
+    """from_pretrained returns a model in eval mode, where transformers skips checkpointing: the trainer
+    trains in training mode, so the layers still run again in the backward."""
+    from transformers.models.gpt2 import modeling_gpt2
+
+    calls = []
+    real = modeling_gpt2.GPT2Block.forward
+    monkeypatch.setattr(
+        modeling_gpt2.GPT2Block, "forward", lambda self, *a, **k: calls.append(1) or real(self, *a, **k)
+    )
+    counts = {}
+    for ckpt in (False, True):
+        calls.clear()
+        trainer = _trainer(tiny_gpt2().eval(), gradient_checkpointing=ckpt)
+        trainer.step(PROMPTS[:4])
+        counts[ckpt] = len(calls)
+    assert counts[True] > counts[False], counts  # recomputed in the backward
+
+
 def _trainer(policy, **kw):
     values = dict(
         algorithm="ppo", batch_size=4, micro_batch_size=2, max_new_tokens=4, progress=False,

@@ -157,6 +157,10 @@ class RLAIFTrainer:
             for module in (policy, value_model):
                 _disable_dropout(module)
         self.model = ActorCritic(policy, value_model, self.rl_ops)
+        # training mode for the update (sampling switches to eval and back): from_pretrained returns a model
+        # in eval mode, where transformers skips gradient checkpointing (it checks self.training) and dropout
+        # (kept only with disable_dropout=False) would silently stay off
+        self.model.train()
         groups = [{"params": [p for p in policy.parameters() if p.requires_grad], "lr": cfg.learning_rate}]
         if value_model is not None:
             groups.append(
