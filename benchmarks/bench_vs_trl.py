@@ -200,7 +200,8 @@ def run_rlaif(a, out: dict) -> dict:
         micro_batch_size=min(a.micro, a.prompts * a.group),
         max_new_tokens=a.completion, max_prompt_len=PROMPT_LEN, kl_coef=0.05, kl_in="loss", kl_estimator="k3",
         learning_rate=1e-5, temperature=0.9, packing=packing, lora=({"r": 8} if a.lora else None),
-        progress=False, tensorboard=False, output_dir=os.path.join(a.workdir, "bench_vs_trl_rlaif"), bf16="false", **extra,
+        progress=False, tensorboard=False, output_dir=os.path.join(a.workdir, "bench_vs_trl_rlaif"), bf16="false",
+        **extra, **({} if a.gradient_checkpointing == "default" else {"gradient_checkpointing": a.gradient_checkpointing == "true"}),
     )  # fmt: skip
     if a.sampler == "hf":
         phases = {"sample": Phase(m, "generate", "sample")}
@@ -254,6 +255,7 @@ def run_trl(a, out: dict) -> dict:
         num_generations=a.group, max_completion_length=a.completion, beta=0.05, temperature=0.9,
         learning_rate=1e-5, max_steps=a.steps + 1, use_cpu=True, bf16=False, report_to=[],
         save_strategy="no", logging_steps=1, num_iterations=1, disable_dropout=True, **vllm,
+        **({} if a.gradient_checkpointing == "default" else {"gradient_checkpointing": a.gradient_checkpointing == "true"}),
     )  # fmt: skip
     clock: Clock | None = None
 
@@ -450,6 +452,10 @@ def main() -> None:
         "--threads", type=int, default=1,
         help="OMP/MKL threads of each run (default 1: on a shared machine, idle OpenMP threads spin and "
         "inflate process CPU time several-fold; measured 6-10x at 2 threads under load 6)",
+    )  # fmt: skip
+    p.add_argument(
+        "--gradient-checkpointing", choices=["default", "true", "false"], default="default",
+        help="both sides (default: each side's own default: TRL's GRPOConfig turns it on, rlaif_fast's off)",
     )  # fmt: skip
     p.add_argument("--trl-vllm-shim", action="store_true",
                    help="TRL colocate: push weights with reload_weights (see shim_trl_sync)")  # fmt: skip
