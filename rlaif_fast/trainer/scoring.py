@@ -112,6 +112,14 @@ def _naive_logprobs(model, batch: TrainBatch, temperature: float, return_entropy
         logits = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits  # (B, T, V)
     else:  # packed: the block-diagonal mask comes from the position ids
         logits = model(input_ids=batch.input_ids, position_ids=batch.position_ids, use_cache=False).logits
+    return naive_logprobs_from_logits(logits, batch, temperature, return_entropy)
+
+
+def naive_logprobs_from_logits(
+    logits: torch.Tensor, batch: TrainBatch, temperature: float, return_entropy: bool
+):
+    """(logp, entropy or None), both (B, T), from full (B, T, V) logits: log-softmax over the vocabulary,
+    gather; column t = log p(token t | tokens < t), column 0 = 0."""
     logits = logits[:, :-1].float() / temperature
     logp_all = torch.log_softmax(logits, dim=-1)  # (B, T-1, V)
     logp = logp_all.gather(-1, batch.input_ids[:, 1:, None]).squeeze(-1)

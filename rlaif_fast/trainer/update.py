@@ -13,7 +13,14 @@ import torch
 from torch import nn
 
 from rlaif_fast.trainer.batches import ScoredBatch, TrainBatch
-from rlaif_fast.trainer.scoring import RLOps, response_logprobs, response_values, rl_ops, to_response_layout
+from rlaif_fast.trainer.scoring import (
+    RLOps,
+    naive_logprobs_from_logits,
+    response_logprobs,
+    response_values,
+    rl_ops,
+    to_response_layout,
+)
 
 
 class ValueHead(nn.Module):
@@ -105,8 +112,11 @@ class ActorCritic(nn.Module):
         )
 
     def _values(self, hidden: torch.Tensor, batch: TrainBatch) -> torch.Tensor | None:
+        """(b, L) values: a ValueHead reads the policy trunk's ``hidden``, a ValueModel runs its own."""
         if self.value is None:
             return None
+        if not self.shared_trunk:
+            return response_values(self.value, batch)
         # the value of the state before each response token: the position that predicts it
         return to_response_layout(self.value(hidden), batch, shift=-1)
 
@@ -139,10 +149,7 @@ class ActorCritic(nn.Module):
             temperature=temperature if temperature > 0 else 1.0, entropy_stat=False, return_logprobs=True,
             **opts["loss"], **knobs,
         )  # fmt: skip
-        values = self._values(hidden, batch) if self.shared_trunk else None
-        if self.value is not None and not self.shared_trunk:
-            values = response_values(self.value, batch)
-        return loss, stats, logp, values
+        return loss, stats, logp, self._values(hidden, batch)
 
 
 def response_logprobs_from_hidden(policy, hidden, batch, temperature, return_entropy):
@@ -150,14 +157,10 @@ def response_logprobs_from_hidden(policy, hidden, batch, temperature, return_ent
     from rlaif_fast.ops.model import apply_head_transform, output_head
 
     weight, bias, knobs = output_head(policy)
-    logits = torch.nn.functional.linear(hidden.to(weight.dtype), weight, bias)
-    logits = apply_head_transform(logits, knobs)[:, :-1].float() / (temperature if temperature > 0 else 1.0)
-    logp_all = torch.log_softmax(logits, dim=-1)  # (b, T-1, V)
-    logp = torch.nn.functional.pad(logp_all.gather(-1, batch.input_ids[:, 1:, None]).squeeze(-1), (1, 0))
-    ent = None
-    if return_entropy:
-        ent = to_response_layout(torch.nn.functional.pad(-(logp_all.exp() * logp_all).sum(-1), (1, 0)), batch)
-    return to_response_layout(logp, batch), ent
+    logits = apply_head_transform(torch.nn.functional.linear(hidden.to(weight.dtype), weight, bias), knobs)
+    t = temperature if temperature > 0 else 1.0
+    logp, ent = naive_logprobs_from_logits(logits, batch, t, return_entropy)  # (b, T) each
+    return to_response_layout(logp, batch), (to_response_layout(ent, batch) if ent is not None else None)
 
 
 def aggregate(per_token: torch.Tensor, mask: torch.Tensor, loss_agg: str) -> torch.Tensor:
